@@ -1,0 +1,136 @@
+"""Reading and writing Hugging Face-format checkpoint directories, with errors that say what is wrong.
+
+The layout published on the hub: `config.json` plus either one `model.safetensors`, or
+shards `model-0000i-of-0000n.safetensors` listed in `model.safetensors.index.json`
+(`{"weight_map": {tensor name: shard file}}`). Every architecture's `from_pretrained` is
+`read_config_json` + its own config mapping + `load_state_dict_strict(model, load_weights(dir))`.
+Writes are atomic (temporary file, fsync, rename), so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(tmp_path) and then rename tmp_path onto `path` in one atomic step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_config_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(
+            f"{path} has no config.json; a Hugging Face-format checkpoint needs config.json "
+            f"next to its *.safetensors (found: {sorted(p.name for p in path.iterdir())})"
+        )
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg} is not valid JSON ({e}); the file is corrupted or truncated") from e
+
+
+def _read_safetensors(file: Path, names=None) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in (names if names is not None else f.keys())}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot read {file}: {e}. The file is truncated or corrupted; download or save it again"
+        ) from e
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, from one safetensors file or a sharded index."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(name)
+        missing = sorted(s for s in by_shard if not (path / s).is_file())
+        if missing:
+            raise FileNotFoundError(f"{path}: shard file(s) {missing} listed in {INDEX_FILE} are missing")
+        state: dict[str, torch.Tensor] = {}
+        for shard, names in sorted(by_shard.items()):
+            state.update(_read_safetensors(path / shard, names))
+        return state
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return _read_safetensors(single)
+    raise FileNotFoundError(
+        f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}; "
+        f"found: {sorted(p.name for p in path.iterdir())}"
+    )
+
+
+def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy `state` into `model`, naming every missing, unexpected or mis-shaped tensor.
+
+    A tied output head (lm_head.weight is embed_tokens.weight) may be absent from the file,
+    as transformers writes it; if present it is ignored, as transformers ignores it.
+    """
+    expected = model.state_dict()
+    tied = {n for n, p in expected.items() if n == "lm_head.weight"
+            and p.data_ptr() == expected.get("model.embed_tokens.weight", torch.empty(0)).data_ptr()}
+    missing = sorted(set(expected) - set(state) - tied)
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f"{n}: checkpoint {tuple(state[n].shape)} vs model {tuple(expected[n].shape)}"
+        for n in set(state) & set(expected) if state[n].shape != expected[n].shape
+    )
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected}")
+        if wrong_shape:
+            parts.append(f"shape mismatches {wrong_shape}")
+        raise ValueError(f"{where}: weights do not match config.json: " + "; ".join(parts))
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            if name in state and name not in tied:
+                tensor.copy_(state[name])
+
+
+def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write model.safetensors atomically, storing a tied head once (as transformers does)."""
+    state = model.state_dict()
+    emb = state.get("model.embed_tokens.weight")
+    if emb is not None and "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == emb.data_ptr():
+        del state["lm_head.weight"]
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(Path(path) / SINGLE_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt", **(metadata or {})}))

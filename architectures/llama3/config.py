@@ -1,0 +1,142 @@
+"""Llama 3 configuration: the dataclass, named presets, and the Hugging Face config.json mapping.
+
+Field names follow Hugging Face's `LlamaConfig`, so a config.json published on the hub
+reads straight into `LlamaConfig` and the config.json our train script writes loads in
+transformers too. Paper: "The Llama 3 Herd of Models" (2024, arXiv:2407.21783).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from architectures.common.config import config_from_dict, get_preset
+
+# The rope_scaling keys of Llama 3.1's frequency scaling (see model.rope_inverse_frequencies).
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 512  # tokens in the vocabulary (rows of the embedding and of the output head)
+    hidden_size: int = 128  # d_model: width of the residual stream
+    intermediate_size: int = 384  # d_ff: hidden width of the SwiGLU feed-forward
+    num_hidden_layers: int = 4  # transformer blocks
+    num_attention_heads: int = 4  # query heads
+    num_key_value_heads: int = 4  # key/value heads; fewer than query heads = grouped-query attention
+    head_dim: int | None = None  # width of one head; None means hidden_size // num_attention_heads
+    max_position_embeddings: int = 256  # longest sequence the model accepts
+    rms_norm_eps: float = 1e-5  # epsilon inside RMSNorm's square root
+    rope_theta: float = 10000.0  # RoPE base: wavelengths range from 2*pi to about 2*pi*theta
+    rope_scaling: dict | None = None  # Llama 3.1 frequency scaling {factor, low/high_freq_factor, original_max_position_embeddings}, or None
+    tie_word_embeddings: bool = False  # output head shares the embedding matrix
+    attention_bias: bool = False  # biases on q/k/v/o projections (False in every Llama 3)
+    mlp_bias: bool = False  # biases on the feed-forward projections (False in every Llama 3)
+    dropout: float = 0.0  # dropout on attention probabilities and residual branches (training only)
+    initializer_range: float = 0.02  # std of the normal init of every weight matrix
+    bos_token_id: int | None = None  # beginning-of-text id, for generation
+    eos_token_id: int | list | None = None  # end-of-text id(s): generation stops there
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LlamaConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; change one of them or set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even: RoPE rotates pairs of channels")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (each KV head serves a whole group of query heads)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_scaling is not None:
+            missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
+            if missing:
+                raise ValueError(f"rope_scaling is missing {missing}; Llama 3.1 scaling needs {list(LLAMA3_ROPE_KEYS)}")
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (the GQA group size)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+_LLAMA32_ROPE = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+_LLAMA31_ROPE = dict(_LLAMA32_ROPE, factor=8.0)
+
+PRESETS: dict[str, LlamaConfig] = {
+    # CPU quick start: a few minutes on 2 cores (vocab_size is set from the trained tokenizer).
+    "tiny": LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=256),
+    # One GPU, Tiny Shakespeare: nanoGPT's char model width and depth, with GQA and SwiGLU.
+    "shakespeare": LlamaConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                               num_key_value_heads=2, max_position_embeddings=256, dropout=0.2),
+    # GPT-2 small's budget (12 x 768, ~124M parameters with a 50k vocabulary), for speed benchmarks.
+    "gpt2-124m": LlamaConfig(vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                             num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
+                             tie_word_embeddings=True),
+    # The published shapes (meta-llama/Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B config.json).
+    "llama-3.2-1b": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                                max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE,
+                                tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    "llama-3.2-3b": LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                                num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                                max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE,
+                                tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    "llama-3.1-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+                                tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
+}
+
+
+def preset(name: str) -> LlamaConfig:
+    return dataclasses.replace(get_preset(PRESETS, name, "llama3"))
+
+
+# ---- Hugging Face config.json <-> LlamaConfig -------------------------------------------------
+
+HF_MODEL_TYPE = "llama"
+HF_ARCHITECTURE = "LlamaForCausalLM"
+
+
+def from_hf_config(d: dict, where: str = "config.json") -> LlamaConfig:
+    """Read a Hugging Face Llama config.json dict; refuse settings that would change the math."""
+    model_type = d.get("model_type")
+    if model_type != HF_MODEL_TYPE:
+        archs = d.get("architectures") or []
+        raise ValueError(
+            f"{where} describes model_type={model_type!r} {archs}, not a Llama model; "
+            f"load it with the zoo package for that architecture (e.g. architectures.mixtral for 'mixtral')"
+        )
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act={d['hidden_act']!r} is not Llama's SwiGLU ('silu')")
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{where}: rope type {rope_type!r} is not supported; Llama 3 uses 'default' or 'llama3'")
+    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+    kwargs = {k: v for k, v in d.items() if k in fields and k not in ("rope_theta", "rope_scaling", "dropout")}
+    kwargs["rope_theta"] = theta
+    kwargs["rope_scaling"] = {k: rope[k] for k in LLAMA3_ROPE_KEYS if k in rope} if rope_type == "llama3" else None
+    return config_from_dict(LlamaConfig, kwargs, where)
+
+
+def to_hf_config(cfg: LlamaConfig) -> dict:
+    """The config.json transformers' LlamaForCausalLM reads (legacy rope keys, read by v4 and v5)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("dropout")
+    if cfg.rope_scaling is not None:
+        d["rope_scaling"] = dict(cfg.rope_scaling, rope_type="llama3")
+    return {"model_type": HF_MODEL_TYPE, "architectures": [HF_ARCHITECTURE], "hidden_act": "silu", **d}
