@@ -114,9 +114,9 @@ def from_hf_config(d: dict, where: str = "config.json") -> LlamaConfig:
     """Read a Hugging Face Llama config.json dict; refuse settings that would change the math."""
     model_type = d.get("model_type")
     if model_type != HF_MODEL_TYPE:
-        archs = d.get("architectures") or []
+        archs = ", ".join(d.get("architectures") or [])
         raise ValueError(
-            f"{where} describes model_type={model_type!r} {archs}, not a Llama model; "
+            f"{where} describes model_type={model_type!r}{f' ({archs})' if archs else ''}, not a Llama model; "
             f"load it with the zoo package for that architecture (e.g. architectures.mixtral for 'mixtral')"
         )
     if d.get("hidden_act", "silu") != "silu":

@@ -1,0 +1,44 @@
+"""Train Llama 3 with the zoo's shared loop, data and tokenizer.
+
+    python -m architectures.llama3.train --preset tiny            # 2-core CPU, about 3 minutes
+    python -m architectures.llama3.train --preset shakespeare     # one GPU
+"""
+
+from __future__ import annotations
+
+
+from architectures.llama3.config import preset
+from architectures.llama3.flops import flops_per_token
+from architectures.llama3.model import Llama3
+from architectures.llama3.pretrained import save_pretrained
+from training.cli import DataConfig, Recipe, run
+from training.trainer import TrainConfig
+
+RECIPES = {
+    "tiny": Recipe(
+        model=preset("tiny"),
+        train=TrainConfig(max_steps=450, batch_size=32, block_size=128, lr=2e-3, min_lr=2e-4, warmup_steps=50,
+                          eval_interval=150, eval_batches=10, log_interval=25),
+        data=DataConfig(tokenizer="bpe", bpe_vocab_size=512),
+    ),
+    "shakespeare": Recipe(
+        model=preset("shakespeare"),
+        train=TrainConfig(max_steps=3000, batch_size=64, block_size=256, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+                          beta2=0.99, eval_interval=250, eval_batches=40, log_interval=50),
+        data=DataConfig(tokenizer="bpe", bpe_vocab_size=1024),
+    ),
+    "gpt2-124m": Recipe(
+        model=preset("gpt2-124m"),
+        train=TrainConfig(max_steps=2000, batch_size=64, block_size=1024, lr=6e-4, min_lr=6e-5, warmup_steps=100,
+                          eval_interval=500, log_interval=50),
+        data=DataConfig(tokenizer="bpe", bpe_vocab_size=8192),
+    ),
+}
+
+
+def main(argv=None) -> dict:
+    return run("llama3", RECIPES, Llama3, save_pretrained, argv, flops_per_token=flops_per_token)
+
+
+if __name__ == "__main__":
+    main()

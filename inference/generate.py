@@ -1,0 +1,43 @@
+"""Autoregressive generation for any architecture of the zoo: prefill the prompt, then decode
+one token at a time, with or without a KV cache, streaming tokens as they are produced."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from inference.kv_cache import NaiveKVCache
+from inference.sampling import SamplingParams, sample_next
+
+
+@torch.no_grad()
+def stream(model, prompt_ids: list[int], params: SamplingParams = SamplingParams(), stop_ids=(),
+           use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids one by one; stops after max_new_tokens or on a token in stop_ids."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos id)")
+    limit = model.config.max_position_embeddings
+    if len(prompt_ids) + params.max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {len(prompt_ids)} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
+            f"model's max_position_embeddings={limit}; shorten the prompt or lower max_new_tokens"
+        )
+    device = next(model.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    cache = NaiveKVCache.for_model(model, 1, len(prompt_ids) + params.max_new_tokens) if use_cache else None
+    logits = model(ids, cache=cache)[:, -1]  # prefill: (1, V)
+    for i in range(params.max_new_tokens):
+        token = sample_next(logits, params, generator)  # (1,)
+        yield int(token)
+        if int(token) in stop_ids or i == params.max_new_tokens - 1:
+            return
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        # With a cache only the new token goes through the model; without one, everything again.
+        logits = model(ids[:, -1:] if use_cache else ids, cache=cache)[:, -1]
+
+
+def generate(model, prompt_ids: list[int], params: SamplingParams = SamplingParams(), stop_ids=(),
+             use_cache: bool = True) -> list[int]:
+    return list(stream(model, prompt_ids, params, stop_ids, use_cache))

@@ -1,0 +1,158 @@
+"""Bad input to Llama 3 gets an error that says what is wrong and how to fix it."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from architectures.common.config import apply_overrides, config_from_dict
+from architectures.llama3 import Llama3, LlamaConfig, from_pretrained, preset, save_pretrained
+from architectures.llama3.train import main as train_main
+
+
+def small(**kw):
+    base = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    save_pretrained(Llama3(small()), tmp_path)
+    return tmp_path
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ValueError, match=r"unknown llama3 preset 'huge'.*'tiny'"):
+        preset("huge")
+    with pytest.raises(SystemExit, match=r"unknown preset 'huge'.*shakespeare"):
+        train_main(["--preset", "huge"])
+
+
+def test_unknown_config_field_lists_valid_fields():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['n_layers'\].*num_hidden_layers"):
+        config_from_dict(LlamaConfig, {"n_layers": 4})
+    with pytest.raises(SystemExit, match=r"unknown option --n-layers.*--num-hidden-layers"):
+        train_main(["--preset", "tiny", "--n-layers", "4"])
+
+
+def test_value_of_wrong_type_names_field_and_type():
+    with pytest.raises(TypeError, match=r"'hidden_size' must be int, got str"):
+        config_from_dict(LlamaConfig, {"hidden_size": "128"})
+    with pytest.raises(TypeError, match=r"'tie_word_embeddings' must be bool, got int"):
+        config_from_dict(LlamaConfig, {"tie_word_embeddings": 1})
+    with pytest.raises(TypeError, match=r"--num-hidden-layers expects int, got 'four'"):
+        apply_overrides(preset("tiny"), {"num-hidden-layers": "four"})
+    with pytest.raises(SystemExit, match=r"--lr expects float, got 'fast'"):
+        train_main(["--preset", "tiny", "--lr", "fast"])
+
+
+def test_inconsistent_shapes_are_rejected():
+    with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
+        small(hidden_size=30, num_attention_heads=4)
+    with pytest.raises(ValueError, match="must be a multiple of num_key_value_heads"):
+        small(num_attention_heads=4, num_key_value_heads=3)
+
+
+def test_token_ids_outside_vocabulary():
+    model = Llama3(small()).eval()
+    with pytest.raises(ValueError, match=r"token id 50 is outside the vocabulary \[0, 50\)"):
+        model(torch.tensor([[1, 2, 50]]))
+    with pytest.raises(ValueError, match=r"token id -1 is outside"):
+        model(torch.tensor([[-1, 2]]))
+
+
+def test_sequence_longer_than_maximum():
+    model = Llama3(small()).eval()
+    with pytest.raises(ValueError, match="sequence of 33 tokens exceeds max_position_embeddings=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_input_of_wrong_shape():
+    with pytest.raises(ValueError, match=r"shape \(batch, seq_len\)"):
+        Llama3(small())(torch.zeros(5, dtype=torch.long))
+
+
+def test_missing_checkpoint_directory_and_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **small().__dict__}))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
+        from_pretrained(tmp_path)
+
+
+def test_config_that_does_not_match_weights_names_every_tensor(checkpoint):
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.2.input_layernorm.weight'.*mlp.down_proj"):
+        from_pretrained(checkpoint)
+    cfg.update(num_hidden_layers=1)
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unexpected tensors \['model.layers.1.input_layernorm.weight'"):
+        from_pretrained(checkpoint)
+    cfg.update(num_hidden_layers=2, intermediate_size=65)
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"shape mismatches.*mlp.down_proj.weight: checkpoint \(32, 64\) vs model \(32, 65\)"):
+        from_pretrained(checkpoint)
+
+
+def test_truncated_safetensors_is_reported(checkpoint):
+    f = checkpoint / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        from_pretrained(checkpoint)
+
+
+def test_corrupted_safetensors_header_is_reported(checkpoint):
+    f = checkpoint / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"not a header"
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        from_pretrained(checkpoint)
+
+
+def test_missing_shard_is_named(tmp_path):
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    )).save_pretrained(tmp_path, max_shard_size="20KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        from_pretrained(tmp_path)
+
+
+def test_config_of_another_architecture_is_rejected(tmp_path):
+    transformers.MixtralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model_type='mixtral', not a Llama model.*architectures.mixtral"):
+        from_pretrained(tmp_path)
+
+
+def test_invalid_json_config_is_reported(checkpoint):
+    (checkpoint / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        from_pretrained(checkpoint)
+
+
+def test_unsupported_rope_type_is_rejected(checkpoint):
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+        from_pretrained(checkpoint)
+
+
+def test_dataset_too_small_for_block_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("To be, or not to be: that is the question.\n" * 40)
+    with pytest.raises(ValueError, match=r"block"):
+        train_main(["--preset", "tiny", "--dataset", str(corpus), "--tokenizer", "char", "--max-steps", "1",
+                    "--out", str(tmp_path / "run"), "--block-size", "200"])

@@ -1,0 +1,301 @@
+"""The one training loop of the zoo, shared by every architecture and every method.
+
+It knows nothing about language models: it takes a model, a loss function
+`loss_fn(model, batch) -> (loss, metrics)`, a batch sampler and a `TrainConfig`.
+Pretraining, SFT, DPO and distillation differ only in the batches they sample and the
+loss they compute, so they call this loop instead of copying it.
+
+What it does, in order of a step: sample the global batch as a pure function of
+(seed, step) -> take this process's rows -> micro-steps under bf16 autocast with gradient
+accumulation (DDP syncs gradients on the last micro-step only) -> clip -> AdamW ->
+warmup + cosine learning rate. Around it: periodic evaluation, metrics to JSONL, a loss
+curve, atomic checkpoints and exact resume (see training/checkpointing.py).
+Because batches depend only on (seed, step), a resumed run and a run on N processes see
+exactly the batches an uninterrupted single-process run sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training import checkpointing
+from training.distributed import Distributed
+
+# Dense bf16 peak of the GPUs we report MFU on (FLOP/s), from the vendors' data sheets.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 32  # sequences per optimizer step, over all processes and micro-steps (the global batch)
+    grad_accum_steps: int = 1  # micro-steps per optimizer step on each process
+    block_size: int = 128  # tokens per training sequence
+    lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 100  # linear warm-up from 0 to lr
+    weight_decay: float = 0.1  # AdamW decoupled decay, applied to matrices only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
+    eval_interval: int = 250  # evaluate every this many steps (and at the end)
+    eval_batches: int = 20  # validation batches per evaluation (the same batches every time)
+    log_interval: int = 10  # read the loss back from the device every this many steps
+    checkpoint_interval: int = 0  # save a resumable checkpoint every this many steps (0: only at the end)
+    seed: int = 1337  # seeds the model init, dropout and the batch order
+    device: str = "auto"  # "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # "auto" (bf16 autocast on cuda, fp32 on cpu), "bf16" or "fp32"
+    compile: bool = False  # torch.compile the model
+
+
+# Fields that may differ when a run is resumed: they do not change what has been computed so far.
+RESUMABLE_CHANGES = {"max_steps", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
+                     "device", "compile"}
+
+
+def validate(cfg: TrainConfig, world_size: int) -> None:
+    for name in ("max_steps", "batch_size", "grad_accum_steps", "block_size", "eval_interval", "log_interval",
+                 "eval_batches"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.batch_size % (world_size * cfg.grad_accum_steps):
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is not divisible by world_size x grad_accum_steps = "
+            f"{world_size} x {cfg.grad_accum_steps}; choose a batch size that is a multiple of "
+            f"{world_size * cfg.grad_accum_steps}"
+        )
+    if cfg.dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {cfg.dtype!r}")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at max_steps. step counts from 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (>= 2-D) only: decaying norm gains and biases hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but this torch sees no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    return device
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Rows [start, stop) of a batch that is a tensor, or a tuple/list/dict of tensors."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, dict):
+        return {k: slice_batch(v, start, stop) for k, v in batch.items()}
+    return type(batch)(slice_batch(v, start, stop) for v in batch)
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        if device.type == "cuda":
+            return batch.pin_memory().to(device, non_blocking=True)
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    return type(batch)(move_batch(v, device) for v in batch)
+
+
+def first_tensor(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    return first_tensor(next(iter(batch.values())) if isinstance(batch, dict) else batch[0])
+
+
+def batch_generator(seed: int, split: str, step: int) -> torch.Generator:
+    """The RNG a batch is drawn with: a pure function of (seed, split, step)."""
+    # Train steps take the even streams and validation batches the odd ones, so they never coincide.
+    return torch.Generator().manual_seed((seed * 1_000_003 + 2 * step + (split == "val")) % 2**63)
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps completed
+    train_loss: float  # last logged training loss
+    val_loss: float | None  # last validation loss
+    elapsed_s: float  # wall time of the training steps (evaluation and compile warm-up included)
+    metrics_path: Path | None
+
+
+def train(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    sample_batch: Callable[[str, int, torch.Generator], Any],
+    cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    *,
+    save_model: Callable[[nn.Module, Path], None] | None = None,
+    config_record: dict | None = None,
+    resume: bool = False,
+    val_units_per_token: float | None = None,
+    flops_per_token: float | None = None,
+) -> TrainResult:
+    """Train `model` in place. `sample_batch(split, n, generator)` returns n examples of split
+    "train" or "val"; `save_model(model, dir)` writes the weights/config/tokenizer files of a
+    checkpoint; `config_record` is everything a resumed run must agree with;
+    `val_units_per_token` converts validation nats/token to nats per character."""
+    dd = Distributed.from_env()
+    validate(cfg, dd.world_size)
+    device = resolve_device(cfg.device) if not dd.enabled or dd.device is None else dd.device
+    autocast_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")) else None
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
+    out = Path(out_dir) if out_dir is not None else None
+    record = {"train": vars(cfg).copy(), **(config_record or {})}
+    start_step, history = 0, []
+    if resume:
+        if out is None:
+            raise ValueError("resume needs an output directory holding the checkpoint")
+        start_step, history = checkpointing.load(out, model, optimizer, scheduler, record, RESUMABLE_CHANGES)
+    elif out is not None and dd.is_main:
+        checkpointing.start_fresh(out)
+    if cfg.compile and not hasattr(torch, "compile"):
+        raise RuntimeError(f"--compile needs torch >= 2.0 with torch.compile; this is torch {torch.__version__}")
+    fwd_model = dd.wrap(model)
+    fwd_model = torch.compile(fwd_model) if cfg.compile else fwd_model
+
+    per_rank = cfg.batch_size // dd.world_size
+    micro = per_rank // cfg.grad_accum_steps
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    metrics_file = open(out / "metrics.jsonl", "a") if (out is not None and dd.is_main) else None
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss, read at log time
+    loss_sum = torch.zeros((), device=device)
+    extra_sums: dict[str, torch.Tensor] = {}
+    train_loss = float("nan")
+    val_loss = None
+    interactive = sys.stderr.isatty() and dd.is_main
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not interactive, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    t_log, tokens_since_log, steps_since_log = time.perf_counter(), 0, 0
+
+    def log(entry: dict) -> None:
+        history.append(entry)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
+
+    model.train()
+    for step in range(start_step, cfg.max_steps):
+        batch = sample_batch("train", cfg.batch_size, batch_generator(cfg.seed, "train", step))
+        rows = slice_batch(batch, dd.rank * per_rank, (dd.rank + 1) * per_rank)
+        for micro_step in range(cfg.grad_accum_steps):
+            mb = move_batch(slice_batch(rows, micro_step * micro, (micro_step + 1) * micro), device)
+            last = micro_step == cfg.grad_accum_steps - 1
+            sync = contextlib.nullcontext() if last or not dd.enabled else fwd_model.no_sync()
+            with sync, torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss, extras = loss_fn(fwd_model, mb)
+            (loss / cfg.grad_accum_steps).backward()
+            loss_sum += loss.detach() / cfg.grad_accum_steps
+            for k, v in extras.items():
+                extra_sums[k] = extra_sums.get(k, 0) + v.detach().float() / cfg.grad_accum_steps
+            tokens_since_log += first_tensor(mb).numel() * dd.world_size
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum), step, bad_step)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        done = step + 1
+        steps_since_log += 1
+
+        if done % cfg.log_interval == 0 or done == cfg.max_steps:
+            # The only host-device synchronisation of the step: read what accumulated since the last log.
+            n = steps_since_log
+            loss_avg = dd.mean(loss_sum / n)
+            if int(bad_step) >= 0:
+                raise FloatingPointError(
+                    f"loss became NaN or inf at step {int(bad_step) + 1}; lower --lr, enable --grad-clip, "
+                    f"or check the data (last finite parameters are in the previous checkpoint)"
+                )
+            dt = time.perf_counter() - t_log
+            train_loss = float(loss_avg)
+            entry = {"step": done, "lr": scheduler.get_last_lr()[0], "loss": train_loss,
+                     "grad_norm": float(grad_norm), "tokens_per_s": tokens_since_log / dt}
+            if flops_per_token and peak:
+                entry["mfu"] = tokens_since_log * flops_per_token / dt / (peak * dd.world_size)
+            entry.update({k: float(dd.mean(v / n)) for k, v in extra_sums.items()})
+            log(entry)
+            bar.set_postfix(loss=f"{train_loss:.4f}")
+            loss_sum.zero_()
+            extra_sums.clear()
+            t_log, tokens_since_log, steps_since_log = time.perf_counter(), 0, 0
+
+        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            val_loss = evaluate(model, loss_fn, sample_batch, cfg, device, autocast_dtype, dd)
+            entry = {"step": done, "val_loss": val_loss, "elapsed_s": time.perf_counter() - t0}
+            if val_units_per_token:
+                entry["val_nats_per_char"] = val_loss * val_units_per_token
+            log(entry)
+            if not interactive and dd.is_main:
+                extra = f", {entry['val_nats_per_char']:.4f} nats/char" if "val_nats_per_char" in entry else ""
+                print(f"step {done}/{cfg.max_steps}: train loss {train_loss:.4f}, val loss {val_loss:.4f}{extra}", flush=True)
+            t_log = time.perf_counter()  # evaluation time is not training throughput
+
+        if out is not None and ((cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == cfg.max_steps):
+            if dd.is_main:
+                checkpointing.save(out, model, optimizer, scheduler, done, record,
+                                   save_model or (lambda m, d: None))
+                checkpointing.plot_losses(history, out / "loss.png")
+            dd.barrier()
+    bar.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    elapsed = time.perf_counter() - t0
+    dd.close()
+    return TrainResult(cfg.max_steps, train_loss, val_loss, elapsed, out / "metrics.jsonl" if out else None)
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, sample_batch, cfg: TrainConfig, device, autocast_dtype, dd: Distributed) -> float:
+    """Mean loss over cfg.eval_batches validation batches, the same batches at every evaluation."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    micro = cfg.batch_size // (dd.world_size * cfg.grad_accum_steps)
+    for i in range(cfg.eval_batches):
+        batch = sample_batch("val", micro, batch_generator(cfg.seed, "val", i))
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss, _ = loss_fn(model, move_batch(batch, device))
+        total += loss.float()
+    model.train(was_training)
+    return float(total / cfg.eval_batches)
