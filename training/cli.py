@@ -64,12 +64,16 @@ def parse(argv: list[str] | None, recipes: dict[str, Recipe], family: str) -> tu
         if not flag.startswith("--"):
             raise SystemExit(f"error: expected --option, got {flag!r}")
         key, value = (flag[2:].split("=", 1) + [None])[:2]
-        if value is None:
-            if i + 1 >= len(rest):
-                raise SystemExit(f"error: {flag} needs a value")
-            value, i = rest[i + 1], i + 1
         name = key.replace("-", "_")
         owners = [part for part in overrides if name in fields[part]]
+        is_bool = bool(owners) and isinstance(getattr(getattr(recipe, owners[0]), name), bool)
+        if value is None:
+            if is_bool and (i + 1 >= len(rest) or rest[i + 1].startswith("--")):
+                value = "true"  # a bare boolean flag: --compile
+            elif i + 1 >= len(rest):
+                raise SystemExit(f"error: {flag} needs a value")
+            else:
+                value, i = rest[i + 1], i + 1
         if not owners:
             every = sorted("--" + n.replace("_", "-") for part in fields for n in fields[part])
             raise SystemExit(f"error: unknown option {flag}; valid options are --preset, --out, --resume, " + ", ".join(every))

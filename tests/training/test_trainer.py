@@ -2,42 +2,19 @@
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from architectures.llama3 import Llama3, LlamaConfig, from_pretrained, save_pretrained
+from architectures.llama3 import from_pretrained, save_pretrained
 from training import checkpointing
 from training.lm import lm_loss
-from training.trainer import TrainConfig, lr_at, make_optimizer, resolve_device, train
+from training.trainer import lr_at, make_optimizer, resolve_device, train
 
-VOCAB, BLOCK = 40, 16
-
-
-def tiny_model(seed=0, dropout=0.0):
-    torch.manual_seed(seed)
-    return Llama3(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                              dropout=dropout))
-
-
-# A shuffled cycle through the vocabulary: each token determines the next, so loss can fall fast.
-CORPUS = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0)).repeat(125)
-
-
-def sample_batch(split, n, generator):
-    data = CORPUS[:4000] if split == "train" else CORPUS[4000:]
-    starts = torch.randint(0, len(data) - BLOCK - 1, (n,), generator=generator)
-    x = torch.stack([data[s: s + BLOCK] for s in starts.tolist()])
-    y = torch.stack([data[s + 1: s + BLOCK + 1] for s in starts.tolist()])
-    return x, y
-
-
-def config(**kw):
-    base = dict(max_steps=12, batch_size=8, block_size=BLOCK, lr=3e-3, min_lr=3e-4, warmup_steps=3,
-                eval_interval=6, eval_batches=2, log_interval=1, device="cpu")
-    return TrainConfig(**{**base, **kw})
-
+sys.path.insert(0, str(Path(__file__).parent))
+from toy import config, sample_batch, tiny_model  # noqa: E402
 
 def losses(out):
     return [(e["step"], e["loss"]) for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in e]

@@ -1,0 +1,70 @@
+"""The contract's command lines: train.py writes a checkpoint that generate.py and from_pretrained read."""
+
+import json
+
+import pytest
+
+from architectures.llama3.train import main as train_main
+from inference.cli import main as generate_main
+from architectures.llama3.pretrained import from_pretrained as llama_from_pretrained
+
+CORPUS = "".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(400))
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+def train_args(corpus, out, *extra):
+    return ["--preset", "tiny", "--dataset", str(corpus), "--out", str(out), "--max-steps", "4",
+            "--batch-size", "4", "--block-size", "32", "--eval-interval", "2", "--eval-batches", "1",
+            "--log-interval", "1", "--bpe-vocab-size", "300", *extra]
+
+
+def test_train_writes_contract_files_and_generate_reads_them(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train_main(train_args(corpus, out))
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "summary.json"):
+        assert (out / name).is_file(), name
+    assert summary["steps"] == 4 and summary["val_nats_per_char"] > 0
+    printed = capsys.readouterr().out
+    assert "---- sample ----" in printed and "nats/char" in printed
+    model = llama_from_pretrained(out)
+    assert model.config.vocab_size == 300 and not model.training
+    text = generate_main("llama3", llama_from_pretrained,
+                         ["--checkpoint", str(out), "--prompt", "Line 3", "--max-new-tokens", "10", "--seed", "1"])
+    assert text.startswith("Line 3") and len(text) > len("Line 3")
+
+
+def test_resume_from_the_command_line_continues(corpus, tmp_path):
+    out = tmp_path / "run"
+    train_main(train_args(corpus, out))
+    resumed = train_args(corpus, out, "--resume")
+    resumed[resumed.index("--max-steps") + 1] = "6"
+    train_main(resumed)
+    steps = [e["step"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_block_size_beyond_model_context_is_a_clear_error(corpus, tmp_path):
+    with pytest.raises(SystemExit, match="exceeds the model's max_position_embeddings=256"):
+        train_main(train_args(corpus, tmp_path / "run", "--block-size", "512"))
+
+
+def test_model_vocab_size_cannot_be_overridden(corpus, tmp_path):
+    with pytest.raises(SystemExit, match="comes from the tokenizer"):
+        train_main(train_args(corpus, tmp_path / "run", "--vocab-size", "100"))
+
+
+def test_generate_rejects_bad_sampling_settings(corpus, tmp_path):
+    out = tmp_path / "run"
+    train_main(train_args(corpus, out))
+    for flag, value, message in [("--temperature", "-1", "temperature must be >= 0"),
+                                 ("--top-p", "1.5", r"top_p must be in \(0, 1\]"),
+                                 ("--top-k", "-2", "top_k must be >= 0")]:
+        with pytest.raises(SystemExit, match=message):
+            generate_main("llama3", llama_from_pretrained, ["--checkpoint", str(out), "--prompt", "x", flag, value])
