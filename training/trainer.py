@@ -206,6 +206,7 @@ def train(
     interactive = sys.stderr.isatty() and dd.is_main
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not interactive, dynamic_ncols=True)
     t0 = time.perf_counter()
+    eval_s = warmup_s = 0.0  # time in evaluation, and in the first step (which compiles, if --compile)
     t_log, tokens_since_log, steps_since_log = time.perf_counter(), 0, 0
 
     def log(entry: dict) -> None:
@@ -236,6 +237,10 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         done = step + 1
+        if step == start_step:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # once: so that the first step's time is its real time
+            warmup_s = time.perf_counter() - t0
         steps_since_log += 1
 
         if done % cfg.log_interval == 0 or done == cfg.max_steps:
@@ -261,8 +266,13 @@ def train(
             t_log, tokens_since_log, steps_since_log = time.perf_counter(), 0, 0
 
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            t_eval = time.perf_counter()
             val_loss = evaluate(model, loss_fn, sample_batch, cfg, device, autocast_dtype, dd)
-            entry = {"step": done, "val_loss": val_loss, "elapsed_s": time.perf_counter() - t0}
+            eval_s += time.perf_counter() - t_eval
+            now = time.perf_counter() - t0
+            # train_s: time in training steps alone, without evaluation and without the first
+            # step (compilation), the figure "time to reach a validation loss" is measured in.
+            entry = {"step": done, "val_loss": val_loss, "elapsed_s": now, "train_s": now - eval_s - warmup_s}
             if val_units_per_token:
                 entry["val_nats_per_char"] = val_loss * val_units_per_token
             log(entry)

@@ -79,7 +79,7 @@ PRESETS: dict[str, LlamaConfig] = {
                         num_key_value_heads=2, max_position_embeddings=256),
     # One GPU, Tiny Shakespeare: nanoGPT's char model width and depth, with GQA and SwiGLU.
     "shakespeare": LlamaConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
-                               num_key_value_heads=2, max_position_embeddings=256, dropout=0.2),
+                               num_key_value_heads=2, max_position_embeddings=256, dropout=0.3),
     # GPT-2 small's budget (12 x 768, ~124M parameters with a 50k vocabulary), for speed benchmarks.
     "gpt2-124m": LlamaConfig(vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                              num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,

@@ -203,21 +203,25 @@ class Llama3(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def check_input_ids(self, input_ids: torch.Tensor, start: int = 0) -> None:
+    def check_input_ids(self, input_ids: torch.Tensor, start: int | None = 0) -> None:
         """Clear errors for inputs the model cannot represent (instead of an index error deep inside)."""
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"input_ids must be an integer tensor of shape (batch, seq_len), got {tuple(input_ids.shape)} {input_ids.dtype}"
             )
         T, limit = input_ids.shape[1], self.config.max_position_embeddings
-        if start + T > limit:
+        # start=None: the row packs several sequences (the paged engine), whose cache checks each length.
+        if start is not None and start + T > limit:
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds max_position_embeddings={limit}; "
                 f"shorten the input or use a config with a longer context"
             )
-        # Reading min/max synchronises a GPU with the host, so the training hot path skips it;
-        # the data layer has already checked the corpus against the vocabulary there.
-        if input_ids.numel() and not (self.training and input_ids.is_cuda) and not torch.compiler.is_compiling():
+        # Reading min/max synchronises a GPU with the host, so the training hot path skips it (the
+        # data layer has checked the corpus), and so does CUDA-graph capture, where a sync is an error
+        # (the inference engine checks every request's ids when it is submitted).
+        capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        if input_ids.numel() and not (self.training and input_ids.is_cuda) and not capturing \
+                and not torch.compiler.is_compiling():
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
@@ -230,7 +234,7 @@ class Llama3(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         else:
             positions = cache.positions(B, T, input_ids.device)  # (B, T) absolute positions
-            self.check_input_ids(input_ids, start=int(cache.max_length()))
+            self.check_input_ids(input_ids, start=cache.max_length())
         h = self.model(input_ids, positions, cache)
         if cache is not None:
             cache.advance(T)

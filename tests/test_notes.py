@@ -1,0 +1,96 @@
+"""Every file path and code symbol a note (or the README) names in backticks exists.
+
+Notes are read side by side with the code, so a renamed function or moved file must break a
+test, not silently mislead a reader. What counts as a reference:
+- a path: contains "/" or ends in .py/.md (e.g. `training/trainer.py`, `tests/test_notes.py::name`);
+- a symbol (defined, or a string constant, somewhere in the code): an identifier with an underscore, a capital after a lowercase letter, a dot
+  between identifiers, or trailing "()" (e.g. `lm_loss`, `Llama3`, `TokenData.get_batch`).
+Plain words (`tiny`), flags (`--resume`), shell commands and math are not checked, and
+neither are names from other libraries (torch.*, transformers.*, ...).
+"""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = sorted((REPO / "notes").glob("*.md")) + [REPO / "README.md"]
+CODE_DIRS = ("architectures", "training", "inference", "fundamentals", "tests")
+EXTERNAL = ("torch", "F", "nn", "np", "numpy", "transformers", "tokenizers", "datasets", "safetensors", "math",
+            "einops", "matplotlib", "tqdm", "pytest", "hypothesis", "os", "sys", "json", "pydoc_data", "urllib",
+            "dataclasses", "typing", "argparse", "functools", "itertools", "triton", "flex_attention")
+FILE_SUFFIXES = (".json", ".safetensors", ".png", ".jsonl", ".txt", ".pt", ".bin", ".toml", ".yaml", ".csv")
+
+
+def defined_names() -> set[str]:
+    names: set[str] = set()
+    for d in CODE_DIRS:
+        for f in (REPO / d).rglob("*.py"):
+            names.add(f.stem)
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    names.add(node.name)
+                elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                    names.add(node.id)
+                elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                    names.add(node.attr)
+                elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    names.add(node.target.id)
+                elif isinstance(node, ast.arg):
+                    names.add(node.arg)
+                elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    # dict keys and config fields the code reads or writes: "val_nats_per_char", ...
+                    names.update(re.findall(r"[A-Za-z_]\w*", node.value))
+    return names
+
+
+def references(text: str) -> list[str]:
+    text = re.sub(r"```.*?```", "", text, flags=re.S)  # code blocks are examples, not references
+    return re.findall(r"`([^`\n]+)`", text)
+
+
+def is_symbol(token: str) -> bool:
+    core = token[:-2] if token.endswith("()") else token
+    if not re.fullmatch(r"[A-Za-z_][\w.]*", core):
+        return False
+    return token.endswith("()") or "_" in core or "." in core or bool(re.search(r"[a-z][A-Z]|^[A-Z][a-z]+[A-Z0-9]", core))
+
+
+def check(token: str, names: set[str]) -> str | None:
+    token = token.strip()
+    if token.startswith(("-", "python", "pip", "$")) or " " in token:
+        return None
+    if "/" in token or token.endswith((".py", ".md")):
+        path = token.split("::")[0].split(":")[0].rstrip("/")
+        if path.startswith(("http", "~", "../", "/", "$", "<")) or "*" in path or "<" in path:
+            return None
+        if "/" not in path:
+            return None if any(REPO.rglob(path)) else f"file {path} not found anywhere in the repo"
+        return None if (REPO / path).exists() else f"path {path} does not exist"
+    if not is_symbol(token) or token.endswith(FILE_SUFFIXES):
+        return None
+    parts = (token[:-2] if token.endswith("()") else token).split(".")
+    if parts[0] in EXTERNAL:
+        return None
+    if (REPO / Path(*parts)).with_suffix(".py").exists() or (REPO / Path(*parts)).is_dir():
+        return None  # a module path such as training.trainer
+    missing = [p for p in parts if p not in names and not p.isdigit()]
+    return f"symbol {token}: {missing} not defined in the code" if missing else None
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_every_backticked_path_and_symbol_exists(doc):
+    names = defined_names()
+    problems = [msg for tok in references(doc.read_text()) if (msg := check(tok, names))]
+    assert not problems, f"{doc.relative_to(REPO)}:\n" + "\n".join(problems)
+
+
+def test_checker_catches_a_missing_symbol_and_path():
+    names = defined_names()
+    assert check("lm_loss", names) is None
+    assert check("training/trainer.py", names) is None
+    assert check("no_such_function", names) is not None
+    assert check("training/no_such_file.py", names) is not None
+    assert check("TokenData.no_such_method", names) is not None
