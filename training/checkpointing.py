@@ -1,9 +1,12 @@
 """Atomic, resumable checkpoints for the training loop.
 
-A checkpoint directory holds the model's own files (config.json, model.safetensors,
-tokenizer.json: whatever `save_model` writes, loadable by the architecture's
-`from_pretrained`) and `trainer_state.pt` (optimizer, scheduler, RNG states, step, and
-the configs the run was started with).
+A checkpoint directory holds
+- the model's own files (config.json, model.safetensors, tokenizer.json: whatever
+  `save_model` writes, loadable by the architecture's `from_pretrained` and by transformers);
+- `train_state/`: weights and AdamW moments in torch.distributed.checkpoint (DCP) format, which
+  every process writes its own shard of, and which loads back on any number of processes (a
+  run saved by 2 FSDP processes resumes on 1);
+- `trainer_state.pt`: scheduler, RNG states, step, and the configs the run was started with.
 
 Atomicity is a two-phase commit: every file is first written into `OUT/.pending/`, then a
 `COMMIT` marker is written there, then the files are moved into place. A crash before the
@@ -13,18 +16,31 @@ after it is finished on the next load (roll forward). Either way all files agree
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
-from architectures.common.checkpoint import (atomic_write, atomic_write_json, load_state_dict_strict,
-                                             load_weights)
+from architectures.common.checkpoint import atomic_write, atomic_write_json
 
 PENDING = ".pending"
 STATE_FILE = "trainer_state.pt"
+DCP_DIR = "train_state"
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process when no process group exists: here that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _recover(out: Path) -> None:
@@ -34,6 +50,8 @@ def _recover(out: Path) -> None:
     if (pending / "COMMIT").is_file():
         for f in pending.iterdir():
             if f.name != "COMMIT":
+                if f.is_dir() and (out / f.name).exists():
+                    shutil.rmtree(out / f.name)  # idempotent: a crash here is finished by the next call
                 os.replace(f, out / f.name)
     shutil.rmtree(pending)
 
@@ -49,22 +67,32 @@ def start_fresh(out: Path) -> None:
     (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def save(out: Path, model, optimizer, scheduler, step: int, record: dict, save_model) -> None:
+def save(out: Path, model, optimizer, scheduler, step: int, record: dict, save_model, dd) -> None:
+    """Collective: every process calls it (each writes its DCP shard); the main process commits."""
     pending = out / PENDING
-    shutil.rmtree(pending, ignore_errors=True)
-    pending.mkdir(parents=True)
-    save_model(model, pending)
-    state = {
-        "step": step,
-        "record": record,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    atomic_write(pending / STATE_FILE, lambda tmp: torch.save(state, tmp))
-    atomic_write_json(pending / "COMMIT", {"step": step})  # the commit point
-    _recover(out)
+    if dd.is_main:
+        shutil.rmtree(pending, ignore_errors=True)
+        pending.mkdir(parents=True)
+    dd.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _quiet_single_process():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=pending / DCP_DIR)
+    # The portable export needs whole tensors: FSDP2 gathers its shards (onto the CPU of every process).
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+        if dd.enabled and dd.strategy == "fsdp" else None
+    if dd.is_main:
+        save_model(model, pending, full)
+        state = {
+            "step": step,
+            "record": record,
+            "scheduler": scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        atomic_write(pending / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        atomic_write_json(pending / "COMMIT", {"step": step})  # the commit point
+        _recover(out)
+    dd.barrier()
 
 
 def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -78,12 +106,14 @@ def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load(out: Path, model, optimizer, scheduler, record: dict, may_change: set[str]) -> tuple[int, list[dict]]:
-    """Restore a run from `out`; returns (step reached, metrics logged up to that step)."""
-    _recover(out)
+def load(out: Path, model, optimizer, scheduler, record: dict, may_change: set[str], dd) -> tuple[int, list[dict]]:
+    """Restore a run from `out` on any number of processes; returns (step reached, metrics up to it)."""
+    if dd.is_main:
+        _recover(out)
+    dd.barrier()
     state_file = out / STATE_FILE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"--resume: {out} has no {STATE_FILE}; start a new run without --resume")
+    if not state_file.is_file() or not (out / DCP_DIR).is_dir():
+        raise FileNotFoundError(f"--resume: {out} has no {STATE_FILE} and {DCP_DIR}/; start a new run without --resume")
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     saved = {k: ({f: v for f, v in d.items() if f not in may_change} if k == "train" else d)
              for k, d in state["record"].items()}
@@ -92,8 +122,11 @@ def load(out: Path, model, optimizer, scheduler, record: dict, may_change: set[s
     if diffs:
         raise ValueError("--resume: the checkpoint was made with a different configuration: " + "; ".join(diffs)
                          + ". Resume with the same settings, or start a new run in another --out")
-    load_state_dict_strict(model, load_weights(out), where=str(out))
-    optimizer.load_state_dict(state["optimizer"])
+    model_state, optim_state = get_state_dict(model, optimizer)
+    sharded = {"model": model_state, "optim": optim_state}
+    with _quiet_single_process():
+        dcp.load(sharded, checkpoint_id=out / DCP_DIR)  # reshards to however many processes load it
+    set_state_dict(model, optimizer, model_state_dict=sharded["model"], optim_state_dict=sharded["optim"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
@@ -104,7 +137,9 @@ def load(out: Path, model, optimizer, scheduler, record: dict, may_change: set[s
     metrics = out / "metrics.jsonl"
     if metrics.is_file():
         history = [e for e in map(json.loads, metrics.read_text().splitlines()) if e["step"] <= step]
-        atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(json.dumps(e) + "\n" for e in history)))
+        if dd.is_main:
+            atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(json.dumps(e) + "\n" for e in history)))
+    dd.barrier()
     return step, history
 
 

@@ -110,8 +110,8 @@ def run(family: str, recipes: dict[str, Recipe], model_cls, save_pretrained: Cal
     model = model_cls(model_cfg)
     t_prep = time.perf_counter() - t_start
 
-    def save_model(m, directory: Path) -> None:
-        save_pretrained(m, directory)
+    def save_model(m, directory: Path, state_dict=None) -> None:
+        save_pretrained(m, directory, state_dict)
         tokenizer.save(directory / "tokenizer.json")
 
     fpt = flops_per_token(model_cfg, train_cfg.block_size) if flops_per_token else None

@@ -57,11 +57,14 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (bf16 autocast on cuda, fp32 on cpu), "bf16" or "fp32"
     compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicate the model) or "fsdp" (FSDP2: shard it)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% more compute
+    profile: bool = False  # write a torch profiler trace of a few steps to OUT/profile.json
 
 
 # Fields that may differ when a run is resumed: they do not change what has been computed so far.
 RESUMABLE_CHANGES = {"max_steps", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
-                     "device", "compile"}
+                     "device", "compile", "parallel", "activation_checkpointing", "profile"}
 
 
 def validate(cfg: TrainConfig, world_size: int) -> None:
@@ -172,12 +175,20 @@ def train(
     "train" or "val"; `save_model(model, dir)` writes the weights/config/tokenizer files of a
     checkpoint; `config_record` is everything a resumed run must agree with;
     `val_units_per_token` converts validation nats/token to nats per character."""
-    dd = Distributed.from_env()
+    dd = Distributed.from_env(cfg.parallel)
     validate(cfg, dd.world_size)
     device = resolve_device(cfg.device) if not dd.enabled or dd.device is None else dd.device
     autocast_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")) else None
+    if cfg.compile and not hasattr(torch, "compile"):
+        raise RuntimeError(f"--compile needs torch >= 2.0 with torch.compile; this is torch {torch.__version__}")
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "gradient_checkpointing"):
+            raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
+        model.gradient_checkpointing = True
     torch.manual_seed(cfg.seed)
     model.to(device)
+    wrapped = dd.wrap(model)  # DDP wrapper, or `model` itself sharded in place by FSDP2
+    # The optimizer is built after sharding: under FSDP2 it must hold (and update) the local shards.
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
     out = Path(out_dir) if out_dir is not None else None
@@ -186,13 +197,13 @@ def train(
     if resume:
         if out is None:
             raise ValueError("resume needs an output directory holding the checkpoint")
-        start_step, history = checkpointing.load(out, model, optimizer, scheduler, record, RESUMABLE_CHANGES)
-    elif out is not None and dd.is_main:
-        checkpointing.start_fresh(out)
-    if cfg.compile and not hasattr(torch, "compile"):
-        raise RuntimeError(f"--compile needs torch >= 2.0 with torch.compile; this is torch {torch.__version__}")
-    fwd_model = dd.wrap(model)
-    fwd_model = torch.compile(fwd_model) if cfg.compile else fwd_model
+        start_step, history = checkpointing.load(out, model, optimizer, scheduler, record, RESUMABLE_CHANGES, dd)
+    elif out is not None:
+        if dd.is_main:
+            checkpointing.start_fresh(out)
+        dd.barrier()
+    fwd_model = torch.compile(wrapped) if cfg.compile else wrapped
+    profiler = start_profiler(out, device) if cfg.profile and dd.is_main else None
 
     per_rank = cfg.batch_size // dd.world_size
     micro = per_rank // cfg.grad_accum_steps
@@ -207,7 +218,7 @@ def train(
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not interactive, dynamic_ncols=True)
     t0 = time.perf_counter()
     eval_s = warmup_s = 0.0  # time in evaluation, and in the first step (which compiles, if --compile)
-    t_log, tokens_since_log, steps_since_log = time.perf_counter(), 0, 0
+    t_log, tokens_since_log, steps_since_log, data_s = time.perf_counter(), 0, 0, 0.0
 
     def log(entry: dict) -> None:
         history.append(entry)
@@ -217,12 +228,17 @@ def train(
 
     model.train()
     for step in range(start_step, cfg.max_steps):
+        # Sampling and the (pinned, non-blocking) copy run on the host while the GPU still works
+        # through the previous step's queued kernels: the batch is prefetched without a thread.
+        t_data = time.perf_counter()
         batch = sample_batch("train", cfg.batch_size, batch_generator(cfg.seed, "train", step))
         rows = slice_batch(batch, dd.rank * per_rank, (dd.rank + 1) * per_rank)
-        for micro_step in range(cfg.grad_accum_steps):
-            mb = move_batch(slice_batch(rows, micro_step * micro, (micro_step + 1) * micro), device)
+        micro_batches = [move_batch(slice_batch(rows, i * micro, (i + 1) * micro), device)
+                         for i in range(cfg.grad_accum_steps)]
+        data_s += time.perf_counter() - t_data
+        for micro_step, mb in enumerate(micro_batches):
             last = micro_step == cfg.grad_accum_steps - 1
-            sync = contextlib.nullcontext() if last or not dd.enabled else fwd_model.no_sync()
+            sync = contextlib.nullcontext() if last else dd.no_sync(wrapped)
             with sync, torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss, extras = loss_fn(fwd_model, mb)
             (loss / cfg.grad_accum_steps).backward()
@@ -235,6 +251,8 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if profiler is not None:
+            profiler.step()
         bar.update(1)
         done = step + 1
         if step == start_step:
@@ -255,7 +273,10 @@ def train(
             dt = time.perf_counter() - t_log
             train_loss = float(loss_avg)
             entry = {"step": done, "lr": scheduler.get_last_lr()[0], "loss": train_loss,
-                     "grad_norm": float(grad_norm), "tokens_per_s": tokens_since_log / dt}
+                     "grad_norm": float(dd.mean(grad_norm) if hasattr(grad_norm, "full_tensor") else grad_norm),
+                     "tokens_per_s": tokens_since_log / dt, "data_fraction": data_s / dt}
+            if device.type == "cuda":
+                entry["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             if flops_per_token and peak:
                 entry["mfu"] = tokens_since_log * flops_per_token / dt / (peak * dd.world_size)
             entry.update({k: float(dd.mean(v / n)) for k, v in extra_sums.items()})
@@ -263,7 +284,7 @@ def train(
             bar.set_postfix(loss=f"{train_loss:.4f}")
             loss_sum.zero_()
             extra_sums.clear()
-            t_log, tokens_since_log, steps_since_log = time.perf_counter(), 0, 0
+            t_log, tokens_since_log, steps_since_log, data_s = time.perf_counter(), 0, 0, 0.0
 
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
             t_eval = time.perf_counter()
@@ -282,17 +303,31 @@ def train(
             t_log = time.perf_counter()  # evaluation time is not training throughput
 
         if out is not None and ((cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == cfg.max_steps):
+            checkpointing.save(out, model, optimizer, scheduler, done, record,
+                               save_model or (lambda m, d, state: None), dd)
             if dd.is_main:
-                checkpointing.save(out, model, optimizer, scheduler, done, record,
-                                   save_model or (lambda m, d: None))
                 checkpointing.plot_losses(history, out / "loss.png")
-            dd.barrier()
     bar.close()
+    if profiler is not None:
+        profiler.stop()
     if metrics_file is not None:
         metrics_file.close()
     elapsed = time.perf_counter() - t0
     dd.close()
     return TrainResult(cfg.max_steps, train_loss, val_loss, elapsed, out / "metrics.jsonl" if out else None)
+
+
+def start_profiler(out: Path | None, device: torch.device):
+    """Trace steps 3-5 (after warm-up and compilation) to OUT/profile.json, viewable in Perfetto."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    if out is None:
+        raise ValueError("--profile needs --out: the trace is written there")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                   on_trace_ready=lambda p: p.export_chrome_trace(str(out / "profile.json")))
+    prof.start()
+    return prof
 
 
 @torch.no_grad()

@@ -126,11 +126,12 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
                 tensor.copy_(state[name])
 
 
-def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write model.safetensors atomically, storing a tied head once (as transformers does)."""
-    state = model.state_dict()
-    emb = state.get("model.embed_tokens.weight")
-    if emb is not None and "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == emb.data_ptr():
-        del state["lm_head.weight"]
+def save_weights(model: torch.nn.Module, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write model.safetensors atomically, storing a tied head once (as transformers does).
+
+    `state_dict` replaces model.state_dict() when given (FSDP2 passes the gathered full one)."""
+    state = dict(state_dict if state_dict is not None else model.state_dict())
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write(Path(path) / SINGLE_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt", **(metadata or {})}))
+    atomic_write(Path(path) / SINGLE_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))

@@ -31,7 +31,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     return model.to(dtype=dtype).eval()
 
 
-def save_pretrained(model: Llama3, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_pretrained(model: Llama3, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json and model.safetensors that both this zoo and transformers load."""
-    save_weights(model, path, metadata)
+    save_weights(model, path, state_dict)
     atomic_write_json(Path(path) / "config.json", to_hf_config(model.config))

@@ -1,4 +1,7 @@
-"""Run by tests/training/test_distributed.py under torchrun: the toy problem on N processes."""
+"""Run by tests/training/test_distributed.py under torchrun: the toy problem on N processes.
+
+    ddp_worker.py OUT ACCUM STRATEGY MAX_STEPS [resume]
+"""
 
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ from training.lm import lm_loss  # noqa: E402
 from training.trainer import train  # noqa: E402
 
 if __name__ == "__main__":
-    out, accum = sys.argv[1], int(sys.argv[2])
-    train(tiny_model(), lm_loss, sample_batch, config(max_steps=6, grad_accum_steps=accum, eval_interval=6),
-          out, save_model=save_pretrained)
+    out, accum, strategy, max_steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    resume = sys.argv[5:] == ["resume"]
+    cfg = config(max_steps=max_steps, grad_accum_steps=accum, eval_interval=6, parallel=strategy, checkpoint_interval=3)
+    train(tiny_model(), lm_loss, sample_batch, cfg, out, save_model=save_pretrained, resume=resume)

@@ -1,5 +1,6 @@
-"""DDP under torchrun: 2 CPU processes on the gloo backend reproduce a single-process run
-with the same global batch (each process takes half the rows; DDP averages gradients)."""
+"""DDP and FSDP2 under torchrun: 2 CPU processes on the gloo backend reproduce a
+single-process run with the same global batch (each process takes half the rows; gradients
+are averaged across processes), and a checkpoint saved by 2 processes resumes on 1."""
 
 import json
 import os
@@ -20,10 +21,10 @@ from toy import config, sample_batch, tiny_model  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 
-def torchrun(out: Path, nproc: int, accum: int) -> None:
+def torchrun(out: Path, nproc: int, accum: int, strategy: str = "ddp", max_steps: int = 6) -> None:
     env = dict(os.environ, ZOO_DDP_BACKEND="gloo", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(REPO / "tests/training/ddp_worker.py"), str(out), str(accum)]
+           str(REPO / "tests/training/ddp_worker.py"), str(out), str(accum), strategy, str(max_steps)]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -32,22 +33,40 @@ def losses(out: Path):
     return [e["loss"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("accum", [1, 2])
-def test_two_gloo_processes_match_one_process(tmp_path, accum):
-    single = tiny_model()
-    train(single, lm_loss, sample_batch, config(max_steps=6, eval_interval=6), tmp_path / "single",
+def single_process(out: Path, max_steps: int = 6):
+    model = tiny_model()
+    train(model, lm_loss, sample_batch, config(max_steps=max_steps, eval_interval=6, checkpoint_interval=3), out,
           save_model=save_pretrained)
-    torchrun(tmp_path / "ddp", nproc=2, accum=accum)
-    # Same batches, gradients averaged across ranks instead of within one batch: equal up to
-    # fp32 summation order, ~1e-6 relative; 1e-5 leaves room and still catches a wrong average.
-    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
-    ddp_model = from_pretrained(tmp_path / "ddp")
-    for a, b in zip(ddp_model.parameters(), single.parameters()):
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,accum", [("ddp", 1), ("ddp", 2), ("fsdp", 2)])
+def test_two_gloo_processes_match_one_process(tmp_path, strategy, accum):
+    single = single_process(tmp_path / "single")
+    torchrun(tmp_path / "multi", nproc=2, accum=accum, strategy=strategy)
+    # Same batches, gradients averaged across processes instead of within one batch: equal up
+    # to fp32 summation order (~1e-6 relative); 1e-5 leaves room and still catches a wrong average.
+    assert losses(tmp_path / "multi") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    multi_model = from_pretrained(tmp_path / "multi")  # FSDP2's shards gathered into one file
+    for a, b in zip(multi_model.parameters(), single.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_batch_not_divisible_by_world_size_is_a_clear_error(monkeypatch):
+@pytest.mark.slow
+def test_fsdp_checkpoint_from_two_processes_resumes_on_one(tmp_path):
+    """torch.distributed.checkpoint stores each process's shard with the global layout, so the
+    step-3 checkpoint of a 2-process FSDP2 run loads into 1 process and continues like the
+    single-process run (last 3 losses within fp32 noise)."""
+    single_process(tmp_path / "single")
+    torchrun(tmp_path / "multi", nproc=2, accum=1, strategy="fsdp", max_steps=3)
+    train(tiny_model(seed=99), lm_loss, sample_batch,
+          config(max_steps=6, eval_interval=6, checkpoint_interval=3, parallel="fsdp"), tmp_path / "multi",
+          save_model=save_pretrained, resume=True)
+    assert losses(tmp_path / "multi") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+
+
+def test_batch_not_divisible_by_world_size_is_a_clear_error():
     from training.trainer import validate
 
     with pytest.raises(ValueError, match="batch_size=6 is not divisible by world_size x grad_accum_steps = 4 x 1"):

@@ -10,6 +10,7 @@ import torch
 
 from architectures.llama3 import from_pretrained, save_pretrained
 from training import checkpointing
+from training.distributed import Distributed
 from training.lm import lm_loss
 from training.trainer import lr_at, make_optimizer, resolve_device, train
 
@@ -103,7 +104,7 @@ def test_crash_before_commit_keeps_previous_checkpoint(tmp_path):
     train(model, lm_loss, sample_batch, config(max_steps=2), tmp_path, save_model=save_pretrained)
     before = (tmp_path / "model.safetensors").read_bytes()
 
-    def save_then_die(m, d):
+    def save_then_die(m, d, state):
         save_pretrained(m, d)
         raise Crash()  # dies after writing weights, before the commit marker
 
@@ -112,7 +113,7 @@ def test_crash_before_commit_keeps_previous_checkpoint(tmp_path):
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
     with pytest.raises(Crash):
-        checkpointing.save(tmp_path, model, opt, sched, 3, {}, save_then_die)
+        checkpointing.save(tmp_path, model, opt, sched, 3, {}, save_then_die, Distributed())
     checkpointing._recover(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert not (tmp_path / checkpointing.PENDING).exists()
@@ -125,13 +126,13 @@ def test_crash_after_commit_is_rolled_forward(tmp_path):
     real_recover = checkpointing._recover
     checkpointing._recover = lambda out: None  # the process dies right after writing COMMIT
     try:
-        checkpointing.save(tmp_path, model, opt, sched, 5, {}, save_pretrained)
+        checkpointing.save(tmp_path, model, opt, sched, 5, {}, save_pretrained, Distributed())
     finally:
         checkpointing._recover = real_recover
     assert not (tmp_path / "trainer_state.pt").exists()
     real_recover(tmp_path)
     assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 5
-    assert (tmp_path / "model.safetensors").is_file()
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / checkpointing.DCP_DIR).is_dir()
 
 
 def test_nan_loss_stops_with_the_step(tmp_path):
