@@ -165,16 +165,18 @@ def train(
     cfg: TrainConfig,
     out_dir: str | Path | None = None,
     *,
-    save_model: Callable[[nn.Module, Path], None] | None = None,
+    save_model: Callable[[nn.Module, Path, dict | None], None] | None = None,
     config_record: dict | None = None,
     resume: bool = False,
     val_units_per_token: float | None = None,
     flops_per_token: float | None = None,
+    on_log: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place. `sample_batch(split, n, generator)` returns n examples of split
-    "train" or "val"; `save_model(model, dir)` writes the weights/config/tokenizer files of a
-    checkpoint; `config_record` is everything a resumed run must agree with;
-    `val_units_per_token` converts validation nats/token to nats per character."""
+    "train" or "val"; `save_model(model, dir, state_dict)` writes the weights/config/tokenizer
+    files of a checkpoint (without it, no checkpoint is written); `config_record` is everything a resumed run must agree with;
+    `val_units_per_token` converts validation nats/token to nats per character;
+    `on_log(entry)` sees every metrics entry as it is logged (benchmarks read them there)."""
     dd = Distributed.from_env(cfg.parallel)
     validate(cfg, dd.world_size)
     device = resolve_device(cfg.device) if not dd.enabled or dd.device is None else dd.device
@@ -202,7 +204,9 @@ def train(
         if dd.is_main:
             checkpointing.start_fresh(out)
         dd.barrier()
-    fwd_model = torch.compile(wrapped) if cfg.compile else wrapped
+    # Compiling the loss function compiles the model inside it too, and lets the compiler fuse
+    # the output head, the fp32 upcast and the cross-entropy instead of materialising fp32 logits.
+    step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn
     profiler = start_profiler(out, device) if cfg.profile and dd.is_main else None
 
     per_rank = cfg.batch_size // dd.world_size
@@ -222,6 +226,8 @@ def train(
 
     def log(entry: dict) -> None:
         history.append(entry)
+        if on_log is not None and dd.is_main:
+            on_log(entry)
         if metrics_file is not None:
             metrics_file.write(json.dumps(entry) + "\n")
             metrics_file.flush()
@@ -240,7 +246,7 @@ def train(
             last = micro_step == cfg.grad_accum_steps - 1
             sync = contextlib.nullcontext() if last else dd.no_sync(wrapped)
             with sync, torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss, extras = loss_fn(fwd_model, mb)
+                loss, extras = step_loss(wrapped, mb)
             (loss / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach() / cfg.grad_accum_steps
             for k, v in extras.items():
@@ -302,9 +308,9 @@ def train(
                 print(f"step {done}/{cfg.max_steps}: train loss {train_loss:.4f}, val loss {val_loss:.4f}{extra}", flush=True)
             t_log = time.perf_counter()  # evaluation time is not training throughput
 
-        if out is not None and ((cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == cfg.max_steps):
-            checkpointing.save(out, model, optimizer, scheduler, done, record,
-                               save_model or (lambda m, d, state: None), dd)
+        if out is not None and save_model is not None and (
+                (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == cfg.max_steps):
+            checkpointing.save(out, model, optimizer, scheduler, done, record, save_model, dd)
             if dd.is_main:
                 checkpointing.plot_losses(history, out / "loss.png")
     bar.close()

@@ -81,10 +81,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Pairs are the two halves of the head, not adjacent channels: that is the layout of the
     Hugging Face checkpoints (whose q/k weights were permuted from Meta's interleaved layout).
+    The angles are computed in fp32 and the rotation runs in x's dtype, as the reference does:
+    under bf16 that saves an upcast of q and k in every layer.
     """
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def causal_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""Training throughput of the shared loop: tokens/s, step time, peak memory and MFU.
+
+    python -m training.benchmark --preset gpt2-124m --compile --batch-size 16 --seq-len 1024
+    torchrun --nproc-per-node 2 -m training.benchmark --preset gpt2-124m --compile --parallel ddp
+
+It runs the real loop (`training.trainer.train`, not a copy) on synthetic tokens, so the
+figure is the loop's own speed with data loading included but no dataset to prepare. The
+first `--warmup` steps (compilation, allocator warm-up) are excluded; then `--steps` steps are
+timed by the loop's own log entries. MFU = tokens/s x FLOPs per token / (GPUs x dense bf16
+peak), with FLOPs per token from `architectures.llama3.flops.flops_per_token`.
+Prints one parseable line: `train_benchmark key=value ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+
+import torch
+
+from training.lm import lm_loss
+from training.trainer import TrainConfig, train
+
+
+def architecture(name: str):
+    """(presets, model class, flops_per_token) of an architecture of the zoo."""
+    if name == "llama3":
+        from architectures.llama3 import PRESETS, Llama3
+        from architectures.llama3.flops import flops_per_token
+
+        return PRESETS, Llama3, flops_per_token
+    raise ValueError(f"unknown architecture {name!r}; choose llama3")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m training.benchmark", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="llama3")
+    p.add_argument("--preset", default="gpt2-124m")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch, sequences per optimizer step")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--grad-accum-steps", type=int, default=1)
+    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps before them")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--profile-out", default=None, help="write a profiler trace of a few steps into this directory")
+    args = p.parse_args(argv)
+
+    presets, model_cls, flops = architecture(args.arch)
+    if args.preset not in presets:
+        raise SystemExit(f"error: unknown {args.arch} preset {args.preset!r}; choose one of {sorted(presets)}")
+    model_cfg = presets[args.preset]
+    if args.seq_len > model_cfg.max_position_embeddings:
+        model_cfg = dataclasses.replace(model_cfg, max_position_embeddings=args.seq_len)
+    torch.manual_seed(0)
+    model = model_cls(model_cfg)
+    vocab = model_cfg.vocab_size
+
+    def sample_batch(split, n, generator):
+        x = torch.randint(0, vocab, (n, args.seq_len + 1), generator=generator)
+        return x[:, :-1], x[:, 1:]
+
+    cfg = TrainConfig(
+        max_steps=args.warmup + args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
+        block_size=args.seq_len, warmup_steps=1, log_interval=args.warmup, eval_interval=args.warmup + args.steps,
+        eval_batches=1, device=args.device, dtype=args.dtype, compile=args.compile, parallel=args.parallel,
+        activation_checkpointing=args.activation_checkpointing, profile=args.profile_out is not None,
+    )
+    if args.steps % args.warmup:
+        raise SystemExit("error: --steps must be a multiple of --warmup (the loop logs every --warmup steps)")
+    entries: list[dict] = []
+    train(model, lm_loss, sample_batch, cfg, args.profile_out, flops_per_token=flops(model_cfg, args.seq_len),
+          on_log=lambda e: entries.append(e) if "tokens_per_s" in e else None)
+    if not entries:
+        return {}  # not the main process: it reports nothing
+    timed = entries[1:]  # the first entry covers the warm-up steps
+    tokens_per_s = statistics.mean(e["tokens_per_s"] for e in timed)
+    result = {
+        "arch": args.arch, "preset": args.preset, "compile": int(args.compile), "parallel": args.parallel,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "batch": args.batch_size, "seq": args.seq_len, "params_M": round(sum(q.numel() for q in model.parameters()) / 1e6, 1),
+        "tokens_per_s": round(tokens_per_s), "step_ms": round(1000 * args.batch_size * args.seq_len / tokens_per_s, 2),
+        "data_fraction": round(statistics.mean(e["data_fraction"] for e in timed), 4),
+    }
+    if "peak_memory_gb" in timed[-1]:
+        result["peak_memory_gb"] = round(timed[-1]["peak_memory_gb"], 2)
+    if "mfu" in timed[-1]:
+        result["mfu"] = round(statistics.mean(e["mfu"] for e in timed), 4)
+    if torch.cuda.is_available() and cfg.device != "cpu":
+        result["gpu"] = torch.cuda.get_device_name().replace(" ", "_")
+    print("train_benchmark " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
