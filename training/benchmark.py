@@ -89,6 +89,7 @@ def main(argv=None) -> dict:
     }
     if "peak_memory_gb" in timed[-1]:
         result["peak_memory_gb"] = round(timed[-1]["peak_memory_gb"], 2)
+        result["state_memory_gb"] = round(timed[-1]["state_memory_gb"], 2)
     if "mfu" in timed[-1]:
         result["mfu"] = round(statistics.mean(e["mfu"] for e in timed), 4)
     if torch.cuda.is_available() and cfg.device != "cpu":

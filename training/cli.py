@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from architectures.common.checkpoint import atomic_write_json
+from architectures.common.checkpoint import atomic_write_json, load_state_dict_strict, load_weights
 from architectures.common.config import apply_overrides
 from inference.generate import generate
 from inference.sampling import SamplingParams
@@ -121,7 +122,15 @@ def run(family: str, recipes: dict[str, Recipe], model_cls, save_pretrained: Cal
         config_record={"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg)},
         flops_per_token=fpt,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}  # under torchrun the main process evaluates and samples
     device = resolve_device(train_cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The trained model may be sharded (FSDP2) across processes that have now exited:
+        # evaluate the gathered copy the checkpoint holds.
+        model = model_cls(model_cfg)
+        load_state_dict_strict(model, load_weights(out), where=str(out))
+        model.to(device)
     val_loss = evaluate_split(model, data.val, train_cfg.block_size, device=device)
     summary = {
         "family": family, "preset": preset_name, "steps": result.step,

@@ -283,6 +283,9 @@ def train(
                      "tokens_per_s": tokens_since_log / dt, "data_fraction": data_s / dt}
             if device.type == "cuda":
                 entry["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                # Between steps (activations and gradients freed): parameters + AdamW moments
+                # (+ DDP's gradient buckets), the memory FSDP2 divides across GPUs.
+                entry["state_memory_gb"] = torch.cuda.memory_allocated(device) / 2**30
             if flops_per_token and peak:
                 entry["mfu"] = tokens_since_log * flops_per_token / dt / (peak * dd.world_size)
             entry.update({k: float(dd.mean(v / n)) for k, v in extra_sums.items()})

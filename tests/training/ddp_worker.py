@@ -3,6 +3,8 @@
     ddp_worker.py OUT ACCUM STRATEGY MAX_STEPS [resume]
 """
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,4 +19,9 @@ if __name__ == "__main__":
     out, accum, strategy, max_steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     resume = sys.argv[5:] == ["resume"]
     cfg = config(max_steps=max_steps, grad_accum_steps=accum, eval_interval=6, parallel=strategy, checkpoint_interval=3)
-    train(tiny_model(), lm_loss, sample_batch, cfg, out, save_model=save_pretrained, resume=resume)
+    model = tiny_model()
+    train(model, lm_loss, sample_batch, cfg, out, save_model=save_pretrained, resume=resume)
+    # Elements of the parameters this process holds (FSDP2: its shards), for the memory test.
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    rank = os.environ.get("RANK", "0")
+    Path(out, f"local_params_rank{rank}.json").write_text(json.dumps({"local": local}))

@@ -51,6 +51,14 @@ def test_two_gloo_processes_match_one_process(tmp_path, strategy, accum):
     multi_model = from_pretrained(tmp_path / "multi")  # FSDP2's shards gathered into one file
     for a, b in zip(multi_model.parameters(), single.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # Memory: DDP replicates every parameter (and so its AdamW moments); FSDP2 keeps about half
+    # on each of 2 processes (dim-0 shards, so a few rows of padding at most).
+    total = sum(p.numel() for p in single.parameters())
+    local = [json.loads((tmp_path / "multi" / f"local_params_rank{r}.json").read_text())["local"] for r in (0, 1)]
+    if strategy == "ddp":
+        assert local == [total, total]
+    else:
+        assert sum(local) == total and max(local) <= 0.55 * total
 
 
 @pytest.mark.slow
