@@ -17,6 +17,9 @@ def stream(model, prompt_ids: list[int], params: SamplingParams = SamplingParams
     """Yield new token ids one by one; stops after max_new_tokens or on a token in stop_ids."""
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos id)")
+    if params.n != 1:
+        raise ValueError(f"stream makes one completion, got n={params.n}; use inference.engine.LLMEngine for n > 1")
+    stop_ids = set(stop_ids) | set(params.stop_token_ids)
     limit = model.config.max_position_embeddings
     if len(prompt_ids) + params.max_new_tokens > limit:
         raise ValueError(

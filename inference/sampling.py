@@ -17,8 +17,14 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest set of tokens whose probability sums to >= top_p
     max_new_tokens: int = 128  # stop after this many generated tokens
     seed: int | None = None  # seeds this request's own generator: same seed, same tokens
+    n: int = 1  # completions of one prompt (parallel sampling); completion i uses seed + i
+    stop_token_ids: tuple[int, ...] = ()  # stop after producing any of these (the token is kept)
+    ignore_eos: bool = False  # keep going past the model's EOS token (benchmarks want fixed lengths)
 
     def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n (completions per prompt) must be >= 1, got {self.n}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if self.top_k < 0:

@@ -1,0 +1,261 @@
+"""One workload through three generators in one process: transformers' `generate` (padded static
+batches), our naive batched decoding (inference/batched.py) and our paged engine (inference/engine.py).
+
+    python -m inference.benchmark --out runs/bench                       # the issue's workload (GPU)
+    python -m inference.benchmark --shared-prefix 256 --out runs/prefix  # prefix caching on vs off
+    python -m inference.benchmark --device cpu --preset tiny --num-prompts 8 --max-len 64 --new-tokens 16
+
+Default workload (issue 3): 64 prompts of random token ids, lengths uniform in [32, 512],
+256 new tokens each, greedy, EOS ignored, a randomly initialised Llama-3.2-1B-shaped model in
+bf16; every generator gets the same weights. Unknown `--key value` options override fields of
+the preset's LlamaConfig (e.g. --max-position-embeddings 1024 for --preset tiny).
+
+Prints one line per measurement, `bench engine=... key=value ...`: output tokens/s, peak GPU
+memory, the KV cache's bytes and utilisation (token slots holding a token some unfinished
+sequence needs / slots allocated, averaged over forward passes) and prefill tokens computed.
+Writes results.json and PNG plots of utilisation and throughput to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from architectures.common.config import apply_overrides
+from architectures.llama3 import Llama3, preset
+from architectures.llama3.config import to_hf_config
+from inference.batched import BatchStats, generate_batch
+from inference.engine import EngineConfig, LLMEngine
+from inference.memory import kv_bytes_per_token
+from inference.sampling import SamplingParams
+
+
+def make_prompts(n: int, min_len: int, max_len: int, vocab: int, shared_prefix: int = 0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, vocab, (shared_prefix,), generator=g).tolist()
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
+    return [prefix + torch.randint(0, vocab, (L,), generator=g).tolist() for L in lengths]
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else float("nan")
+
+
+def _padded_util(prompts, steps: int) -> list[float]:
+    """Live tokens / allocated slots of transformers' DynamicCache for a left-padded static batch,
+    at each forward pass k: it holds longest + k slots per row (it grows by concatenation), of
+    which len(prompt) + k are real; every row runs all `steps` passes (EOS ignored)."""
+    B, longest, real = len(prompts), max(len(p) for p in prompts), sum(len(p) for p in prompts)
+    return [(real + B * k) / (B * (longest + k)) for k in range(steps)]
+
+
+def run_hf(model, prompts, new_tokens: int, batch_size: int, device) -> dict:
+    import transformers  # the baseline only: the zoo itself never imports transformers
+
+    with torch.device(device):  # initialised on the device: a 1B model's random init on a CPU takes long
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(to_hf_config(model.config)))
+    # assign=True: transformers' modules take our very tensors (the names match), so the weights
+    # are the same and are in memory once, and peak memory compares like with like.
+    hf.load_state_dict(model.state_dict(), strict=True, assign=True)
+    hf.eval()
+    hf.generation_config.eos_token_id = None  # EOS ignored: every row makes exactly new_tokens tokens
+
+    def go(batch, n):
+        longest = max(len(p) for p in batch)
+        ids = torch.tensor([[0] * (longest - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in batch], device=device)
+        return hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    with torch.inference_mode():
+        go(prompts[:2], 4)  # warm-up: kernel selection, allocator
+        _sync(device), _reset_peak(device)
+        t0 = time.perf_counter()
+        util, prefill = [], 0
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i:i + batch_size]
+            go(batch, new_tokens)
+            util += _padded_util(batch, new_tokens)
+            prefill += len(batch) * max(len(p) for p in batch)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    per_tok = kv_bytes_per_token(model.config, next(model.parameters()).element_size())
+    kv = max(len(b) * (max(len(p) for p in b) + new_tokens - 1)
+             for b in (prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size))) * per_tok
+    del hf
+    return dict(seconds=seconds, output_tokens=len(prompts) * new_tokens, peak_mem_gib=_peak_gib(device),
+                kv_gib=kv / 2**30, kv_util=sum(util) / len(util), prefill_tokens=prefill, util_per_step=util)
+
+
+def run_naive(model, prompts, new_tokens: list[int], device) -> dict:
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in new_tokens]
+    generate_batch(model, prompts[:2], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
+    _sync(device), _reset_peak(device)
+    stats = BatchStats()
+    t0 = time.perf_counter()
+    outputs = generate_batch(model, prompts, params, stats)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return dict(seconds=seconds, output_tokens=sum(map(len, outputs)), peak_mem_gib=_peak_gib(device),
+                kv_gib=stats.kv_bytes / 2**30, kv_util=stats.mean_utilisation, prefill_tokens=stats.prefill_tokens,
+                util_per_step=stats.util_per_step, outputs=outputs)
+
+
+def run_paged(model, prompts, new_tokens: list[int], device, engine_cfg: EngineConfig) -> dict:
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in new_tokens]
+    engine = LLMEngine(model, engine_cfg)
+    # Warm-up on the whole workload: kernels, and the CUDA graphs of every shape the run needs.
+    engine.generate(prompts, params) if engine_cfg.cuda_graphs else engine.generate(prompts[:2], params[:2])
+    engine.reset_prefix_cache()
+    _sync(device), _reset_peak(device)
+    engine.stats = type(engine.stats)()
+    t0 = time.perf_counter()
+    outputs = [o.completions[0] for o in engine.generate(prompts, params)]
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    st = engine.stats
+    return dict(seconds=seconds, output_tokens=sum(map(len, outputs)), peak_mem_gib=_peak_gib(device),
+                kv_gib=engine.pool.kv.numel() * engine.pool.kv.element_size() / 2**30,
+                kv_util=st.mean_utilisation, prefill_tokens=st.prefill_tokens,
+                cached_prompt_tokens=st.cached_prompt_tokens, preemptions=st.preemptions, steps=st.steps,
+                util_per_step=st.util_per_step, outputs=outputs)
+
+
+def plot(results: dict, out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results.items():
+        ax.plot([100 * u for u in r["util_per_step"]], label=f"{name} (mean {100 * r['kv_util']:.1f}%)")
+    ax.set(xlabel="step", ylabel="KV slots holding live tokens (%)", ylim=(0, 105), title=f"KV utilisation: {title}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "kv_utilisation.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(results)
+    bars = ax.bar(names, [r["tok_per_s"] for r in results.values()])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set(ylabel="output tokens / s", title=f"Throughput: {title}")
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+    plt.close("all")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m inference.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="llama-3.2-1b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on cuda, else fp32")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--min-len", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--min-new-tokens", type=int, default=None,
+                   help="draw each prompt's max_new_tokens uniformly in [this, --new-tokens]: sequences end at "
+                        "different times (transformers' generate cannot do that per row, so hf is left out)")
+    p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with (prefix caching)")
+    p.add_argument("--engines", default=None,
+                   help="comma list of hf, naive, paged, paged-graphs, paged-nocache "
+                        "(default: hf,naive,paged[,paged-graphs]; with --shared-prefix: paged-nocache,paged[,paged-graphs])")
+    p.add_argument("--hf-batch", type=int, default=64, help="padded batch size of transformers' generate")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="paged pool size (default: the slots the naive cache reserves, so both get the same memory)")
+    p.add_argument("--max-batched-tokens", type=int, default=4096,
+                   help="tokens per forward pass of the paged engine (its logits for all of them are materialised)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="directory for results.json and the plots")
+    args, unknown = p.parse_known_args(argv)
+    if len(unknown) % 2 or not all(k.startswith("--") for k in unknown[::2]):
+        raise SystemExit(f"error: config overrides must be --key value pairs, got {unknown}")
+    cfg = apply_overrides(preset(args.preset), {k[2:]: v for k, v in zip(unknown[::2], unknown[1::2])})
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
+    longest = args.shared_prefix + args.max_len
+    if longest + args.new_tokens > cfg.max_position_embeddings:
+        raise SystemExit(f"error: prompts of up to {longest} tokens + {args.new_tokens} new exceed "
+                         f"max_position_embeddings={cfg.max_position_embeddings}; pass --max-position-embeddings N")
+    cuda = device.type == "cuda"
+    varied = args.min_new_tokens is not None
+    default = ("paged-nocache,paged" if args.shared_prefix else "naive,paged" if varied else "hf,naive,paged") + \
+        (",paged-graphs" if cuda else "")
+    engines = (args.engines or default).split(",")
+    known = ("hf", "naive", "paged", "paged-graphs", "paged-nocache")
+    if any(e not in known for e in engines):
+        raise SystemExit(f"error: unknown engine in {engines}; choose from {', '.join(known)}")
+    if "paged-graphs" in engines and not cuda:
+        raise SystemExit("error: paged-graphs needs --device cuda (CUDA graphs)")
+    if "hf" in engines and varied:
+        raise SystemExit("error: hf cannot stop each row at its own max_new_tokens; leave out --min-new-tokens")
+
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = Llama3(cfg)
+    model = model.to(dtype).eval()
+    prompts = make_prompts(args.num_prompts, args.min_len, args.max_len, cfg.vocab_size, args.shared_prefix, args.seed)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    new_tokens = (torch.randint(args.min_new_tokens, args.new_tokens + 1, (len(prompts),), generator=g).tolist()
+                  if varied else [args.new_tokens] * len(prompts))
+    kv_blocks = args.kv_blocks or -(-len(prompts) * (longest + args.new_tokens) // args.block_size)
+    gpu = torch.cuda.get_device_name(device).replace(" ", "_") if cuda else "none"
+    where = (f"preset={args.preset} device={device.type} gpu={gpu} torch={torch.__version__} "
+             f"dtype={str(dtype).removeprefix('torch.')} "
+             f"prompts={len(prompts)} len={args.min_len}-{args.max_len} shared_prefix={args.shared_prefix} "
+             f"new_tokens={f'{args.min_new_tokens}-' if varied else ''}{args.new_tokens}")
+
+    results: dict[str, dict] = {}
+    for name in engines:
+        if name == "hf":
+            r = run_hf(model, prompts, args.new_tokens, args.hf_batch, device)
+        elif name == "naive":
+            r = run_naive(model, prompts, new_tokens, device)
+        else:
+            ecfg = EngineConfig(block_size=args.block_size, num_blocks=kv_blocks, max_num_seqs=max(256, len(prompts)),
+                                max_num_batched_tokens=max(args.max_batched_tokens, max(256, len(prompts))),
+                                enable_prefix_caching=name != "paged-nocache", cuda_graphs=name == "paged-graphs")
+            r = run_paged(model, prompts, new_tokens, device, ecfg)
+        r["tok_per_s"] = r["output_tokens"] / r["seconds"]
+        results[name] = r
+        # The baseline ran in this same process, on the same weights and prompts.
+        extra = f" speedup_vs_hf={r['tok_per_s'] / results['hf']['tok_per_s']:.2f}" if "hf" in results and name != "hf" else ""
+        if "outputs" in r and "naive" in results and name != "naive":
+            same = sum(a == b for a, b in zip(r["outputs"], results["naive"]["outputs"])) / len(prompts)
+            extra += f" same_tokens_as_naive={same:.3f}"
+        for k in ("cached_prompt_tokens", "preemptions", "steps"):
+            if k in r:
+                extra += f" {k}={r[k]}"
+        print(f"bench engine={name} {where} output_tokens={r['output_tokens']} seconds={r['seconds']:.3f} "
+              f"tok_per_s={r['tok_per_s']:.1f} peak_mem_gib={r['peak_mem_gib']:.3f} kv_gib={r['kv_gib']:.3f} "
+              f"kv_util={r['kv_util']:.4f} prefill_tokens={r['prefill_tokens']}{extra}", flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        slim = {k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in results.items()}
+        (out / "results.json").write_text(json.dumps({"where": where, "results": slim}, indent=1))
+        try:
+            plot(results, out, f"{args.preset} {str(dtype).removeprefix('torch.')}, {len(prompts)} prompts, "
+                               f"{gpu if cuda else 'cpu'}")
+        except ImportError as e:  # the measurements above and results.json are what matter
+            print(f"no plots: {e}; pip install matplotlib, or plot results.json yourself")
+    return results
+
+
+if __name__ == "__main__":
+    main()

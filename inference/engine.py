@@ -1,0 +1,265 @@
+"""The paged inference engine: requests in, tokens out, many sequences sharing one forward pass.
+
+Paper: "Efficient Memory Management for Large Language Model Serving with PagedAttention"
+(Kwon et al., 2023, arXiv:2309.06180); the structure (block manager, scheduler, model runner)
+follows vLLM and nano-vllm. Tested against the naive KV cache and against no cache at all:
+tests/inference/test_engine.py asserts the same greedy tokens for batches of prompts of
+different lengths, with and without prefix caching, with requests arriving mid-run, in
+reversed order and under forced preemption, and that parallel sampling equals independent
+runs with the same seeds.
+
+    engine = LLMEngine(model, EngineConfig(num_blocks=512))
+    engine.add_request(prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=64))
+    while engine.has_unfinished():
+        for event in engine.step():   # streaming: the tokens of this step, as they come
+            print(event.request_id, event.token)
+
+One step = schedule (inference/scheduler.py) -> copy-on-write copies -> one forward pass of
+all scheduled sequences packed in one row (inference/paged_cache.py) -> sample -> bookkeeping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from inference.block_manager import BlockManager
+from inference.cuda_graphs import DecodeGraphs
+from inference.paged_cache import PagedBatch, PagedKVPool, build_metadata
+from inference.sampling import SamplingParams, sample_next
+from inference.scheduler import Scheduler, Sequence
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # token slots per KV block (vLLM's default)
+    num_blocks: int | None = None  # blocks in the pool; None: gpu_memory_fraction of free GPU memory, or 4096 on CPU
+    gpu_memory_fraction: float = 0.5  # with num_blocks=None on a GPU: share of the free memory given to the pool
+    max_num_seqs: int = 256  # sequences in one forward pass at most
+    max_num_batched_tokens: int = 4096  # tokens computed in one forward pass (one longer prompt may run alone)
+    enable_prefix_caching: bool = True  # reuse the K/V of full blocks whose whole prefix was seen before
+    attention: str = "gather"  # "gather" (batched, the fast path) or "reference" (slow oracle, for tests)
+    cuda_graphs: bool = False  # replay decode-only steps from CUDA graphs (needs a CUDA device)
+    max_model_len: int | None = None  # longest prompt + max_new_tokens; None: the model's max_position_embeddings
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, as soon as it exists (what a streaming API sends)."""
+    request_id: str
+    index: int  # which of the request's n completions
+    token: int
+    finished: bool
+    finish_reason: str | None  # "stop" or "length" once finished
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_ids: list[int]
+    completions: list[list[int]]  # n completions; completion i was sampled with seed + i
+    finish_reasons: list[str | None]
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0  # tokens computed for prompts and recomputes (prefix-cache hits excluded)
+    decode_tokens: int = 0  # tokens computed for running sequences
+    cached_prompt_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    preemptions: int = 0
+    cow_copies: int = 0
+    util_per_step: list[float] = field(default_factory=list)  # block manager's KV utilisation, each step
+    blocks_used_per_step: list[int] = field(default_factory=list)
+
+    @property
+    def mean_utilisation(self) -> float:
+        return sum(self.util_per_step) / max(len(self.util_per_step), 1)
+
+
+class LLMEngine:
+    def __init__(self, model, config: EngineConfig | None = None, **overrides):
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(EngineConfig)})
+        if unknown:
+            raise TypeError(f"unknown EngineConfig field {unknown[0]!r}; see EngineConfig for the fields")
+        cfg = dataclasses.replace(config or EngineConfig(), **overrides)
+        self.model, self.config = model.eval(), cfg
+        self.max_model_len = cfg.max_model_len or model.config.max_position_embeddings
+        if self.max_model_len > model.config.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{model.config.max_position_embeddings}")
+        if cfg.max_num_batched_tokens < cfg.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={cfg.max_num_batched_tokens} must be >= max_num_seqs="
+                             f"{cfg.max_num_seqs}: every running sequence needs a token of the budget")
+        self.device = next(model.parameters()).device
+        num_blocks = cfg.num_blocks or self._default_num_blocks()
+        self.pool = PagedKVPool.for_model(model, num_blocks, cfg.block_size)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.graphs = DecodeGraphs(model, self.pool, cfg.max_num_seqs) if cfg.cuda_graphs else None
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._requests: dict[str, tuple[list[int], list[Sequence]]] = {}
+        self._eos = self._eos_ids(model.config.eos_token_id)
+
+    @staticmethod
+    def _eos_ids(eos) -> set[int]:
+        return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    def _default_num_blocks(self) -> int:
+        if self.device.type != "cuda":
+            return 4096
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(1, int(free * self.config.gpu_memory_fraction) //
+                   PagedKVPool.bytes_per_block(self.model, self.config.block_size))
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+                    request_id: str | None = None) -> str:
+        """Queue a prompt; returns its id. Every check happens here, so a bad request fails now,
+        with a message, instead of failing (or hanging) later inside a step."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos id)")
+        V = self.model.config.vocab_size
+        bad = next((i for i, t in enumerate(prompt) if not 0 <= t < V), None)
+        if bad is not None:
+            raise ValueError(f"token id {prompt[bad]} at position {bad} is outside the vocabulary [0, {V})")
+        P, M = len(prompt), params.max_new_tokens
+        if P > self.max_model_len:
+            raise ValueError(f"prompt of {P} tokens exceeds the model's maximum of {self.max_model_len} tokens "
+                             f"(max_model_len); shorten the prompt")
+        if P + M > self.max_model_len:
+            raise ValueError(f"prompt of {P} tokens + max_new_tokens={M} exceeds max_model_len={self.max_model_len}; "
+                             f"lower max_new_tokens to at most {self.max_model_len - P} or shorten the prompt")
+        # K/V are stored for every token but the last generated one. A sequence that needs more
+        # blocks than the whole pool could never finish: refuse it now rather than hang later.
+        need = self.blocks.blocks_for(P + M - 1)
+        if need > self.blocks.num_blocks:
+            raise ValueError(f"request needs {need} KV blocks of {self.blocks.block_size} tokens ({P} prompt + {M} new), "
+                             f"but the whole pool has {self.blocks.num_blocks}; raise num_blocks or lower max_new_tokens")
+        rid = str(next(self._ids)) if request_id is None else request_id
+        if rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        arrival = next(self._arrivals)
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        parent = Sequence(rid, 0, arrival, list(prompt), P, params, gen, pending_forks=params.n - 1)
+        if M == 0:
+            self._requests[rid] = (prompt, [parent] + [self._child(parent, i) for i in range(1, params.n)])
+            for s in self._requests[rid][1]:
+                s.finished, s.finish_reason = True, "length"
+            return rid
+        self._requests[rid] = (prompt, [parent])
+        self.scheduler.add(parent)
+        return rid
+
+    def _child(self, parent: Sequence, i: int) -> Sequence:
+        seed = parent.params.seed
+        gen = torch.Generator().manual_seed(seed + i) if seed is not None else None
+        return Sequence(parent.request_id, i, parent.arrival, parent.token_ids[:parent.prompt_len],
+                        parent.prompt_len, parent.params, gen)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        out = self.scheduler.schedule()
+        if not out.seqs:
+            return []
+        st = self.stats
+        st.steps += 1
+        st.preemptions += len(out.preempted)
+        st.cow_copies += len(out.copies)
+        st.prefill_tokens += out.num_prefill_tokens
+        st.decode_tokens += sum(s.end - s.start for s in out.slices) - out.num_prefill_tokens
+        st.cached_prompt_tokens += out.num_cached_tokens
+        st.util_per_step.append(self.blocks.kv_utilisation())
+        st.blocks_used_per_step.append(self.blocks.num_used)
+        self.pool.copy_blocks(out.copies)
+        logits = self._forward(out)  # (B, V)
+        return self._sample_and_update(out.seqs, logits)
+
+    def _forward(self, out) -> torch.Tensor:
+        token_ids = [t for seq, s in zip(out.seqs, out.slices) for t in seq.token_ids[s.start:s.end]]
+        if self.graphs is not None and self.graphs.can_run(out.slices):
+            logits = self.graphs.run(out.slices, token_ids)
+            if logits is not None:
+                return logits
+        meta = build_metadata(out.slices, token_ids, self.pool.block_size, self.pool.scratch_block, self.device)
+        batch = PagedBatch(self.pool, meta, self.config.attention, out.slices)
+        logits = self.model(meta.input_ids, cache=batch)  # (1, N, V)
+        return logits[0, meta.last_index]  # (B, V): each sequence's last token
+
+    def _sample_and_update(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        # One argmax over the batch for the greedy rows: a single device-to-host copy per step.
+        greedy_tokens = logits.argmax(-1).tolist()
+        events: list[TokenEvent] = []
+        for b, seq in enumerate(seqs):
+            seq.num_computed = len(seq.token_ids)
+            family = [seq]
+            if seq.pending_forks:  # the parent's first sample: its n - 1 siblings start from the same logits
+                for i in range(1, seq.pending_forks + 1):
+                    child = self._child(seq, i)
+                    self.scheduler.fork(seq, child)
+                    self._requests[seq.request_id][1].append(child)
+                    family.append(child)
+                seq.pending_forks = 0
+            for s in family:
+                if s.params.temperature == 0:
+                    token = greedy_tokens[b]
+                else:  # each completion draws from its own generator, as an independent run would
+                    token = int(sample_next(logits[b:b + 1], s.params, s.generator))
+                s.token_ids.append(token)
+                reason = self._finish_reason(s, token)
+                if reason:
+                    self.scheduler.finish(s, reason)
+                events.append(TokenEvent(s.request_id, s.index, token, reason is not None, reason))
+        return events
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        if token in seq.params.stop_token_ids or (token in self._eos and not seq.params.ignore_eos):
+            return "stop"
+        if len(seq.token_ids) - seq.prompt_len >= seq.params.max_new_tokens:
+            return "length"
+        return None
+
+    # ---- running to completion -------------------------------------------------------------------
+
+    def stream(self) -> Iterator[TokenEvent]:
+        """Step until every queued request is done, yielding tokens as they are produced."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    def output(self, request_id: str) -> RequestOutput:
+        prompt, seqs = self._requests[request_id]
+        seqs = sorted(seqs, key=lambda s: s.index)
+        return RequestOutput(request_id, prompt, [s.output_ids for s in seqs], [s.finish_reason for s in seqs])
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams()
+                 ) -> list[RequestOutput]:
+        """Run `prompts` to completion (with any requests already queued); outputs in prompt order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one, or one per prompt")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        for _ in self.stream():
+            pass
+        return [self.output(i) for i in ids]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (benchmarks call it between runs, so no run reuses another's K/V)."""
+        if self.has_unfinished():
+            raise RuntimeError("reset_prefix_cache needs an idle engine; finish or drop the requests first")
+        self.blocks = BlockManager(self.blocks.num_blocks, self.blocks.block_size, self.config.enable_prefix_caching)
+        self.scheduler.blocks = self.blocks

@@ -1,0 +1,82 @@
+"""How much memory a KV cache takes, naive (contiguous) and paged.
+
+    python -m inference.memory --preset llama-3.2-1b --seq-len 8192 --batch 32
+    python -m inference.memory --preset llama-3.2-1b --seq-len 8192 --batch 32 --mean-len 2048
+
+Every token keeps one key and one value vector per layer and KV head:
+    bytes/token = 2 x n_layers x n_kv_heads x head_dim x bytes/element
+(grouped-query attention is what makes n_kv_heads small: 8 instead of 32 in Llama 3.2 1B).
+The naive cache reserves seq_len slots for every sequence of the batch, however long it turns
+out to be; the paged cache holds ceil(length / block_size) blocks per sequence, so it wastes
+less than one block per sequence, plus a block table of 4 bytes per block. The formulas are
+checked against the bytes of real `NaiveKVCache` and `PagedKVPool` tensors by
+tests/inference/test_memory.py; notes/kv-cache.md uses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+def kv_bytes_per_token(cfg, dtype_bytes: int) -> int:
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+
+
+def naive_kv_bytes(cfg, batch: int, capacity: int, dtype_bytes: int) -> int:
+    """Every sequence reserves `capacity` slots (the longest prompt + max_new_tokens of the batch)."""
+    return batch * capacity * kv_bytes_per_token(cfg, dtype_bytes)
+
+
+def paged_kv_bytes(cfg, lengths: list[int], block_size: int, dtype_bytes: int) -> int:
+    """K/V blocks actually held by sequences of these lengths (the pool itself may be larger)."""
+    blocks = sum(-(-n // block_size) for n in lengths)
+    return blocks * block_size * kv_bytes_per_token(cfg, dtype_bytes)
+
+
+def block_table_bytes(lengths: list[int], block_size: int, entry_bytes: int = 4) -> int:
+    return sum(-(-n // block_size) for n in lengths) * entry_bytes
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f}"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m inference.memory", description=__doc__.split("\n")[0])
+    p.add_argument("--family", default="llama3", help="architecture package under architectures/")
+    p.add_argument("--preset", default="llama-3.2-1b")
+    p.add_argument("--seq-len", type=int, default=8192, help="slots the naive cache reserves per sequence")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--mean-len", type=int, default=None, help="tokens a sequence really holds (default: seq-len)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
+    a = p.parse_args(argv)
+    if a.seq_len < 1 or a.batch < 1 or a.block_size < 1:
+        raise SystemExit("error: --seq-len, --batch and --block-size must be >= 1")
+    mean = a.mean_len or a.seq_len
+    if not 1 <= mean <= a.seq_len:
+        raise SystemExit(f"error: --mean-len must be in [1, --seq-len={a.seq_len}], got {mean}")
+    cfg = importlib.import_module(f"architectures.{a.family}").preset(a.preset)
+    nbytes = DTYPE_BYTES[a.dtype]
+    per_token = kv_bytes_per_token(cfg, nbytes)
+    naive = naive_kv_bytes(cfg, a.batch, a.seq_len, nbytes)
+    lengths = [mean] * a.batch
+    paged = paged_kv_bytes(cfg, lengths, a.block_size, nbytes)
+    tables = block_table_bytes(lengths, a.block_size)
+    print(f"{a.preset}: 2 (K and V) x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} KV heads x "
+          f"{cfg.head_dim} head_dim x {nbytes} bytes ({a.dtype}) = {per_token} bytes = {per_token / 1024:.1f} KiB per token")
+    print(f"naive: {a.batch} sequences x {a.seq_len} reserved slots = {_gib(naive)} GiB, "
+          f"of which {mean / a.seq_len:.1%} hold tokens")
+    print(f"paged: {a.batch} sequences x ceil({mean}/{a.block_size}) blocks x {a.block_size} slots = {_gib(paged)} GiB "
+          f"(+ {tables} bytes of block tables), {a.batch * mean * per_token / paged:.1%} of slots hold tokens")
+    common = f"preset={a.preset} dtype={a.dtype} batch={a.batch} seq_len={a.seq_len} mean_len={mean} block_size={a.block_size}"
+    print(f"memory cache=naive {common} bytes_per_token={per_token} total_bytes={naive} total_gib={_gib(naive)}")
+    print(f"memory cache=paged {common} bytes_per_token={per_token} total_bytes={paged + tables} total_gib={_gib(paged + tables)}")
+    return {"bytes_per_token": per_token, "naive_bytes": naive, "paged_bytes": paged + tables}
+
+
+if __name__ == "__main__":
+    main()
