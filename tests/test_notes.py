@@ -42,6 +42,8 @@ def defined_names() -> set[str]:
                     names.add(node.target.id)
                 elif isinstance(node, ast.arg):
                     names.add(node.arg)
+                elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                    names.update((a.asname or a.name).split(".")[-1] for a in node.names)
                 elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                     # dict keys and config fields the code reads or writes: "val_nats_per_char", ...
                     names.update(re.findall(r"[A-Za-z_]\w*", node.value))
