@@ -68,3 +68,31 @@ def test_generate_rejects_bad_sampling_settings(corpus, tmp_path):
                                  ("--top-k", "-2", "top_k must be >= 0")]:
         with pytest.raises(SystemExit, match=message):
             generate_main("llama3", llama_from_pretrained, ["--checkpoint", str(out), "--prompt", "x", flag, value])
+
+
+def test_generate_works_on_a_hugging_face_directory(tmp_path, capsys):
+    """A directory as the hub publishes it: transformers' save_pretrained plus a tokenizer.json
+    that is not ours (Llama 3 style specials); greedy output equals transformers' generate."""
+    import tokenizers
+    import torch
+    import transformers
+
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([CORPUS], trainer)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1))
+    hf.save_pretrained(tmp_path)
+    text = generate_main("llama3", llama_from_pretrained, ["--checkpoint", str(tmp_path), "--prompt", "Line 3",
+                                                          "--temperature", "0", "--max-new-tokens", "12"])
+    prompt = [0] + backend.encode("Line 3").ids  # generate.py prepends <|begin_of_text|> for pretrained tokenizers
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=1,
+                           pad_token_id=1)[0, len(prompt):].tolist()
+    expected = [t for t in expected if t != 1]
+    assert text == "Line 3" + backend.decode(expected)
