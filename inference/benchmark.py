@@ -132,7 +132,12 @@ def run_paged(model, prompts, new_tokens: list[int], device, engine_cfg: EngineC
                 kv_gib=engine.pool.kv.numel() * engine.pool.kv.element_size() / 2**30,
                 kv_util=st.mean_utilisation, prefill_tokens=st.prefill_tokens,
                 cached_prompt_tokens=st.cached_prompt_tokens, preemptions=st.preemptions, steps=st.steps,
+                attention=engine.attention,
                 util_per_step=st.util_per_step, outputs=outputs)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def plot(results: dict, out: Path, title: str) -> None:
@@ -180,6 +185,8 @@ def main(argv=None) -> dict:
                    help="paged pool size (default: the slots the naive cache reserves, so both get the same memory)")
     p.add_argument("--max-batched-tokens", type=int, default=4096,
                    help="tokens per forward pass of the paged engine (its logits for all of them are materialised)")
+    p.add_argument("--attention", default="auto", choices=["auto", "triton", "gather"],
+                   help="paged engines' attention (EngineConfig.attention); auto: the Triton decode kernel on CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for results.json and the plots")
     args, unknown = p.parse_known_args(argv)
@@ -229,16 +236,23 @@ def main(argv=None) -> dict:
         else:
             ecfg = EngineConfig(block_size=args.block_size, num_blocks=kv_blocks, max_num_seqs=max(256, len(prompts)),
                                 max_num_batched_tokens=max(args.max_batched_tokens, max(256, len(prompts))),
-                                enable_prefix_caching=name != "paged-nocache", cuda_graphs=name == "paged-graphs")
+                                enable_prefix_caching=name != "paged-nocache", cuda_graphs=name == "paged-graphs",
+                                attention=args.attention)
             r = run_paged(model, prompts, new_tokens, device, ecfg)
         r["tok_per_s"] = r["output_tokens"] / r["seconds"]
         results[name] = r
         # The baseline ran in this same process, on the same weights and prompts.
         extra = f" speedup_vs_hf={r['tok_per_s'] / results['hf']['tok_per_s']:.2f}" if "hf" in results and name != "hf" else ""
         if "outputs" in r and "naive" in results and name != "naive":
-            same = sum(a == b for a, b in zip(r["outputs"], results["naive"]["outputs"])) / len(prompts)
-            extra += f" same_tokens_as_naive={same:.3f}"
-        for k in ("cached_prompt_tokens", "preemptions", "steps"):
+            pairs = list(zip(r["outputs"], results["naive"]["outputs"]))
+            same = sum(a == b for a, b in pairs) / len(prompts)
+            # In bf16 two correct engines drift apart: another summation order moves a logit by ~1e-2,
+            # a random-init model's near-flat logits then flip an argmax, and the texts differ from
+            # there on. same_prefix_as_naive (share of each completion before its first differing
+            # token) shows how soon; in fp32 the engines agree exactly (notes/paged-attention.md).
+            prefix = sum(_common_prefix(a, b) / max(len(a), 1) for a, b in pairs) / len(prompts)
+            extra += f" same_tokens_as_naive={same:.3f} same_prefix_as_naive={prefix:.3f}"
+        for k in ("attention", "cached_prompt_tokens", "preemptions", "steps"):
             if k in r:
                 extra += f" {k}={r[k]}"
         print(f"bench engine={name} {where} output_tokens={r['output_tokens']} seconds={r['seconds']:.3f} "

@@ -31,10 +31,10 @@ def _buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, pool: PagedKVPool, max_batch: int, block_step: int = 16):
+    def __init__(self, model, pool: PagedKVPool, max_batch: int, attention: str = "gather", block_step: int = 16):
         if pool.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {pool.device}")
-        self.model, self.pool, self.block_step = model, pool, block_step
+        self.model, self.pool, self.attention, self.block_step = model, pool, attention, block_step
         self.batch_sizes = _buckets(max_batch)
         self.graphs: dict[tuple[int, int], tuple] = {}  # (Bp, nb) -> (graph, static flat input, logits)
         self.mempool = torch.cuda.graph_pool_handle()  # one memory pool shared by every graph
@@ -64,7 +64,7 @@ class DecodeGraphs:
 
     def _capture(self, flat: torch.Tensor, shapes: list) -> tuple:
         static = flat.to(self.pool.device)
-        batch = PagedBatch(self.pool, StepMetadata.from_flat(static, shapes))
+        batch = PagedBatch(self.pool, StepMetadata.from_flat(static, shapes), self.attention)
         # Warm up on a side stream first (lazy initialisation, e.g. cuBLAS workspaces, must not be
         # captured). It writes the same K/V the replay will write, so it changes nothing.
         side = torch.cuda.Stream()

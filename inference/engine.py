@@ -16,6 +16,9 @@ runs with the same seeds.
 
 One step = schedule (inference/scheduler.py) -> copy-on-write copies -> one forward pass of
 all scheduled sequences packed in one row (inference/paged_cache.py) -> sample -> bookkeeping.
+Attention (EngineConfig.attention): on a GPU, decode-only steps run the Triton kernel of
+inference/triton_paged_attention.py and other steps the batched gather of
+inference/paged_attention.py; on a CPU every step runs the gather.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from inference.cuda_graphs import DecodeGraphs
 from inference.paged_cache import PagedBatch, PagedKVPool, build_metadata
 from inference.sampling import SamplingParams, sample_next
 from inference.scheduler import Scheduler, Sequence
+from inference.triton_paged_attention import triton_unavailable_reason
 
 
 @dataclass
@@ -42,7 +46,8 @@ class EngineConfig:
     max_num_seqs: int = 256  # sequences in one forward pass at most
     max_num_batched_tokens: int = 4096  # tokens computed in one forward pass (one longer prompt may run alone)
     enable_prefix_caching: bool = True  # reuse the K/V of full blocks whose whole prefix was seen before
-    attention: str = "gather"  # "gather" (batched, the fast path) or "reference" (slow oracle, for tests)
+    attention: str = "auto"  # "triton" (decode steps read K/V in place; CUDA), "gather" (any device),
+    # "reference" (slow oracle, for tests), or "auto": "triton" where it can run, else "gather"
     cuda_graphs: bool = False  # replay decode-only steps from CUDA graphs (needs a CUDA device)
     max_model_len: int | None = None  # longest prompt + max_new_tokens; None: the model's max_position_embeddings
 
@@ -100,7 +105,8 @@ class LLMEngine:
         self.pool = PagedKVPool.for_model(model, num_blocks, cfg.block_size)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.graphs = DecodeGraphs(model, self.pool, cfg.max_num_seqs) if cfg.cuda_graphs else None
+        self.attention = self._choose_attention(cfg.attention)
+        self.graphs = DecodeGraphs(model, self.pool, cfg.max_num_seqs, self.attention) if cfg.cuda_graphs else None
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -110,6 +116,17 @@ class LLMEngine:
     @staticmethod
     def _eos_ids(eos) -> set[int]:
         return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    def _choose_attention(self, choice: str) -> str:
+        choices = ("auto", "triton", "gather", "reference")
+        if choice not in choices:
+            raise ValueError(f"attention must be one of {', '.join(choices)}, got {choice!r}")
+        why_not = triton_unavailable_reason(self.device, self.model.config.head_dim)
+        if choice == "triton" and why_not:
+            raise ValueError(f"attention='triton': {why_not}; use attention='gather' (or 'auto')")
+        if choice == "auto":
+            return "gather" if why_not else "triton"
+        return choice
 
     def _default_num_blocks(self) -> int:
         if self.device.type != "cuda":
@@ -197,7 +214,7 @@ class LLMEngine:
             if logits is not None:
                 return logits
         meta = build_metadata(out.slices, token_ids, self.pool.block_size, self.pool.scratch_block, self.device)
-        batch = PagedBatch(self.pool, meta, self.config.attention, out.slices)
+        batch = PagedBatch(self.pool, meta, self.attention, out.slices)
         logits = self.model(meta.input_ids, cache=batch)  # (1, N, V)
         return logits[0, meta.last_index]  # (B, V): each sequence's last token
 

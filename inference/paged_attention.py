@@ -1,11 +1,12 @@
-"""Attention over a paged KV cache: a plain reference and a batched gather that runs fast on a GPU.
+"""Attention over a paged KV cache: a plain reference and a batched gather for any step on any device.
 
 Paper: "Efficient Memory Management for Large Language Model Serving with PagedAttention"
 (Kwon et al., 2023, arXiv:2309.06180). `paged_attention_reference` is the oracle:
 one sequence at a time, one token slot at a time through the block table, softmax written out
-in fp32. `paged_attention` is the one the engine runs; tests/inference/test_paged_attention.py
-checks it against the reference (fp32 on the CPU; bf16 on a GPU, where the test runs only
-if CUDA is present).
+in fp32. `paged_attention` is the one the engine runs for prefills and mixed steps, and on a
+CPU for every step (decode steps on a GPU run inference/triton_paged_attention.py instead);
+tests/inference/test_paged_attention.py checks both against the reference (fp32 on the CPU;
+bf16 on a GPU, where the test runs only if CUDA is present).
 
 Symbols: N query tokens in the step (all sequences packed), B sequences, H query heads,
 K key/value heads, r = H/K queries per KV head (GQA), d head_dim, bs block_size,

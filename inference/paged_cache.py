@@ -24,6 +24,7 @@ padding rows of a CUDA-graph batch write there, so they never touch a sequence's
 
 from __future__ import annotations
 
+import array
 import math
 from dataclasses import dataclass
 
@@ -108,11 +109,20 @@ class StepMetadata:
 def host_metadata(seqs: list[ScheduledSeq], token_ids: list[int], block_size: int, scratch_block: int,
                   pad_batch_to: int | None = None, pad_blocks_to: int | None = None) -> tuple[torch.Tensor, list]:
     """Every StepMetadata field, flattened into one CPU tensor (so one copy moves it to the GPU), and
-    the fields' shapes. Vectorised with torch ops: no Python loop over tokens.
+    the fields' shapes. A step with prompts is built with vectorised torch ops (no Python loop over
+    tokens); a decode-only step, one token per sequence, from plain lists, which is faster for it.
 
     pad_batch_to / pad_blocks_to pad B and nb for a CUDA graph of fixed shape: padding rows
     are one-token sequences at position 0 whose single block is the scratch block.
     """
+    decode_only = all(s.end - s.start == 1 for s in seqs)
+    build = _decode_metadata if decode_only else _packed_metadata
+    return build(seqs, token_ids, block_size, scratch_block, pad_batch_to, pad_blocks_to)
+
+
+def _packed_metadata(seqs: list[ScheduledSeq], token_ids: list[int], block_size: int, scratch_block: int,
+                     pad_batch_to: int | None, pad_blocks_to: int | None) -> tuple[torch.Tensor, list]:
+    """`host_metadata` of any step: sequences with any number of new tokens, packed."""
     B, bs = len(seqs), block_size
     Bp = pad_batch_to or B
     starts = torch.tensor([s.start for s in seqs] + [0] * (Bp - B))  # (Bp,)
@@ -137,6 +147,31 @@ def host_metadata(seqs: list[ScheduledSeq], token_ids: list[int], block_size: in
     return torch.cat([p.reshape(-1) for p in parts]), [tuple(p.shape) for p in parts]
 
 
+def _decode_metadata(seqs: list[ScheduledSeq], token_ids: list[int], bs: int, scratch_block: int,
+                     pad_batch_to: int | None, pad_blocks_to: int | None) -> tuple[torch.Tensor, list]:
+    """`host_metadata` of a decode-only step, the engine's commonest, in plain Python lists and one
+    tensor: the general path's ~25 small torch ops take several times as long on the host, and
+    between CUDA-graph steps the GPU waits for the host. With one token per sequence, N = B and
+    Tmax = 1, so every packing map is the identity. tests/inference/test_paged_attention.py checks
+    it equals the general path."""
+    B = len(seqs)
+    Bp = pad_batch_to or B
+    nb = max(pad_blocks_to or 0, max(len(s.block_table) for s in seqs))
+    pos = [s.start for s in seqs] + [0] * (Bp - B)  # (Bp,) the new token's position
+    tables = [x for s in seqs for x in s.block_table + [scratch_block] * (nb - len(s.block_table))]
+    tables += [scratch_block] * (nb * (Bp - B))  # (Bp * nb,)
+    slot = [tables[b * nb + p // bs] * bs + p % bs for b, p in enumerate(pos)]  # (Bp,)
+    ids = list(token_ids) + [0] * (Bp - B)
+    ar = list(range(Bp))
+    # Field order of StepMetadata: input_ids, positions, slot_mapping, block_tables, q_index,
+    # q_pos, out_index, last_index, seq_index, query_start.
+    # Through array.array: torch.tensor(list) converts the ~3k ints one by one, several times slower.
+    flat = torch.frombuffer(array.array("q", ids + pos + slot + tables + ar + pos + ar + ar + ar + ar),
+                            dtype=torch.int64)
+    shapes = [(1, Bp), (1, Bp), (Bp,), (Bp, nb), (Bp, 1), (Bp, 1), (Bp,), (Bp,), (Bp,), (Bp,)]
+    return flat, shapes
+
+
 def build_metadata(seqs: list[ScheduledSeq], token_ids: list[int], block_size: int, scratch_block: int,
                    device) -> StepMetadata:
     flat, shapes = host_metadata(seqs, token_ids, block_size, scratch_block)
@@ -146,29 +181,38 @@ def build_metadata(seqs: list[ScheduledSeq], token_ids: list[int], block_size: i
 class PagedBatch:
     """The cache object the model receives for one forward pass of the paged engine.
 
-    attention="gather" is the batched `paged_attention` (the engine's default, on CPU and GPU);
-    "reference" runs `paged_attention_reference`, the slow oracle, for tests.
+    attention="gather" is the batched `paged_attention` for every step (CPU and GPU);
+    "triton" runs decode-only steps (one new token per sequence) through the Triton kernel of
+    inference/triton_paged_attention.py, which reads K/V in place, and other steps (prefills,
+    mixed) through the gather; "reference" runs `paged_attention_reference`, the slow oracle,
+    for tests.
     """
 
     def __init__(self, pool: PagedKVPool, meta: StepMetadata, attention: str = "gather",
                  seqs: list[ScheduledSeq] | None = None):
-        if attention not in ("gather", "reference"):
-            raise ValueError(f"attention must be 'gather' or 'reference', got {attention!r}")
+        if attention not in ("gather", "triton", "reference"):
+            raise ValueError(f"attention must be 'gather', 'triton' or 'reference', got {attention!r}")
         if attention == "reference" and seqs is None:
             raise ValueError("the reference attention walks the block tables: pass seqs")
         self.pool, self.meta, self.attention, self.seqs = pool, meta, attention, seqs
-        self.mask = None
+        # Tmax == 1: every sequence brings exactly one token, a decode-only step (known from a shape,
+        # so deciding costs no host synchronisation and a CUDA graph captures one branch).
+        self.decode_kernel = attention == "triton" and meta.q_index.shape[1] == 1
+        self.mask = self.context_lens = None
 
     def positions(self, batch_size: int, seq_len: int, device) -> torch.Tensor:
         N = self.meta.positions.shape[1]
         if batch_size != 1 or seq_len != N:
             raise ValueError(f"the paged cache expects the step's {N} tokens packed as input_ids of shape (1, {N}), "
                              f"got ({batch_size}, {seq_len})")
-        # Built here, once per forward pass, so that every layer shares it (and a CUDA graph captures it),
-        # as the additive mask SDPA would otherwise rebuild from a boolean one in every layer.
-        allowed = attention_mask(self.meta.q_pos, self.meta.block_tables.shape[1] * self.pool.block_size)
-        self.mask = torch.zeros(allowed.shape, dtype=self.pool.kv.dtype, device=allowed.device)
-        self.mask.masked_fill_(~allowed, float("-inf"))  # (B, Tmax, S): 0 where visible, -inf elsewhere
+        # Built here, once per forward pass, so that every layer shares it (and a CUDA graph captures it).
+        if self.decode_kernel:
+            self.context_lens = self.meta.positions[0] + 1  # (B,): the new token sees itself and all before it
+        else:
+            # The additive mask SDPA would otherwise rebuild from a boolean one in every layer.
+            allowed = attention_mask(self.meta.q_pos, self.meta.block_tables.shape[1] * self.pool.block_size)
+            self.mask = torch.zeros(allowed.shape, dtype=self.pool.kv.dtype, device=allowed.device)
+            self.mask.masked_fill_(~allowed, float("-inf"))  # (B, Tmax, S): 0 where visible, -inf elsewhere
         return self.meta.positions
 
     def max_length(self) -> None:
@@ -182,11 +226,15 @@ class PagedBatch:
         k_cache.view(-1, K, d).index_copy_(0, self.meta.slot_mapping, k[0].transpose(0, 1))  # (N, K, d)
         v_cache.view(-1, K, d).index_copy_(0, self.meta.slot_mapping, v[0].transpose(0, 1))
         q_tok = q[0].transpose(0, 1)  # (N, H, d)
-        if self.attention == "reference":
+        m = self.meta
+        if self.decode_kernel:  # N == B: query b is sequence b's one new token
+            from inference.triton_paged_attention import paged_decode_attention  # imports triton: GPU only
+
+            out = paged_decode_attention(q_tok, k_cache, v_cache, m.block_tables, self.context_lens)
+        elif self.attention == "reference":
             out = paged_attention_reference(q_tok, k_cache, v_cache, [s.block_table for s in self.seqs],
                                             [s.end for s in self.seqs], [s.end - s.start for s in self.seqs])
         else:
-            m = self.meta
             out = paged_attention(q_tok, k_cache, v_cache, m.block_tables, m.q_index, m.out_index, self.mask)
         return out.transpose(0, 1)[None]  # (1, H, N, d)
 

@@ -1,4 +1,5 @@
-"""The batched paged attention equals the reference that walks block tables one slot at a time.
+"""The batched paged attention and the Triton decode kernel equal the reference that walks block
+tables one slot at a time.
 
 Reference: `paged_attention_reference` (Python loops, fp32 softmax written out), itself checked
 against causal SDPA on contiguous K/V. Tolerances: fp32 on the CPU, 1e-5 (the two differ only in
@@ -16,11 +17,16 @@ import torch.nn.functional as F
 from inference.engine import EngineConfig, LLMEngine
 from inference.generate import generate
 from inference.paged_attention import attention_mask, paged_attention, paged_attention_reference
-from inference.paged_cache import PagedBatch, ScheduledSeq, StepMetadata, build_metadata, host_metadata
+from inference.paged_cache import (PagedBatch, ScheduledSeq, StepMetadata, _decode_metadata, _packed_metadata,
+                                   build_metadata, host_metadata)
 from inference.sampling import SamplingParams
+from inference.triton_paged_attention import paged_decode_attention, triton_unavailable_reason
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU path: needs CUDA (run on the GPU machine; the CPU suite checks the reference)")
+_no_triton = triton_unavailable_reason("cuda", 64)
+needs_triton = pytest.mark.skipif(_no_triton is not None,
+                                  reason=f"{_no_triton} (run on the GPU machine; the CPU suite checks the reference)")
 
 
 def random_paged_batch(H, K, d, bs, ctx_and_new, num_blocks=64, dtype=torch.float32, device="cpu", seed=0):
@@ -128,3 +134,96 @@ def test_cuda_graph_decode_matches_eager_decode_and_no_cache_on_gpu():
     assert engine.graphs.enabled and engine.graphs.graphs, "the decode steps must have run from CUDA graphs"
     assert [o.completions for o in graphed] == [o.completions for o in eager]
     assert [o.completions[0] for o in eager] == [generate(model, p, params, use_cache=False) for p in prompts]
+
+
+@pytest.mark.parametrize("pad", [None, (8, 16)], ids=["exact", "padded-for-a-graph"])
+def test_decode_metadata_equals_the_general_packing(pad):
+    """The plain-list builder of decode-only steps gives, field for field, what the general one gives."""
+    g = random.Random(0)
+    seqs = []
+    for ctx in (1, 4, 5, 17, 33):
+        table = [g.randrange(60) for _ in range(-(-ctx // 4))]
+        seqs.append(ScheduledSeq(table, ctx - 1, ctx))
+    tokens = [g.randrange(97) for _ in seqs]
+    Bp, nb = pad or (None, None)
+    fast, fast_shapes = _decode_metadata(seqs, tokens, 4, 63, Bp, nb)
+    general, shapes = _packed_metadata(seqs, tokens, 4, 63, Bp, nb)
+    assert fast_shapes == shapes
+    assert torch.equal(fast, general)
+
+
+def random_decode_batch(H, K, contexts, bs=16, dtype=torch.bfloat16, device="cuda", seed=0):
+    """Decode-step inputs: one query per sequence, in the strided layout the model hands over
+    (q of (1, H, N, d) transposed to (N, H, d)); tables padded with the scratch block."""
+    q, k_cache, v_cache, seqs = random_paged_batch(H, K, 64, bs, [(c, 1) for c in contexts],
+                                                   num_blocks=sum(-(-c // bs) for c in contexts) + 8,
+                                                   dtype=dtype, device=device, seed=seed)
+    q = q.transpose(0, 1).contiguous().transpose(0, 1)  # (N, H, d) with stride N*d between heads
+    meta = build_metadata(seqs, [0] * len(seqs), bs, k_cache.shape[0] - 1, device)
+    return q, k_cache, v_cache, seqs, meta
+
+
+@needs_triton
+@pytest.mark.parametrize("H,K", [(8, 8), (32, 8)], ids=["mha-r1", "gqa-r4"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_triton_decode_kernel_matches_reference_in_bf16(H, K, seed):
+    # Contexts around block (16) and tile (64) edges, and long ones, with random physical blocks.
+    g = random.Random(seed)
+    contexts = [1, 2, 15, 16, 17, 63, 64, 65, 128, 129] + [g.randint(1, 600) for _ in range(14)]
+    q, k_cache, v_cache, seqs, meta = random_decode_batch(H, K, contexts, seed=seed)
+    out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.positions[0] + 1)
+    expected = run_reference(q.cpu().float(), k_cache.cpu().float(), v_cache.cpu().float(), seqs)
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=0, atol=2e-2)
+
+
+@needs_triton
+def test_triton_decode_kernel_never_reads_past_a_context():
+    """Slots after a sequence's last token, and the scratch block that pads the tables, hold NaN:
+    if the kernel used any of them, even with a softmax weight of 0, the output would be NaN."""
+    contexts = [1, 17, 40, 64, 100]
+    q, k_cache, v_cache, seqs, meta = random_decode_batch(32, 8, contexts)
+    for cache in (k_cache, v_cache):
+        cache[-1] = float("nan")  # the scratch block
+        for s in seqs:
+            last, used = s.block_table[-1], (s.end - 1) % 16 + 1
+            cache[last, used:] = float("nan")
+    out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.positions[0] + 1)
+    assert not out.isnan().any()
+    nan_free = [c.nan_to_num(0.0).cpu().float() for c in (k_cache, v_cache)]
+    torch.testing.assert_close(out.float().cpu(), run_reference(q.cpu().float(), *nan_free, seqs), rtol=0, atol=2e-2)
+
+
+def test_triton_attention_on_a_cpu_is_refused_with_the_reason(model):
+    with pytest.raises(ValueError, match="needs a CUDA GPU.*attention='gather'"):
+        LLMEngine(model, EngineConfig(num_blocks=16, attention="triton"))
+    assert LLMEngine(model, EngineConfig(num_blocks=16)).attention == "gather", "auto falls back to the gather"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        LLMEngine(model, EngineConfig(num_blocks=16, attention="flash"))
+
+
+@needs_triton
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_engine_with_the_triton_kernel_gives_the_gather_paths_tokens_on_gpu(cuda_graphs):
+    from architectures.llama3 import Llama3, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                      initializer_range=0.2)
+    # fp32 with spread logits (see conftest): the kernel's fp32 sums differ from SDPA's in order
+    # only (~1e-6), which cannot flip a greedy token; bf16 could, so the tokens would not be a test.
+    model = Llama3(cfg).cuda().eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 40, 77, 130, 16, 3, 300, 555)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=40)
+    gather = LLMEngine(model, EngineConfig(num_blocks=512, attention="gather")).generate(prompts, params)
+    engine = LLMEngine(model, EngineConfig(num_blocks=512, attention="triton", cuda_graphs=cuda_graphs))
+    ids = [engine.add_request(p, params) for p in prompts[:4]]
+    for _ in range(3):  # decode-only steps run the kernel; the later arrivals make mixed steps (the gather)
+        engine.step()
+    ids += [engine.add_request(p, params) for p in prompts[4:]]
+    for _ in engine.stream():
+        pass
+    triton = [engine.output(i) for i in ids]
+    assert [o.completions for o in triton] == [o.completions for o in gather]
+    assert [o.completions[0] for o in gather[:3]] == [generate(model, p, params, use_cache=False) for p in prompts[:3]]
