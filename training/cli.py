@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from architectures.common.checkpoint import atomic_write_json, load_state_dict_strict, load_weights
+from architectures.common.checkpoint import atomic_write_json
 from architectures.common.config import apply_overrides
 from inference.generate import generate
 from inference.sampling import SamplingParams
@@ -91,8 +91,8 @@ def parse(argv: list[str] | None, recipes: dict[str, Recipe], family: str) -> tu
     return args.preset, recipe, out, args.resume
 
 
-def run(family: str, recipes: dict[str, Recipe], model_cls, save_pretrained: Callable, argv=None,
-        loss_fn=lm_loss, flops_per_token: Callable | None = None) -> dict:
+def run(family: str, recipes: dict[str, Recipe], model_cls, save_pretrained: Callable, from_pretrained: Callable,
+        argv=None, loss_fn=lm_loss, flops_per_token: Callable | None = None) -> dict:
     """Train `model_cls` on a recipe; returns (and writes to DIR/summary.json) the final figures."""
     preset_name, recipe, out, resume = parse(argv, recipes, family)
     t_start = time.perf_counter()
@@ -128,9 +128,7 @@ def run(family: str, recipes: dict[str, Recipe], model_cls, save_pretrained: Cal
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # The trained model may be sharded (FSDP2) across processes that have now exited:
         # evaluate the gathered copy the checkpoint holds.
-        model = model_cls(model_cfg)
-        load_state_dict_strict(model, load_weights(out), where=str(out))
-        model.to(device)
+        model = from_pretrained(out, device=device)
     val_loss = evaluate_split(model, data.val, train_cfg.block_size, device=device)
     summary = {
         "family": family, "preset": preset_name, "steps": result.step,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from architectures.common.config import config_from_dict, get_preset
+from architectures.common.config import check_model_type, config_from_dict, get_preset
 
 # The rope_scaling keys of Llama 3.1's frequency scaling (see model.rope_inverse_frequencies).
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -112,13 +112,7 @@ HF_ARCHITECTURE = "LlamaForCausalLM"
 
 def from_hf_config(d: dict, where: str = "config.json") -> LlamaConfig:
     """Read a Hugging Face Llama config.json dict; refuse settings that would change the math."""
-    model_type = d.get("model_type")
-    if model_type != HF_MODEL_TYPE:
-        archs = ", ".join(d.get("architectures") or [])
-        raise ValueError(
-            f"{where} describes model_type={model_type!r}{f' ({archs})' if archs else ''}, not a Llama model; "
-            f"load it with the zoo package for that architecture (e.g. architectures.mixtral for 'mixtral')"
-        )
+    check_model_type(d, HF_MODEL_TYPE, where)
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act={d['hidden_act']!r} is not Llama's SwiGLU ('silu')")
     rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})

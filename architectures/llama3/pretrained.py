@@ -7,6 +7,7 @@ also our module names, so loading is a strict name-by-name copy.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,19 +17,28 @@ from architectures.llama3.config import LlamaConfig, from_hf_config, to_hf_confi
 from architectures.llama3.model import Llama3, rope_inverse_frequencies
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama3:
-    """Read config.json + (sharded) safetensors from `path`; returns the model in eval mode."""
-    cfg = from_hf_config(read_config_json(path), where=f"{path}/config.json")
+def build_and_load(cfg: LlamaConfig, model_cls, path: str | Path, dtype: torch.dtype, device,
+                   convert: Callable[[dict], dict] = lambda state: state) -> Llama3:
+    """Build `model_cls(cfg)` without initialising it and fill it with the tensors in `path`.
+
+    Shared by every architecture built on Llama 3; `convert` maps the file's tensor names and
+    layout to the model's (Mixtral's per-expert hub layout to its fused experts, say)."""
     # Build on the meta device (no memory, no random init: every weight is overwritten below),
     # then allocate; the RoPE table is derived from the config, and the tie is re-made by hand.
     with torch.device("meta"):
-        model = Llama3(cfg)
+        model = model_cls(cfg)
     model = model.to_empty(device=device)
     model.model.rotary_emb.inv_freq.copy_(rope_inverse_frequencies(cfg))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    load_state_dict_strict(model, load_weights(path), where=str(path))
+    load_state_dict_strict(model, convert(load_weights(path)), where=str(path))
     return model.to(dtype=dtype).eval()
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama3:
+    """Read config.json + (sharded) safetensors from `path`; returns the model in eval mode."""
+    cfg = from_hf_config(read_config_json(path), where=f"{path}/config.json")
+    return build_and_load(cfg, Llama3, path, dtype, device)
 
 
 def save_pretrained(model: Llama3, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from architectures.llama3.config import preset
 from architectures.llama3.flops import flops_per_token
 from architectures.llama3.model import Llama3
-from architectures.llama3.pretrained import save_pretrained
+from architectures.llama3.pretrained import from_pretrained, save_pretrained
 from training.cli import DataConfig, Recipe, run
 from training.trainer import TrainConfig
 
@@ -39,7 +39,7 @@ RECIPES = {
 
 
 def main(argv=None) -> dict:
-    return run("llama3", RECIPES, Llama3, save_pretrained, argv, flops_per_token=flops_per_token)
+    return run("llama3", RECIPES, Llama3, save_pretrained, from_pretrained, argv, flops_per_token=flops_per_token)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def test_missing_shard_is_named(tmp_path):
 def test_config_of_another_architecture_is_rejected(tmp_path):
     transformers.MixtralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                num_attention_heads=4, num_key_value_heads=2, num_local_experts=2).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"model_type='mixtral', not a Llama model.*architectures.mixtral"):
+    with pytest.raises(ValueError, match=r"model_type='mixtral', not a 'llama' model.*architectures.mixtral"):
         from_pretrained(tmp_path)
 
 

@@ -1,0 +1,140 @@
+"""Benchmark one MoE layer, forward + backward: our grouped dispatch vs transformers' own
+MixtralSparseMoeBlock on the same weights vs a naive masked per-expert loop, in one process.
+
+    python -m architectures.mixtral.benchmark                      # GPU: 16k tokens, D=1024, F=3584, bf16
+    python -m architectures.mixtral.benchmark --device cpu         # CPU: 2k tokens, D=256, F=896, fp32
+
+Implementations (same router and expert weights, same input, same upstream gradient):
+  ours          `SparseMoE`: sort (token, expert) pairs by expert, one grouped GEMM per projection
+                (torch's grouped_mm on CUDA bf16; one matmul per expert slice elsewhere)
+  hf_grouped_mm transformers 5's block with experts_implementation="grouped_mm" (its default on GPU)
+  hf_eager      transformers 5's block with "eager": a Python loop over experts, gather/index_add_
+  naive         `masked_moe_reference`: every expert on every token, masked (E/k times the FLOPs)
+The implementations take turns within every timed iteration (round robin); the median is reported.
+Each prints one line: `moe_bench impl=... tokens_per_s=... ms=... tflops=... vs_hf_grouped_mm=... vs_naive=...`,
+where TFLOP/s counts the useful (active) matmul FLOPs, 3 x 2 x N x (k x 3DF + DE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import transformers
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+from architectures.mixtral.config import MixtralConfig
+from architectures.mixtral.model import SparseMoE, masked_moe_reference
+
+DEFAULTS = {"cuda": dict(tokens=16384, hidden=1024, ffn=3584, dtype="bf16"),
+            "cpu": dict(tokens=2048, hidden=256, ffn=896, dtype="fp32")}
+
+
+def build(args, device, dtype):
+    cfg = MixtralConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_local_experts=args.experts,
+                        num_experts_per_tok=args.top_k)
+    torch.manual_seed(0)
+    ours = SparseMoE(cfg, layer_idx=0)
+    with torch.no_grad():
+        # Router std 1/sqrt(D): logits of order 1, near-balanced routing as in a trained model.
+        ours.gate.weight.normal_(std=args.hidden ** -0.5)
+        ours.experts.gate_up_proj.normal_(std=0.02)
+        ours.experts.down_proj.normal_(std=0.02)
+    ours = ours.to(device, dtype)
+    impls = {"ours": ours, "naive": lambda x: masked_moe_reference(ours, x)}
+    for name in ("grouped_mm", "eager"):
+        # One config per block: the block reads config._experts_implementation at every call.
+        hf_cfg = transformers.MixtralConfig(hidden_size=args.hidden, intermediate_size=args.ffn,
+                                            num_local_experts=args.experts, num_experts_per_tok=args.top_k)
+        hf_cfg._experts_implementation = name
+        block = MixtralSparseMoeBlock(hf_cfg).to(device, dtype)
+        # Same tensors, same layout: transformers 5 stores the experts fused exactly as we do.
+        block.load_state_dict(ours.state_dict())
+        impls[f"hf_{name}"] = block
+    return impls
+
+
+def time_round_robin(fns: dict, x, grad, params, warmup: int, iters: int, device) -> dict[str, list[float]]:
+    """Seconds of one forward + backward per implementation, the implementations taking turns
+    within each iteration, so a load change on a shared machine hits them all alike."""
+    def step(fn):
+        for p in params:
+            p.grad = None
+        x.grad = None
+        fn(x).backward(grad)
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            step(fn)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step(fn)
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                step(fn)
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m architectures.mixtral.benchmark")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokens", type=int, default=None, help="N = batch x sequence (default: 16384 GPU, 2048 CPU)")
+    p.add_argument("--hidden", type=int, default=None, help="D (default: 1024 GPU, 256 CPU)")
+    p.add_argument("--ffn", type=int, default=None, help="F, one expert's width (default: 3584 GPU, 896 CPU)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 GPU, fp32 CPU")
+    p.add_argument("--warmup", type=int, default=None, help="default: 5 GPU, 1 CPU")
+    p.add_argument("--iters", type=int, default=None, help="default: 20 GPU, 3 CPU")
+    p.add_argument("--impls", default="ours,hf_grouped_mm,hf_eager,naive")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    for key, value in DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
+    args.iters = args.iters if args.iters is not None else (20 if device.type == "cuda" else 3)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    impls = build(args, device, dtype)
+    wanted = args.impls.split(",")
+    unknown = sorted(set(wanted) - set(impls))
+    if unknown:
+        raise SystemExit(f"error: unknown --impls {unknown}; choose from {sorted(impls)}")
+    params = list(impls["ours"].parameters()) + [q for n in ("hf_grouped_mm", "hf_eager") for q in impls[n].parameters()]
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(1, args.tokens, args.hidden, generator=g).to(device, dtype).requires_grad_()
+    grad = torch.randn(1, args.tokens, args.hidden, generator=g).to(device, dtype)
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
+    N, D, Fd, E, k = args.tokens, args.hidden, args.ffn, args.experts, args.top_k
+    useful_flops = 3 * 2 * N * (k * 3 * D * Fd + D * E)
+    with torch.no_grad():  # the same function, or the timing compares different work
+        reference = impls["ours"](x).float()
+        for name in wanted:
+            err = (impls[name](x).float() - reference).norm() / reference.norm()
+            print(f"moe_bench_check impl={name} rel_err_vs_ours={err:.2e}", flush=True)
+    times = time_round_robin({name: impls[name] for name in wanted}, x, grad, params, args.warmup, args.iters, device)
+    results = [{"impl": name, "s": statistics.median(times[name])} for name in wanted]
+    base = {r["impl"]: r["s"] for r in results}
+    for r in results:
+        ratios = " ".join(f"vs_{other}={base[other] / r['s']:.2f}" for other in ("hf_grouped_mm", "hf_eager", "naive")
+                          if other in base and other != r["impl"])
+        r.update(tokens_per_s=N / r["s"], tflops=useful_flops / r["s"] / 1e12)
+        print(f"moe_bench impl={r['impl']} device={where.replace(' ', '_')} dtype={args.dtype} tokens={N} hidden={D} "
+              f"ffn={Fd} experts={E} top_k={k} pass=fwd+bwd ms={r['s'] * 1e3:.2f} tokens_per_s={r['tokens_per_s']:.0f} "
+              f"tflops={r['tflops']:.2f} {ratios}".rstrip(), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
