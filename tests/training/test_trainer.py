@@ -167,3 +167,14 @@ def test_missing_device_is_a_clear_error():
         resolve_device("cuda")
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("gpu0")
+
+
+def test_compile_without_torch_compile_is_a_clear_error(monkeypatch):
+    monkeypatch.delattr(torch, "compile")
+    with pytest.raises(RuntimeError, match="--compile needs torch >= 2.0"):
+        train(tiny_model(), lm_loss, sample_batch, config(compile=True), None)
+
+
+def test_unknown_parallel_strategy_is_a_clear_error():
+    with pytest.raises(ValueError, match="parallel strategy must be one of"):
+        train(tiny_model(), lm_loss, sample_batch, config(parallel="zero3"), None)
