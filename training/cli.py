@@ -28,7 +28,7 @@ from inference.generate import generate
 from inference.sampling import SamplingParams
 from training.data import load_corpus, prepare_data, split_text
 from training.lm import evaluate_split, lm_loss
-from training.tokenizer import Tokenizer, get_tokenizer
+from training.tokenizer import get_tokenizer
 from training.trainer import TrainConfig, resolve_device, train
 
 

@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 import tokenizers
-import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from architectures.common.checkpoint import atomic_write, atomic_write_json

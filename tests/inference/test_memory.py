@@ -1,6 +1,5 @@
 """The KV memory formulas of inference/memory.py (and notes/kv-cache.md) equal the bytes of real caches."""
 
-import torch
 
 from architectures.llama3 import preset
 from inference.engine import EngineConfig, LLMEngine

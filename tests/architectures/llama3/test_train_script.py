@@ -8,16 +8,6 @@ from architectures.llama3.train import main as train_main
 from inference.cli import main as generate_main
 from architectures.llama3.pretrained import from_pretrained as llama_from_pretrained
 
-CORPUS = "".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(400))
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text(CORPUS)
-    return path
-
 
 def train_args(corpus, out, *extra):
     return ["--preset", "tiny", "--dataset", str(corpus), "--out", str(out), "--max-steps", "4",
@@ -70,7 +60,7 @@ def test_generate_rejects_bad_sampling_settings(corpus, tmp_path):
             generate_main("llama3", llama_from_pretrained, ["--checkpoint", str(out), "--prompt", "x", flag, value])
 
 
-def test_generate_works_on_a_hugging_face_directory(tmp_path, capsys):
+def test_generate_works_on_a_hugging_face_directory(corpus, tmp_path):
     """A directory as the hub publishes it: transformers' save_pretrained plus a tokenizer.json
     that is not ours (Llama 3 style specials); greedy output equals transformers' generate."""
     import tokenizers
@@ -82,7 +72,7 @@ def test_generate_works_on_a_hugging_face_directory(tmp_path, capsys):
     backend.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
                                              initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator([CORPUS], trainer)
+    backend.train_from_iterator([corpus.read_text()], trainer)
     backend.save(str(tmp_path / "tokenizer.json"))
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(

@@ -9,16 +9,6 @@ from architectures.mixtral import from_pretrained
 from architectures.mixtral.train import main as train_main
 from inference.cli import main as generate_main
 
-CORPUS = "".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(400))
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text(CORPUS)
-    return path
-
 
 def test_train_logs_routing_and_generate_reads_the_checkpoint(corpus, tmp_path, capsys):
     out = tmp_path / "run"
