@@ -70,7 +70,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: (B, T) int -> cos, sin: (B, 1, T, d), in fp32 for accuracy at large positions
+        # positions: (B, T) or (1, T) int -> cos, sin: (B or 1, 1, T, d), in fp32 for accuracy at large positions
         angles = positions[..., None].float() * self.inv_freq  # (B, T, d/2)
         angles = torch.cat([angles, angles], dim=-1)  # (B, T, d): the half-split channel layout
         return angles.cos()[:, None], angles.sin()[:, None]
@@ -248,7 +248,9 @@ class Llama3(nn.Module):
         B, T = input_ids.shape[0], input_ids.shape[-1]
         if cache is None:
             self.check_input_ids(input_ids)
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            # (1, T), broadcast over the batch: every sequence has the same positions, and the
+            # RoPE angles are then computed once instead of B times.
+            positions = torch.arange(T, device=input_ids.device)[None]
         else:
             positions = cache.positions(B, T, input_ids.device)  # (B, T) absolute positions
             self.check_input_ids(input_ids, start=cache.max_length())
