@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from architectures.mixtral import Mixtral, MixtralConfig, from_pretrained, load_balancing_loss, save_pretrained
+from inference.engine import EngineConfig, LLMEngine
 from inference.generate import generate
 from inference.sampling import SamplingParams
 
@@ -125,12 +126,11 @@ def test_bf16_load_is_close_to_fp32(tmp_path):
 def test_paged_engine_generates_what_transformers_generates(tmp_path):
     """Mixtral through the paged inference engine: prompts of different lengths packed into one
     row per step. Routing is per token, so packing must not change a single token."""
-    engine_module = pytest.importorskip("inference.engine", reason="the paged engine (inference issue) is not here yet")
     ref = make_reference(tmp_path, experts=8, top_k=2)
     ours = from_pretrained(tmp_path)
     prompts = [[5, 17, 42, 8, 3, 77], [1, 2, 3], [9, 9, 9, 9, 9, 9, 9, 9, 9, 9]]
     expected = [ref.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
                              pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    engine = engine_module.LLMEngine(ours, engine_module.EngineConfig(num_blocks=64))
+    engine = LLMEngine(ours, EngineConfig(num_blocks=64))
     outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=20))
     assert [o.completions[0] for o in outputs] == expected
