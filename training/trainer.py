@@ -174,8 +174,8 @@ def train(
 ) -> TrainResult:
     """Train `model` in place. `sample_batch(split, n, generator)` returns n examples of split
     "train" or "val"; `save_model(model, dir, state_dict)` writes the weights/config/tokenizer
-    files of a checkpoint (without it, no checkpoint is written); `config_record` is everything a resumed run must agree with;
-    `val_units_per_token` converts validation nats/token to nats per character;
+    files of a checkpoint (without it, no checkpoint is written); `config_record` is everything
+    a resumed run must agree with; `val_units_per_token` converts validation nats/token to nats per character;
     `on_log(entry)` sees every metrics entry as it is logged (benchmarks read them there)."""
     dd = Distributed.from_env(cfg.parallel)
     validate(cfg, dd.world_size)
@@ -244,10 +244,11 @@ def train(
         data_s += time.perf_counter() - t_data
         for micro_step, mb in enumerate(micro_batches):
             last = micro_step == cfg.grad_accum_steps - 1
-            sync = contextlib.nullcontext() if last else dd.no_sync(wrapped)
-            with sync, torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss, extras = step_loss(wrapped, mb)
-            (loss / cfg.grad_accum_steps).backward()
+            # The backward must run inside no_sync too: FSDP2 decides in its backward hooks.
+            with contextlib.nullcontext() if last else dd.no_sync(wrapped):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss, extras = step_loss(wrapped, mb)
+                (loss / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach() / cfg.grad_accum_steps
             for k, v in extras.items():
                 extra_sums[k] = extra_sums.get(k, 0) + v.detach().float() / cfg.grad_accum_steps
