@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,10 @@ class Distributed:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            # A collective that waits longer than this raises (naming the operation) instead of
+            # hanging; ZOO_DIST_TIMEOUT_S shortens it, e.g. in tests.
+            timeout = timedelta(seconds=float(os.environ.get("ZOO_DIST_TIMEOUT_S", 1800)))
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
         return cls(rank=rank, world_size=world_size, device=device, strategy=strategy)
 
     def wrap(self, model: nn.Module) -> nn.Module:

@@ -4,6 +4,7 @@ are averaged across processes), and a checkpoint saved by 2 processes resumes on
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,19 @@ from toy import config, sample_batch, tiny_model  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(out: Path, nproc: int, accum: int, strategy: str = "ddp", max_steps: int = 6) -> None:
-    env = dict(os.environ, ZOO_DDP_BACKEND="gloo", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    # A stuck collective raises after 60 s with its name in the log, instead of hanging silently.
+    env = dict(os.environ, ZOO_DDP_BACKEND="gloo", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), ZOO_DIST_TIMEOUT_S="60")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
            str(REPO / "tests/training/ddp_worker.py"), str(out), str(accum), strategy, str(max_steps)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
