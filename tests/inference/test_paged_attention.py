@@ -114,19 +114,23 @@ def test_batched_paged_attention_matches_reference_on_gpu_in_bf16(mix):
     torch.testing.assert_close(run_fast(q, k_cache, v_cache, seqs, 16).float().cpu(), expected, rtol=0, atol=2e-2)
 
 
-@needs_cuda
-def test_cuda_graph_decode_matches_eager_decode_and_no_cache_on_gpu():
+def gpu_model_and_prompts(lengths, max_len: int):
+    """A random fp32 Llama 3 on the GPU with spread-out logits (initializer_range=0.2, see
+    conftest), so greedy argmaxes are far from ties, and one random prompt per length."""
     from architectures.llama3 import Llama3, LlamaConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=max_len,
                       initializer_range=0.2)
-    # fp32 with spread logits: padding the batch and the tables for the graph changes rounding
-    # (~1e-6), never a greedy token.
-    model = Llama3(cfg).cuda().eval()
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 40, 77, 130, 16, 3)]
+    return Llama3(cfg).cuda().eval(), [torch.randint(0, 1000, (n,), generator=g).tolist() for n in lengths]
+
+
+@needs_cuda
+def test_cuda_graph_decode_matches_eager_decode_and_no_cache_on_gpu():
+    # Padding the batch and the tables for the graph changes fp32 rounding (~1e-6), never a greedy token.
+    model, prompts = gpu_model_and_prompts((5, 40, 77, 130, 16, 3), max_len=512)
     params = SamplingParams(temperature=0.0, max_new_tokens=40)
     eager = LLMEngine(model, EngineConfig(num_blocks=256, cuda_graphs=False)).generate(prompts, params)
     engine = LLMEngine(model, EngineConfig(num_blocks=256, cuda_graphs=True))
@@ -204,17 +208,9 @@ def test_triton_attention_on_a_cpu_is_refused_with_the_reason(model):
 @needs_triton
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "cuda-graphs"])
 def test_engine_with_the_triton_kernel_gives_the_gather_paths_tokens_on_gpu(cuda_graphs):
-    from architectures.llama3 import Llama3, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                      initializer_range=0.2)
-    # fp32 with spread logits (see conftest): the kernel's fp32 sums differ from SDPA's in order
-    # only (~1e-6), which cannot flip a greedy token; bf16 could, so the tokens would not be a test.
-    model = Llama3(cfg).cuda().eval()
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 40, 77, 130, 16, 3, 300, 555)]
+    # The kernel's fp32 sums differ from SDPA's in order only (~1e-6), which cannot flip a greedy
+    # token; bf16 could, so the tokens would not be a test.
+    model, prompts = gpu_model_and_prompts((5, 40, 77, 130, 16, 3, 300, 555), max_len=1024)
     params = SamplingParams(temperature=0.0, max_new_tokens=40)
     gather = LLMEngine(model, EngineConfig(num_blocks=512, attention="gather")).generate(prompts, params)
     engine = LLMEngine(model, EngineConfig(num_blocks=512, attention="triton", cuda_graphs=cuda_graphs))
