@@ -19,24 +19,58 @@ import os
 import statistics
 
 import torch
+from torch import nn
 
 from training.lm import lm_loss
 from training.trainer import TrainConfig, train
 
 
 def architecture(name: str):
-    """(presets, model class, flops_per_token) of an architecture of the zoo."""
+    """(presets, build_model(config), flops_per_token) of an architecture, or of the baseline."""
     if name == "llama3":
         from architectures.llama3 import PRESETS, Llama3
         from architectures.llama3.flops import flops_per_token
 
         return PRESETS, Llama3, flops_per_token
-    raise ValueError(f"unknown architecture {name!r}; choose llama3")
+    if name == "gpt2-transformers":
+        return gpt2_baseline()
+    raise ValueError(f"unknown architecture {name!r}; choose llama3 or gpt2-transformers")
+
+
+def gpt2_baseline():
+    """The baseline the issue names: GPT-2 124M (nanoGPT's model), here transformers'
+    `GPT2LMHeadModel` with its SDPA attention, in the same loop. Its matmuls cost what the
+    `gpt2-124m` Llama's do (4 D^2 attention + 8 D^2 MLP weights per layer, the V x D head), so the
+    two MFUs compare like for like. transformers is a test dependency, imported only here."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from architectures.llama3.config import LlamaConfig
+
+    class LogitsOnly(nn.Module):
+        def __init__(self, cfg: LlamaConfig):
+            super().__init__()
+            self.config = cfg
+            self.gpt2 = GPT2LMHeadModel(GPT2Config(
+                vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
+                n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                attn_pdrop=0.0, attn_implementation="sdpa"))
+
+        def forward(self, input_ids):
+            return self.gpt2(input_ids=input_ids, use_cache=False).logits
+
+    def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+        D, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+        return 3 * (2 * (12 * L * D * D + V * D) + 2 * L * D * (seq_len + 1))
+
+    from architectures.llama3 import PRESETS
+
+    return {"gpt2-124m": PRESETS["gpt2-124m"]}, LogitsOnly, flops_per_token
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m training.benchmark", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="llama3")
+    p.add_argument("--arch", default="llama3", choices=["llama3", "gpt2-transformers"],
+                   help="gpt2-transformers: the baseline, transformers' GPT-2 in the same loop")
     p.add_argument("--preset", default="gpt2-124m")
     p.add_argument("--batch-size", type=int, default=16, help="global batch, sequences per optimizer step")
     p.add_argument("--seq-len", type=int, default=1024)
@@ -47,6 +81,8 @@ def main(argv=None) -> dict:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--data-on-device", action="store_true",
+                   help="draw the synthetic tokens on the GPU: no host data loading, the reference for data_fraction")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--profile-out", default=None, help="write a profiler trace of a few steps into this directory")
     args = p.parse_args(argv)
@@ -64,6 +100,15 @@ def main(argv=None) -> dict:
     def sample_batch(split, n, generator):
         x = torch.randint(0, vocab, (n, args.seq_len + 1), generator=generator)
         return x[:, :-1], x[:, 1:]
+
+    if args.data_on_device:
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --data-on-device needs a CUDA GPU")
+
+        def sample_batch(split, n, generator):  # noqa: F811 (replaces the host sampler)
+            # On the current GPU, which under torchrun the loop has chosen by the time it samples.
+            x = torch.randint(0, vocab, (n, args.seq_len + 1), device="cuda")
+            return x[:, :-1], x[:, 1:]
 
     cfg = TrainConfig(
         max_steps=args.warmup + args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,

@@ -106,11 +106,17 @@ def _tinyshakespeare() -> str:
     cached = cache_dir() / TINYSHAKESPEARE_FILE
     if os.environ.get(DATA_DIR_ENV):
         provided = Path(os.environ[DATA_DIR_ENV]) / TINYSHAKESPEARE_FILE
-        if provided.is_file():
-            data = provided.read_bytes()
-            _check_sha256(data, f"{provided} (found through ${DATA_DIR_ENV})",
-                          fix=f"replace it with a fresh download of {TINYSHAKESPEARE_URL} or unset {DATA_DIR_ENV}")
-            return data.decode("utf-8")
+        # Set but wrong is an error, not a reason to fall back: the run would quietly train on
+        # something else while its figures say Tiny Shakespeare.
+        if not provided.is_file():
+            raise FileNotFoundError(
+                f"${DATA_DIR_ENV} is {os.environ[DATA_DIR_ENV]!r}, but {provided} does not exist; point it at "
+                f"the folder that holds {TINYSHAKESPEARE_FILE}, or unset it to use the cache or the download"
+            )
+        data = provided.read_bytes()
+        _check_sha256(data, f"{provided} (found through ${DATA_DIR_ENV})",
+                      fix=f"replace it with a fresh download of {TINYSHAKESPEARE_URL} or unset {DATA_DIR_ENV}")
+        return data.decode("utf-8")
     if cached.is_file():
         data = cached.read_bytes()
         try:

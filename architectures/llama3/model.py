@@ -61,6 +61,27 @@ def rope_inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
     return torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
+@torch.library.custom_op("zoo::rope_tables", mutates_args=())
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles: positions (B, T) int, inv_freq (d/2,) -> two (B, T, d) fp32.
+
+    A custom op, so that torch.compile treats it as one opaque kernel whose two small outputs are
+    kept (and saved for the backward). Written as plain tensor code, the compiler inlines the
+    cos/sin into every kernel that reads the tables: each layer's RoPE recomputed the
+    transcendentals for every element of q and k, forward and backward, which cost 9% of the
+    compiled training step of the gpt2-124m preset on an H100 (notes/training-loop.md).
+    """
+    angles = positions[..., None].float() * inv_freq.float()  # (B, T, d/2), in fp32 for accuracy at large positions
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, d): the half-split channel layout
+    return angles.cos(), angles.sin()
+
+
+@rope_tables.register_fake
+def _rope_tables_shapes(positions, inv_freq):
+    shape = (*positions.shape, 2 * inv_freq.shape[0])
+    return positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32)
+
+
 class RotaryEmbedding(nn.Module):
     """Maps absolute positions to the (cos, sin) tables that rotate queries and keys."""
 
@@ -70,10 +91,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: (B, T) or (1, T) int -> cos, sin: (B or 1, 1, T, d), in fp32 for accuracy at large positions
-        angles = positions[..., None].float() * self.inv_freq  # (B, T, d/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (B, T, d): the half-split channel layout
-        return angles.cos()[:, None], angles.sin()[:, None]
+        # positions: (B, T) or (1, T) int -> cos, sin: (B or 1, 1, T, d) fp32, broadcast over heads
+        cos, sin = rope_tables(positions, self.inv_freq)
+        return cos[:, None], sin[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,14 @@ def test_checksum_mismatch_is_an_error(fake_shakespeare, monkeypatch):
     assert path.exists()  # the user's file: reported, never deleted
 
 
+def test_data_dir_without_the_file_is_an_error(tmp_path, monkeypatch):
+    """A ZOO_DATA_DIR that lacks the file must not fall back to another corpus behind the user's back."""
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(data, "embedded_corpus", lambda: pytest.fail("fell back to the embedded corpus"))
+    with pytest.raises(FileNotFoundError, match=f"ZOO_DATA_DIR is .*{data.TINYSHAKESPEARE_FILE} does not exist"):
+        data.load_corpus("tinyshakespeare")
+
+
 def test_download_is_verified_then_cached(monkeypatch):
     monkeypatch.setattr(data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(FAKE_CORPUS).hexdigest())
     requested = serve(monkeypatch, FAKE_CORPUS)
