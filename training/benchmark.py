@@ -86,6 +86,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--profile-out", default=None, help="write a profiler trace of a few steps into this directory")
     args = p.parse_args(argv)
+    if args.steps % args.warmup:
+        raise SystemExit("error: --steps must be a multiple of --warmup (the loop logs every --warmup steps)")
 
     presets, model_cls, flops = architecture(args.arch)
     if args.preset not in presets:
@@ -116,8 +118,6 @@ def main(argv=None) -> dict:
         eval_batches=1, device=args.device, dtype=args.dtype, compile=args.compile, parallel=args.parallel,
         activation_checkpointing=args.activation_checkpointing, profile=args.profile_out is not None,
     )
-    if args.steps % args.warmup:
-        raise SystemExit("error: --steps must be a multiple of --warmup (the loop logs every --warmup steps)")
     entries: list[dict] = []
     train(model, lm_loss, sample_batch, cfg, args.profile_out, flops_per_token=flops(model_cfg, args.seq_len),
           on_log=lambda e: entries.append(e) if "tokens_per_s" in e else None)
