@@ -61,9 +61,8 @@ def load_corpus(source: str = "tinyshakespeare", text_column: str = "text") -> s
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".txt":
-            # sample_by="document": one row holding the whole file, not one row per line.
-            # Like any text-mode read, it turns "\r\n" into "\n".
-            return _load_with_datasets("text", "text", data_files=str(path), sample_by="document")
+            # Read whole by Python, no `datasets` needed; like any text-mode read, "\r\n" becomes "\n".
+            return path.read_text(encoding="utf-8")
         if path.suffix in (".json", ".jsonl"):
             return _load_with_datasets("json", text_column, data_files=str(path))
         raise ValueError(f"corpus file {path} has suffix {path.suffix!r}; supported: .txt, .json, .jsonl")

@@ -72,12 +72,16 @@ class Distributed:
             return model
         if self.strategy == "ddp":
             return DistributedDataParallel(model, device_ids=[self.device.index] if self.device is not None else None)
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # The mesh names the device type: left to itself, FSDP2 takes a GPU whenever one is visible,
+        # and a gloo run on a one-GPU machine would send rank 1 to a GPU that does not exist.
+        mesh = init_device_mesh(self.device.type if self.device is not None else "cpu", (self.world_size,))
         for module_list in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
             for block in module_list:
-                fully_shard(block)
-        fully_shard(model)
+                fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
 
     @contextlib.contextmanager
