@@ -8,6 +8,9 @@ figure is the loop's own speed with data loading included but no dataset to prep
 first `--warmup` steps (compilation, allocator warm-up) are excluded; then `--steps` steps are
 timed by the loop's own log entries. MFU = tokens/s x FLOPs per token / (GPUs x dense bf16
 peak), with FLOPs per token from `architectures.llama3.flops.flops_per_token`.
+`--arch gpt2-transformers` runs the baseline (nanoGPT's GPT-2 124M, as transformers implements it)
+through the same loop, and `--data-on-device` takes data loading out of the step, so each
+figure has its reference in the same session.
 Prints one parseable line: `train_benchmark key=value ...`.
 """
 
@@ -99,18 +102,18 @@ def main(argv=None) -> dict:
     model = model_cls(model_cfg)
     vocab = model_cfg.vocab_size
 
-    def sample_batch(split, n, generator):
+    def sample_on_host(split, n, generator):
         x = torch.randint(0, vocab, (n, args.seq_len + 1), generator=generator)
         return x[:, :-1], x[:, 1:]
 
-    if args.data_on_device:
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --data-on-device needs a CUDA GPU")
+    def sample_on_device(split, n, generator):
+        # On the current GPU, which under torchrun the loop has chosen by the time it samples.
+        x = torch.randint(0, vocab, (n, args.seq_len + 1), device="cuda")
+        return x[:, :-1], x[:, 1:]
 
-        def sample_batch(split, n, generator):  # noqa: F811 (replaces the host sampler)
-            # On the current GPU, which under torchrun the loop has chosen by the time it samples.
-            x = torch.randint(0, vocab, (n, args.seq_len + 1), device="cuda")
-            return x[:, :-1], x[:, 1:]
+    if args.data_on_device and not torch.cuda.is_available():
+        raise SystemExit("error: --data-on-device needs a CUDA GPU")
+    sample_batch = sample_on_device if args.data_on_device else sample_on_host
 
     cfg = TrainConfig(
         max_steps=args.warmup + args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,

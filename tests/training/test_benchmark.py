@@ -47,3 +47,9 @@ def test_bad_arguments_are_refused_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as refused:
         benchmark.main(argv + ["--device", "cpu"])
     assert message in str(refused.value) + capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")
+def test_data_on_device_without_a_gpu_is_refused():
+    with pytest.raises(SystemExit, match="--data-on-device needs a CUDA GPU"):
+        benchmark.main(["--preset", "tiny", "--data-on-device", "--device", "cpu"])
