@@ -5,7 +5,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from architectures.llama3 import LlamaConfig
+from architectures.llama3 import PRESETS, Llama3, LlamaConfig
 from training import benchmark
 
 
@@ -16,9 +16,10 @@ def test_benchmark_runs_the_loop_and_prints_one_line(capsys):
     assert len(line) == 1
     fields = dict(kv.split("=") for kv in line[0].split()[1:])
     assert fields["arch"] == "llama3" and fields["batch"] == "4" and fields["seq"] == "32"
+    assert float(fields["params_M"]) == round(Llama3(PRESETS["tiny"]).num_parameters() / 1e6, 1)
     assert result["tokens_per_s"] > 0 and result["step_ms"] > 0
-    assert result["step_ms"] == pytest.approx(1000 * 4 * 32 / result["tokens_per_s"], rel=1e-2)
     assert 0 <= result["data_fraction"] < 1
+    assert "mfu" not in result  # no MFU without a GPU whose bf16 peak is known
 
 
 def test_gpt2_baseline_flops_formula_matches_counted_matmuls():
