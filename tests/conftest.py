@@ -1,5 +1,7 @@
 """Fixtures shared by the tests of every folder."""
 
+import json
+
 import pytest
 
 # A small corpus with a repeating structure: a few training steps on it are enough to exercise
@@ -14,3 +16,13 @@ def corpus(tmp_path, monkeypatch):
     path = tmp_path / "corpus.txt"
     path.write_text(SMALL_CORPUS)
     return path
+
+
+@pytest.fixture
+def edit_config():
+    """edit_config(checkpoint_dir, **fields): overwrite fields of a checkpoint's config.json in place,
+    to build a config that disagrees with the weights beside it."""
+    def edit(directory, **fields):
+        path = directory / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return edit

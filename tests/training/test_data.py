@@ -134,7 +134,8 @@ def test_offline_download_falls_back_to_embedded_corpus(monkeypatch, capsys):
     assert len(lines) == 1 and "failed" in lines[0] and "falling back to the embedded corpus" in lines[0]
 
 
-def test_txt_source_is_read_whole(tmp_path):
+def test_txt_source_is_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_load_with_datasets", lambda *a, **k: pytest.fail("a .txt file needs no `datasets`"))
     path = tmp_path / "poem.txt"
     path.write_bytes(b"Shall I compare thee\r\nto a summer's day?\n\nThou art more lovely")
     assert data.load_corpus(str(path)) == "Shall I compare thee\nto a summer's day?\n\nThou art more lovely"

@@ -85,18 +85,14 @@ def test_missing_checkpoint_directory_and_files(tmp_path):
         from_pretrained(tmp_path)
 
 
-def test_config_that_does_not_match_weights_names_every_tensor(checkpoint):
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    cfg["num_hidden_layers"] = 3
-    (checkpoint / "config.json").write_text(json.dumps(cfg))
+def test_config_that_does_not_match_weights_names_every_tensor(checkpoint, edit_config):
+    edit_config(checkpoint, num_hidden_layers=3)
     with pytest.raises(ValueError, match=r"missing tensors \['model.layers.2.input_layernorm.weight'.*mlp.down_proj"):
         from_pretrained(checkpoint)
-    cfg.update(num_hidden_layers=1)
-    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    edit_config(checkpoint, num_hidden_layers=1)
     with pytest.raises(ValueError, match=r"unexpected tensors \['model.layers.1.input_layernorm.weight'"):
         from_pretrained(checkpoint)
-    cfg.update(num_hidden_layers=2, intermediate_size=65)
-    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    edit_config(checkpoint, num_hidden_layers=2, intermediate_size=65)
     with pytest.raises(ValueError, match=r"shape mismatches.*mlp.down_proj.weight: checkpoint \(32, 64\) vs model \(32, 65\)"):
         from_pretrained(checkpoint)
 
@@ -141,10 +137,8 @@ def test_invalid_json_config_is_reported(checkpoint):
         from_pretrained(checkpoint)
 
 
-def test_unsupported_rope_type_is_rejected(checkpoint):
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
-    (checkpoint / "config.json").write_text(json.dumps(cfg))
+def test_unsupported_rope_type_is_rejected(checkpoint, edit_config):
+    edit_config(checkpoint, rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
         from_pretrained(checkpoint)
 

@@ -1,6 +1,5 @@
 """Bad input to Mixtral gets an error that says what is wrong and how to fix it."""
 
-import json
 
 import pytest
 import torch
@@ -29,12 +28,10 @@ def test_top_k_outside_one_to_num_experts(top_k):
         small(num_experts_per_tok=top_k)
 
 
-def test_top_k_error_reaches_the_command_line_and_config_json(checkpoint):
+def test_top_k_error_reaches_the_command_line_and_config_json(checkpoint, edit_config):
     with pytest.raises(SystemExit, match="num_experts_per_tok=9 must be between 1 and num_local_experts=8"):
         train_main(["--preset", "tiny", "--num-experts-per-tok", "9"])
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    cfg["num_experts_per_tok"] = 5
-    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    edit_config(checkpoint, num_experts_per_tok=5)
     with pytest.raises(ValueError, match="num_experts_per_tok=5 must be between 1"):
         from_pretrained(checkpoint)
 
@@ -58,22 +55,17 @@ def test_checkpoint_missing_an_experts_weights_names_them(tmp_path):
         from_pretrained(tmp_path)
 
 
-def test_checkpoint_with_fewer_experts_than_config_names_each_missing_one(checkpoint):
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    cfg["num_local_experts"] = 5
-    (checkpoint / "config.json").write_text(json.dumps(cfg))
+def test_checkpoint_with_fewer_experts_than_config_names_each_missing_one(checkpoint, edit_config):
+    edit_config(checkpoint, num_local_experts=5)
     with pytest.raises(ValueError, match=r"experts.4.w1.weight.*num_local_experts=5"):
         from_pretrained(checkpoint)
-    cfg["num_local_experts"] = 3
-    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    edit_config(checkpoint, num_local_experts=3)
     with pytest.raises(ValueError, match=r"unexpected tensors \['model.layers.0.block_sparse_moe.experts.3.w1.weight'"):
         from_pretrained(checkpoint)
 
 
-def test_expert_of_the_wrong_width_is_a_shape_mismatch(checkpoint):
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    cfg["intermediate_size"] = 40
-    (checkpoint / "config.json").write_text(json.dumps(cfg))
+def test_expert_of_the_wrong_width_is_a_shape_mismatch(checkpoint, edit_config):
+    edit_config(checkpoint, intermediate_size=40)
     with pytest.raises(ValueError, match=r"shape mismatches.*mlp.experts.down_proj: checkpoint \(4, 32, 48\) vs model \(4, 32, 40\)"):
         from_pretrained(checkpoint)
 
@@ -103,10 +95,8 @@ def test_config_of_another_architecture_is_rejected(tmp_path):
         from_pretrained(tmp_path)
 
 
-def test_sliding_window_attention_is_rejected(checkpoint):
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    cfg["sliding_window"] = 4096
-    (checkpoint / "config.json").write_text(json.dumps(cfg))
+def test_sliding_window_attention_is_rejected(checkpoint, edit_config):
+    edit_config(checkpoint, sliding_window=4096)
     with pytest.raises(ValueError, match="sliding_window=4096 is not supported"):
         from_pretrained(checkpoint)
 
