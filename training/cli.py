@@ -29,7 +29,8 @@ from inference.sampling import SamplingParams
 from training.data import load_corpus, prepare_data, split_text
 from training.lm import evaluate_split, lm_loss
 from training.tokenizer import get_tokenizer
-from training.trainer import TrainConfig, resolve_device, train
+from training.device import resolve_device
+from training.trainer import TrainConfig, train
 
 
 @dataclass

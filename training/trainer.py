@@ -30,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training import checkpointing
+from training.device import compute_dtype, resolve_device
 from training.distributed import Distributed
 
 # Dense bf16 peak of the GPUs we report MFU on (FLOP/s), from the vendors' data sheets.
@@ -101,23 +102,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but this torch sees no CUDA GPU; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif device.type != "cpu":
-        raise ValueError(f"device {name!r} is not supported; use 'cpu' or 'cuda[:N]'")
-    return device
-
-
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], batch: Any) -> Any:
     """Apply fn to every tensor of a batch that is a tensor, or a tuple/list/dict of tensors."""
     if isinstance(batch, torch.Tensor):
@@ -187,7 +171,8 @@ def train(
     dd = Distributed.from_env(cfg.parallel)
     validate(cfg, dd.world_size)
     device = resolve_device(cfg.device) if not dd.enabled or dd.device is None else dd.device
-    autocast_dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")) else None
+    autocast_dtype = compute_dtype(cfg.dtype, device)
+    autocast_dtype = autocast_dtype if autocast_dtype != torch.float32 else None  # fp32: no autocast
     if cfg.compile and not hasattr(torch, "compile"):
         raise RuntimeError(f"--compile needs torch >= 2.0 with torch.compile; this is torch {torch.__version__}")
     if cfg.activation_checkpointing:

@@ -43,7 +43,8 @@ from architectures.mixtral.model import Mixtral
 from training.data import load_corpus, prepare_data, split_text
 from training.lm import evaluate_split, lm_loss
 from training.tokenizer import get_tokenizer
-from training.trainer import TrainConfig, resolve_device, train
+from training.device import resolve_device
+from training.trainer import TrainConfig, train
 
 RUNS = ("dense", "moe_balanced", "moe_balanced_pooled", "moe_no_balance")
 SIZES = {
