@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from architectures.common.errors import UserRuntimeError
-
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -26,8 +24,8 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserRuntimeError(f"device {name!r} requested but this torch sees no CUDA GPU "
-                                   f"(torch {torch.__version__}); use --device cpu")
+            raise ValueError(f"device {name!r} requested but this torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}); use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     elif device.type != "cpu":
