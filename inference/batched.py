@@ -78,7 +78,8 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams | lis
             live = sum(len(prompts[b]) + k for b in range(B) if not done[b])
             stats.util_per_step.append(live / stats.slots_allocated)
 
-    logits = model(ids, cache=cache)[:, -1]  # (B, V): the prefill, every row padded to the longest
+    # (B, V): the prefill, every row padded to the longest; the head runs on the last position only.
+    logits = model.compute_logits(model.hidden_states(ids, cache=cache)[:, -1])
     record(0)
     k = 0
     while not all(done):
@@ -95,7 +96,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams | lis
             break
         # Finished rows still go through the model (static batching): feed them any valid token.
         nxt = torch.tensor([[tokens[b] if not done[b] else 0] for b in range(B)], device=device)  # (B, 1)
-        logits = model(nxt, cache=cache)[:, -1]
+        logits = model.compute_logits(model.hidden_states(nxt, cache=cache)[:, -1])
         k += 1
         record(k)
     return out

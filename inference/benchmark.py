@@ -93,7 +93,7 @@ def run_hf(model, prompts, new_tokens: int, batch_size: int, device) -> dict:
             prefill += len(batch) * max(len(p) for p in batch)
         _sync(device)
         seconds = time.perf_counter() - t0
-    per_tok = kv_bytes_per_token(model.config, next(model.parameters()).element_size())
+    per_tok = kv_bytes_per_token(model.cache_specs(), next(model.parameters()).element_size())
     kv = max(len(b) * (max(len(p) for p in b) + new_tokens - 1)
              for b in (prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size))) * per_tok
     del hf
@@ -129,7 +129,7 @@ def run_paged(model, prompts, new_tokens: list[int], device, engine_cfg: EngineC
     seconds = time.perf_counter() - t0
     st = engine.stats
     return dict(seconds=seconds, output_tokens=sum(map(len, outputs)), peak_mem_gib=_peak_gib(device),
-                kv_gib=engine.pool.kv.numel() * engine.pool.kv.element_size() / 2**30,
+                kv_gib=engine.pool.nbytes() / 2**30,
                 kv_util=st.mean_utilisation, prefill_tokens=st.prefill_tokens,
                 cached_prompt_tokens=st.cached_prompt_tokens, preemptions=st.preemptions, steps=st.steps,
                 attention=engine.attention,

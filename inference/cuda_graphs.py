@@ -60,7 +60,7 @@ class DecodeGraphs:
         graph, static, logits = self.graphs[(Bp, nb)]
         static.copy_(flat, non_blocking=True)
         graph.replay()
-        return logits[0, :B]  # (B, V); valid until the next replay
+        return logits[:B]  # (B, V); valid until the next replay
 
     def _capture(self, flat: torch.Tensor, shapes: list) -> tuple:
         static = flat.to(self.pool.device)
@@ -70,9 +70,13 @@ class DecodeGraphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.model(batch.meta.input_ids, cache=batch)
+            self._decode(batch)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
-            logits = self.model(batch.meta.input_ids, cache=batch)  # (1, Bp, V), a static output
+            logits = self._decode(batch)  # (Bp, V), a static output
         return graph, static, logits
+
+    def _decode(self, batch: PagedBatch) -> torch.Tensor:
+        hidden = self.model.hidden_states(batch.meta.input_ids, cache=batch)  # (1, Bp, D)
+        return self.model.compute_logits(hidden[0, batch.meta.last_index])  # (Bp, V)

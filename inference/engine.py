@@ -30,6 +30,7 @@ from typing import Iterator
 
 import torch
 
+from architectures.common.cache import KVSpec
 from inference.block_manager import BlockManager
 from inference.cuda_graphs import DecodeGraphs
 from inference.paged_cache import PagedBatch, PagedKVPool, build_metadata
@@ -118,10 +119,16 @@ class LLMEngine:
         return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     def _choose_attention(self, choice: str) -> str:
+        """The kernel follows what the layers cache: the Triton decode kernel reads K/V of equal widths."""
         choices = ("auto", "triton", "gather", "reference")
         if choice not in choices:
             raise ValueError(f"attention must be one of {', '.join(choices)}, got {choice!r}")
-        why_not = triton_unavailable_reason(self.device, self.model.config.head_dim)
+        specs = [s for s in self.model.cache_specs() if s is not None]
+        kv = [s for s in specs if isinstance(s, KVSpec) and s.per_token["k"] == s.per_token["v"]]
+        if len(kv) != len(specs):
+            why_not = "the Triton decode kernel reads K and V of equal widths, and some layers cache something else"
+        else:
+            why_not = next(filter(None, (triton_unavailable_reason(self.device, s.head_dim) for s in kv)), None)
         if choice == "triton" and why_not:
             raise ValueError(f"attention='triton': {why_not}; use attention='gather' (or 'auto')")
         if choice == "auto":
@@ -215,8 +222,9 @@ class LLMEngine:
                 return logits
         meta = build_metadata(out.slices, token_ids, self.pool.block_size, self.pool.scratch_block, self.device)
         batch = PagedBatch(self.pool, meta, self.attention, out.slices)
-        logits = self.model(meta.input_ids, cache=batch)  # (1, N, V)
-        return logits[0, meta.last_index]  # (B, V): each sequence's last token
+        hidden = self.model.hidden_states(meta.input_ids, cache=batch)  # (1, N, D)
+        # The head only where a token is sampled: each sequence's last position, not every prompt token.
+        return self.model.compute_logits(hidden[0, meta.last_index])  # (B, V)
 
     def _sample_and_update(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
         # One argmax over the batch for the greedy rows: a single device-to-host copy per step.

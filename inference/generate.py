@@ -30,7 +30,8 @@ def stream(model, prompt_ids: list[int], params: SamplingParams = SamplingParams
     generator = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     cache = NaiveKVCache.for_model(model, 1, len(prompt_ids) + params.max_new_tokens) if use_cache else None
-    logits = model(ids, cache=cache)[:, -1]  # prefill: (1, V)
+    # The head runs on the last position only: the prompt's other logits would never be used.
+    logits = model.compute_logits(model.hidden_states(ids, cache=cache)[:, -1])  # prefill: (1, V)
     for i in range(params.max_new_tokens):
         token = sample_next(logits, params, generator)  # (1,)
         yield int(token)
@@ -38,7 +39,7 @@ def stream(model, prompt_ids: list[int], params: SamplingParams = SamplingParams
             return
         ids = torch.cat([ids, token[:, None]], dim=1)
         # With a cache only the new token goes through the model; without one, everything again.
-        logits = model(ids[:, -1:] if use_cache else ids, cache=cache)[:, -1]
+        logits = model.compute_logits(model.hidden_states(ids[:, -1:] if use_cache else ids, cache=cache)[:, -1])
 
 
 def generate(model, prompt_ids: list[int], params: SamplingParams = SamplingParams(), stop_ids=(),

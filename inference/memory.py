@@ -3,7 +3,9 @@
     python -m inference.memory --preset llama-3.2-1b --seq-len 8192 --batch 32
     python -m inference.memory --preset llama-3.2-1b --seq-len 8192 --batch 32 --mean-len 2048
 
-Every token keeps one key and one value vector per layer and KV head:
+What a token costs is read from what each layer declares it caches (architectures/common/cache.py),
+so the same formulas serve every family. For Llama 3 every token keeps one key and one value
+vector per layer and KV head:
     bytes/token = 2 x n_layers x n_kv_heads x head_dim x bytes/element
 (grouped-query attention is what makes n_kv_heads small: 8 instead of 32 in Llama 3.2 1B).
 The naive cache reserves seq_len slots for every sequence of the batch, however long it turns
@@ -16,24 +18,36 @@ tests/inference/test_memory.py; notes/kv-cache.md uses them.
 from __future__ import annotations
 
 import argparse
-import importlib
+
+import torch
+
+from architectures import registry
+from architectures.common.cache import bytes_per_token
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
 
-def kv_bytes_per_token(cfg, dtype_bytes: int) -> int:
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+def cache_specs(family: str, cfg) -> list:
+    """What each layer of a `family` model with config `cfg` caches, read from a model built on the
+    meta device (no memory, no initialisation: a 70B config costs nothing)."""
+    with torch.device("meta"):
+        return registry.model_class(family)(cfg).cache_specs()
 
 
-def naive_kv_bytes(cfg, batch: int, capacity: int, dtype_bytes: int) -> int:
+def kv_bytes_per_token(specs: list, dtype_bytes: int) -> int:
+    """Bytes one cached token costs over all layers (the one formula: `bytes_per_token` of the specs)."""
+    return bytes_per_token(specs, dtype_bytes)
+
+
+def naive_kv_bytes(specs: list, batch: int, capacity: int, dtype_bytes: int) -> int:
     """Every sequence reserves `capacity` slots (the longest prompt + max_new_tokens of the batch)."""
-    return batch * capacity * kv_bytes_per_token(cfg, dtype_bytes)
+    return batch * capacity * kv_bytes_per_token(specs, dtype_bytes)
 
 
-def paged_kv_bytes(cfg, lengths: list[int], block_size: int, dtype_bytes: int) -> int:
+def paged_kv_bytes(specs: list, lengths: list[int], block_size: int, dtype_bytes: int) -> int:
     """K/V blocks actually held by sequences of these lengths (the pool itself may be larger)."""
     blocks = sum(-(-n // block_size) for n in lengths)
-    return blocks * block_size * kv_bytes_per_token(cfg, dtype_bytes)
+    return blocks * block_size * kv_bytes_per_token(specs, dtype_bytes)
 
 
 def block_table_bytes(lengths: list[int], block_size: int, entry_bytes: int = 4) -> int:
@@ -59,12 +73,13 @@ def main(argv=None) -> dict:
     mean = a.mean_len or a.seq_len
     if not 1 <= mean <= a.seq_len:
         raise SystemExit(f"error: --mean-len must be in [1, --seq-len={a.seq_len}], got {mean}")
-    cfg = importlib.import_module(f"architectures.{a.family}").preset(a.preset)
+    cfg = registry.package(a.family).preset(a.preset)
+    specs = cache_specs(a.family, cfg)
     nbytes = DTYPE_BYTES[a.dtype]
-    per_token = kv_bytes_per_token(cfg, nbytes)
-    naive = naive_kv_bytes(cfg, a.batch, a.seq_len, nbytes)
+    per_token = kv_bytes_per_token(specs, nbytes)
+    naive = naive_kv_bytes(specs, a.batch, a.seq_len, nbytes)
     lengths = [mean] * a.batch
-    paged = paged_kv_bytes(cfg, lengths, a.block_size, nbytes)
+    paged = paged_kv_bytes(specs, lengths, a.block_size, nbytes)
     tables = block_table_bytes(lengths, a.block_size)
     print(f"{a.preset}: 2 (K and V) x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} KV heads x "
           f"{cfg.head_dim} head_dim x {nbytes} bytes ({a.dtype}) = {per_token} bytes = {per_token / 1024:.1f} KiB per token")

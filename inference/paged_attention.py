@@ -22,17 +22,19 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from architectures.common.attention import grouped_attention
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               block_tables: list[list[int]], context_lens: list[int],
-                              query_lens: list[int]) -> torch.Tensor:
-    """q: (N, H, d) packed queries; caches: (num_blocks, bs, K, d) -> (N, H, d).
+                              query_lens: list[int], scale: float | None = None) -> torch.Tensor:
+    """q: (N, H, d) packed queries; caches: (num_blocks, bs, K, d) -> (N, H, d); scale 1/sqrt(d) if None.
 
     Written to be obviously right, not fast: Python loops over sequences and token slots.
     """
     bs, K, H, d = k_cache.shape[1], k_cache.shape[2], q.shape[1], q.shape[2]
+    scale = 1 / math.sqrt(d) if scale is None else scale
     out = torch.empty_like(q)
     first = 0  # index in q of this sequence's first query
     for table, ctx, n in zip(block_tables, context_lens, query_lens):
@@ -43,7 +45,7 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         values = values.repeat_interleave(H // K, dim=1)
         for t in range(n):
             pos = ctx - n + t
-            scores = torch.einsum("hd,shd->hs", q[first + t].float(), keys[:pos + 1]) / math.sqrt(d)  # (H, pos+1)
+            scores = torch.einsum("hd,shd->hs", q[first + t].float(), keys[:pos + 1]) * scale  # (H, pos+1)
             out[first + t] = torch.einsum("hs,shd->hd", scores.softmax(-1), values[:pos + 1]).to(q.dtype)
         first += n
     return out
@@ -59,33 +61,31 @@ def attention_mask(q_pos: torch.Tensor, num_slots: int) -> torch.Tensor:
     return j[None, None, :] <= q_pos[:, :, None]
 
 
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """One layer's stored tensor (num_blocks, bs, *shape) -> (B, nb * bs, *shape): each sequence's
+    blocks in logical order, padded to the longest table. The gather moves whole contiguous blocks."""
+    B, nb = block_tables.shape
+    return cache[block_tables].view(B, nb * cache.shape[1], *cache.shape[2:])
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    q_index: torch.Tensor, out_index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                    q_index: torch.Tensor, out_index: torch.Tensor, mask: torch.Tensor,
+                    scale: float | None = None) -> torch.Tensor:
     """Batched paged attention: gather each sequence's blocks into a padded batch, one SDPA call.
 
     q: (N, H, d); caches: (num_blocks, bs, K, d); block_tables: (B, nb) with unused entries
     pointing at any valid block; q_index: (B, Tmax) index in q of sequence b's t-th query (any
     valid index for padding); out_index: (N,) row of the padded output (b * Tmax + t) that each
     query's result lands in; mask: (B, Tmax, S), boolean from `attention_mask` or its additive
-    float form (0 / -inf). Returns (N, H, d).
+    float form (0 / -inf); scale: 1/sqrt(d) if None. Returns (N, H, d).
 
     No Python loop over sequences or a host synchronisation, so one call serves a whole decode
     batch and can be captured in a CUDA graph. The price is reading every table padded to the
-    longest one; the block gather moves whole contiguous blocks.
+    longest one. The engine runs the same three pieces through `PagedBatch.read` and the layer's
+    own `attend_kv`; this function composes them for tests and the kernel benchmark.
     """
     B, Tmax = q_index.shape
-    nb, (_, bs, K, d) = block_tables.shape[1], k_cache.shape
-    H = q.shape[1]
-    r = H // K
-    keys = k_cache[block_tables].view(B, nb * bs, K, d).transpose(1, 2)  # (B, K, S, d)
-    values = v_cache[block_tables].view(B, nb * bs, K, d).transpose(1, 2)  # (B, K, S, d)
-    # GQA without copying K/V per query head: the r query heads that share a KV head become r
-    # extra query rows of that head, so SDPA sees K heads with Tmax * r queries each.
-    qg = q[q_index].view(B, Tmax, K, r, d).permute(0, 2, 1, 3, 4).reshape(B, K, Tmax * r, d)
-    if Tmax == 1:
-        m = mask[:, None]  # (B, 1, 1, S), broadcast over heads and over the r rows
-    else:
-        m = mask[:, None, :, None, :].expand(B, 1, Tmax, r, mask.shape[-1]).reshape(B, 1, Tmax * r, -1)
-    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=m)  # (B, K, Tmax * r, d)
-    out = out.view(B, K, Tmax, r, d).permute(0, 2, 1, 3, 4).reshape(B * Tmax, H, d)  # (B * Tmax, H, d)
-    return out[out_index]  # (N, H, d)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = grouped_attention(q[q_index], gather_blocks(k_cache, block_tables), gather_blocks(v_cache, block_tables),
+                            mask, scale)  # (B, Tmax, H, d)
+    return out.reshape(B * Tmax, *out.shape[2:])[out_index]  # (N, H, d)

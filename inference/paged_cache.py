@@ -9,13 +9,16 @@ Paper: "Efficient Memory Management for Large Language Model Serving with PagedA
 A forward pass of the engine packs every scheduled sequence into one row: input_ids (1, N)
 holds, sequence after sequence, the tokens whose K/V are not yet in the cache (a whole
 prompt for a new sequence, one token for a decoding one). The model does not know; it sees
-a cache that answers the same four calls as `NaiveKVCache`:
-    positions(1, N)   each token's position within its own sequence, (1, N)
-    max_length()      None: lengths are per sequence, and the engine checked them at submission
-    attend(l, q, k, v) writes this step's K/V into their slots of layer l's pool, then attends
-    advance(N)        nothing: the block manager did the bookkeeping before the pass
-Architectures that keep other state per token (DeepSeek's latent vectors) or per sequence
-(Mamba-2's recurrent state) would read the same metadata (`seq_index`, `query_start`) to
+a cache that answers the same calls as `NaiveKVCache` (the `Cache` protocol of
+architectures/common/cache.py):
+    positions(1, N)    each token's position within its own sequence, (1, N)
+    max_length()       None: lengths are per sequence, and the engine checked them at submission
+    write(l, k=, v=)   this step's per-token tensors of layer l into their slots of the pool
+    read(l)            a view of each sequence's blocks (gathered, or read in place by a kernel)
+    advance(N)         nothing: the block manager did the bookkeeping before the pass
+The pool holds whatever the layers declare per token (K and V; DeepSeek's latent vector), so
+an architecture whose attention caches something else needs no change here. Layers that keep
+a per-sequence state (Mamba-2) would read the same metadata (`seq_index`, `query_start`) to
 find their sequence; notes/paged-attention.md says how.
 
 Block `num_blocks` of the pool (one past the blocks the block manager hands out) is scratch:
@@ -30,44 +33,70 @@ from dataclasses import dataclass
 
 import torch
 
-from inference.paged_attention import attention_mask, paged_attention, paged_attention_reference
+from architectures.common.cache import CacheSpec, CacheView, bytes_per_token
+from inference.paged_attention import attention_mask, gather_blocks, paged_attention_reference
 
 
 class PagedKVPool:
-    """K and V for every layer: (layers, 2, num_blocks + 1, block_size, K, d), allocated once."""
+    """The blocks of every layer, allocated once, shaped by what each layer declares it keeps.
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype=torch.float32, device="cpu"):
+    Layers with equal specs share one stacked tensor per stored name: for Llama 3, K and V of all
+    L layers are two (L, num_blocks + 1, block_size, K, d) tensors. A layer that keeps nothing per
+    token (no spec, or only per-sequence state) gets no blocks.
+    """
+
+    def __init__(self, specs: list[CacheSpec | None], num_blocks: int, block_size: int, dtype=torch.float32,
+                 device="cpu"):
+        state = [i for i, s in enumerate(specs) if s is not None and s.per_sequence]
+        if state:
+            raise NotImplementedError(
+                f"layers {state} keep a per-sequence state ({type(specs[state[0]]).__name__}); the paged engine "
+                f"stores per-token tensors only. Generate with inference.generate (the naive cache) instead")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_block = num_blocks
-        self.kv = torch.zeros(num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim,
-                              dtype=dtype, device=device)
+        groups: dict[CacheSpec, list[int]] = {}
+        for i, spec in enumerate(specs):
+            if spec is not None and spec.per_token:
+                groups.setdefault(spec, []).append(i)
+        self.stacks: list[dict[str, torch.Tensor]] = []  # per group: {name: (layers, num_blocks + 1, bs, *shape)}
+        self._where: dict[int, tuple[int, int]] = {}  # layer -> (group, index within the group)
+        for g, (spec, layers) in enumerate(groups.items()):
+            self.stacks.append({name: torch.zeros(len(layers), num_blocks + 1, block_size, *shape, dtype=dtype,
+                                                  device=device) for name, shape in spec.per_token.items()})
+            self._where.update({layer: (g, j) for j, layer in enumerate(layers)})
+        self.device = torch.device(device)
 
     @classmethod
     def for_model(cls, model, num_blocks: int, block_size: int) -> "PagedKVPool":
-        cfg, p = model.config, next(model.parameters())
-        return cls(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
-                   p.dtype, p.device)
+        p = next(model.parameters())
+        return cls(model.cache_specs(), num_blocks, block_size, p.dtype, p.device)
 
     @staticmethod
     def bytes_per_block(model, block_size: int) -> int:
-        cfg, p = model.config, next(model.parameters())
-        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * p.element_size()
+        """Bytes one block costs over all layers: block_size x the model's bytes per cached token."""
+        return block_size * bytes_per_token(model.cache_specs(), next(model.parameters()).element_size())
 
-    @property
-    def device(self) -> torch.device:
-        return self.kv.device
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for stack in self.stacks for t in stack.values())
 
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer, each (num_blocks + 1, block_size, K, d)."""
-        return self.kv[layer, 0], self.kv[layer, 1]
+    def tensors(self) -> list[torch.Tensor]:
+        """Every stacked tensor, block index in dimension 1."""
+        return [t for stack in self.stacks for t in stack.values()]
+
+    def layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """The stored tensors of one layer: {name: (num_blocks + 1, block_size, *shape)}; {} if it keeps none."""
+        if layer not in self._where:
+            return {}
+        g, j = self._where[layer]
+        return {name: t[j] for name, t in self.stacks[g].items()}
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: block dst becomes a copy of block src, in every layer, in one indexed copy."""
+        """Copy-on-write: block dst becomes a copy of block src, in every layer, one indexed copy per tensor."""
         if copies:
             src = torch.tensor([s for s, _ in copies], device=self.device)
             dst = torch.tensor([d for _, d in copies], device=self.device)
-            self.kv[:, :, dst] = self.kv[:, :, src]
+            for t in self.tensors():
+                t[:, dst] = t[:, src]
 
 
 @dataclass
@@ -181,11 +210,14 @@ def build_metadata(seqs: list[ScheduledSeq], token_ids: list[int], block_size: i
 class PagedBatch:
     """The cache object the model receives for one forward pass of the paged engine.
 
-    attention="gather" is the batched `paged_attention` for every step (CPU and GPU);
-    "triton" runs decode-only steps (one new token per sequence) through the Triton kernel of
-    inference/triton_paged_attention.py, which reads K/V in place, and other steps (prefills,
-    mixed) through the gather; "reference" runs `paged_attention_reference`, the slow oracle,
-    for tests.
+    It stores and indexes; the layer does the math (`attend_kv` in architectures/common/attention.py).
+    `read` returns, per layer, one of three views of the same blocks:
+    attention="gather": each sequence's blocks gathered into a padded batch, with the packing
+    maps and the step's mask, for any step on any device;
+    "triton": decode-only steps (one new token per sequence) get a view whose `kernel` is the
+    Triton kernel of inference/triton_paged_attention.py, which reads K/V in place; other steps
+    (prefills, mixed) gather;
+    "reference": a `kernel` that runs `paged_attention_reference`, the slow oracle, for tests.
     """
 
     def __init__(self, pool: PagedKVPool, meta: StepMetadata, attention: str = "gather",
@@ -208,35 +240,49 @@ class PagedBatch:
         # Built here, once per forward pass, so that every layer shares it (and a CUDA graph captures it).
         if self.decode_kernel:
             self.context_lens = self.meta.positions[0] + 1  # (B,): the new token sees itself and all before it
-        else:
+        elif self.attention == "gather":
             # The additive mask SDPA would otherwise rebuild from a boolean one in every layer.
             allowed = attention_mask(self.meta.q_pos, self.meta.block_tables.shape[1] * self.pool.block_size)
-            self.mask = torch.zeros(allowed.shape, dtype=self.pool.kv.dtype, device=allowed.device)
+            dtype = next(iter(self.pool.tensors()), torch.empty(0)).dtype
+            self.mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
             self.mask.masked_fill_(~allowed, float("-inf"))  # (B, Tmax, S): 0 where visible, -inf elsewhere
         return self.meta.positions
 
     def max_length(self) -> None:
         return None
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: (1, H, N, d); k, v: (1, K, N, d) -> (1, H, N, d)
-        k_cache, v_cache = self.pool.layer(layer)  # (num_blocks + 1, bs, K, d)
-        K, d = k_cache.shape[2], k_cache.shape[3]
-        # Write first, then read: every slot of this step is in place before any query looks.
-        k_cache.view(-1, K, d).index_copy_(0, self.meta.slot_mapping, k[0].transpose(0, 1))  # (N, K, d)
-        v_cache.view(-1, K, d).index_copy_(0, self.meta.slot_mapping, v[0].transpose(0, 1))
-        q_tok = q[0].transpose(0, 1)  # (N, H, d)
-        m = self.meta
+    def write(self, layer: int, **new: torch.Tensor) -> None:
+        # each new tensor: (1, N, *shape), token n goes to flat slot slot_mapping[n] (block * bs + offset)
+        stored = self.pool.layer(layer)
+        for name, t in new.items():
+            cache = stored[name]  # (num_blocks + 1, bs, *shape)
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, self.meta.slot_mapping, t[0])
+
+    def read(self, layer: int) -> CacheView:
+        stored, m = self.pool.layer(layer), self.meta
         if self.decode_kernel:  # N == B: query b is sequence b's one new token
             from inference.triton_paged_attention import paged_decode_attention  # imports triton: GPU only
 
-            out = paged_decode_attention(q_tok, k_cache, v_cache, m.block_tables, self.context_lens)
-        elif self.attention == "reference":
-            out = paged_attention_reference(q_tok, k_cache, v_cache, [s.block_table for s in self.seqs],
-                                            [s.end for s in self.seqs], [s.end - s.start for s in self.seqs])
-        else:
-            out = paged_attention(q_tok, k_cache, v_cache, m.block_tables, m.q_index, m.out_index, self.mask)
-        return out.transpose(0, 1)[None]  # (1, H, N, d)
+            def kernel(q, scale):  # q: (1, B, H, d) -> (1, B, H, dv)
+                return paged_decode_attention(q[0], stored["k"], stored["v"], m.block_tables, self.context_lens,
+                                              scale=scale)[None]
+            return CacheView(kernel=kernel)
+        if self.attention == "reference":
+            def kernel(q, scale):
+                return paged_attention_reference(q[0], stored["k"], stored["v"], [s.block_table for s in self.seqs],
+                                                 [s.end for s in self.seqs], [s.end - s.start for s in self.seqs],
+                                                 scale=scale)[None]
+            return CacheView(kernel=kernel)
+        B, Tmax = m.q_index.shape
+        return CacheView(
+            tensors={name: gather_blocks(t, m.block_tables) for name, t in stored.items()},  # (B, S, *shape)
+            mask=self.mask,
+            pack=lambda x: x[0][m.q_index],  # (1, N, ...) -> (B, Tmax, ...)
+            unpack=lambda y: y.reshape(B * Tmax, *y.shape[2:])[m.out_index][None],  # -> (1, N, ...)
+        )
+
+    def state(self, layer: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("the paged engine keeps no per-sequence state (see PagedKVPool)")
 
     def advance(self, seq_len: int) -> None:
         pass

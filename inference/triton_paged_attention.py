@@ -125,12 +125,13 @@ def _kernel():
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, *,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float | None = None,
                            tile: int = TILE_TOKENS, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """One query per sequence against its paged K/V. q: (B, H, d); caches: (num_blocks, bs, K, d)
     with the last dimension contiguous; block_tables: (B, nb) integer, entries past a sequence's
     last block are never read; context_lens: (B,) integer >= 1, the keys each query sees
-    (positions 0 .. ctx-1; in a decode step the new token's own key is the last). Returns (B, H, d).
+    (positions 0 .. ctx-1; in a decode step the new token's own key is the last); scale: the
+    softmax scale of the scores, 1/sqrt(d) if None. Returns (B, H, d).
     tile, num_warps, num_stages: launch settings (inference/bench_paged_decode.py sweeps them).
     """
     B, H, d = q.shape
@@ -154,7 +155,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, context_lens, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), math.log2(math.e) / math.sqrt(d),
+        out.stride(0), out.stride(1), math.log2(math.e) * (1 / math.sqrt(d) if scale is None else scale),
         R=r, R_PAD=max(16, 1 << (r - 1).bit_length()), D=d, BS=bs, TILE=tile,
         PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -124,6 +125,28 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
         for name, tensor in expected.items():
             if name in state and name not in tied:
                 tensor.copy_(state[name])
+
+
+def build_and_load(cfg, model_cls, path: str | Path, dtype: torch.dtype, device,
+                   convert: Callable[[dict], dict] = lambda state: state) -> torch.nn.Module:
+    """Build `model_cls(cfg)` without initialising it and fill it with the tensors in `path`.
+
+    Every family's `from_pretrained` ends here; `convert` maps the file's tensor names and layout
+    to the model's (Mixtral's per-expert hub layout to its fused experts, say)."""
+    # Build on the meta device (no memory, no random init: every weight is overwritten below),
+    # then allocate. Buffers derived from the config (RoPE tables) are recomputed by the modules
+    # that own them (`reset_buffers`), and a tied head is re-made by hand.
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_state_dict_strict(model, convert(load_weights(path)), where=str(path))
+    return model.to(dtype=dtype).eval()
 
 
 def save_weights(model: torch.nn.Module, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -7,32 +7,12 @@ also our module names, so loading is a strict name-by-name copy.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from architectures.common.checkpoint import (atomic_write_json, load_state_dict_strict, load_weights,
-                                             read_config_json, save_weights)
-from architectures.llama3.config import LlamaConfig, from_hf_config, to_hf_config
-from architectures.llama3.model import Llama3, rope_inverse_frequencies
-
-
-def build_and_load(cfg: LlamaConfig, model_cls, path: str | Path, dtype: torch.dtype, device,
-                   convert: Callable[[dict], dict] = lambda state: state) -> Llama3:
-    """Build `model_cls(cfg)` without initialising it and fill it with the tensors in `path`.
-
-    Shared by every architecture built on Llama 3; `convert` maps the file's tensor names and
-    layout to the model's (Mixtral's per-expert hub layout to its fused experts, say)."""
-    # Build on the meta device (no memory, no random init: every weight is overwritten below),
-    # then allocate; the RoPE table is derived from the config, and the tie is re-made by hand.
-    with torch.device("meta"):
-        model = model_cls(cfg)
-    model = model.to_empty(device=device)
-    model.model.rotary_emb.inv_freq.copy_(rope_inverse_frequencies(cfg))
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    load_state_dict_strict(model, convert(load_weights(path)), where=str(path))
-    return model.to(dtype=dtype).eval()
+from architectures.common.checkpoint import atomic_write_json, build_and_load, read_config_json, save_weights
+from architectures.llama3.config import from_hf_config, to_hf_config
+from architectures.llama3.model import Llama3
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama3:

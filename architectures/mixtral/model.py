@@ -5,8 +5,9 @@ Paper: "Mixtral of Experts" (2024, arXiv:2401.04088); the top-k router comes fro
 arXiv:1701.06538). Reference implementation it is tested against: transformers'
 `MixtralForCausalLM` (tests/architectures/mixtral/test_matches_transformers.py).
 
-Attention, norms, RoPE and the decoder stack are Llama 3's, imported; this file adds only
-the MoE layer, plugged in through `Llama3.make_mlp`. Parameter names are those of
+Attention and RoPE are Llama 3's, imported; the decoder stack is the zoo's shared one
+(architectures/common/decoder.py); this file adds only the MoE layer, which `Mixtral.make_ffn`
+puts in every layer. Parameter names are those of
 transformers 5's in-memory model (`mlp.gate.weight`, `mlp.experts.gate_up_proj`,
 `mlp.experts.down_proj`); pretrained.py converts the per-expert layout published on the hub.
 
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architectures.llama3.model import Llama3
+from architectures.common.decoder import CausalLM
+from architectures.llama3.model import Attention, RotaryEmbedding
 from architectures.mixtral.config import MixtralConfig
 
 
@@ -170,17 +172,24 @@ def masked_moe_reference(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype).view(B, T, D)
 
 
-class Mixtral(Llama3):
+class Mixtral(CausalLM):
     """Decoder-only sparse MoE language model: input_ids (B, T) -> logits (B, T, V).
 
+    Every layer is Llama 3's grouped-query attention followed by a sparse MoE.
     `model(ids, output_router_logits=True)` returns (logits, router_logits), a tuple with one
     (B*T, E) tensor per layer, which is what the load-balancing and z-losses read.
     """
 
     config_class = MixtralConfig
 
-    def make_mlp(self, cfg: MixtralConfig, layer_idx: int) -> nn.Module:
+    def make_mixer(self, cfg: MixtralConfig, layer_idx: int) -> nn.Module:
+        return Attention(cfg, layer_idx)
+
+    def make_ffn(self, cfg: MixtralConfig, layer_idx: int) -> nn.Module:
         return SparseMoE(cfg, layer_idx)
+
+    def make_rotary(self, cfg: MixtralConfig) -> nn.Module:
+        return RotaryEmbedding(cfg)
 
     def _init_weights(self, m: nn.Module):
         super()._init_weights(m)  # the router is an nn.Linear: N(0, initializer_range)
@@ -190,9 +199,13 @@ class Mixtral(Llama3):
             # GPT-2's scaled init for the residual branch's output, as Llama3 gives its down_proj.
             nn.init.normal_(m.down_proj, std=std / math.sqrt(2 * self.config.num_hidden_layers))
 
+    def hidden_states(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        h = super().hidden_states(input_ids, cache)  # (B, T, D)
+        self.check_routers()
+        return h
+
     def forward(self, input_ids: torch.Tensor, cache=None, output_router_logits: bool = False):
         logits = super().forward(input_ids, cache)  # (B, T, V)
-        self.check_routers()
         if not output_router_logits:
             return logits
         return logits, tuple(layer.mlp.router_logits for layer in self.model.layers)

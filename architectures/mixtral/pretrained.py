@@ -23,8 +23,7 @@ import re
 from pathlib import Path
 
 import torch
-from architectures.common.checkpoint import atomic_write_json, read_config_json, save_weights
-from architectures.llama3.pretrained import build_and_load
+from architectures.common.checkpoint import atomic_write_json, build_and_load, read_config_json, save_weights
 from architectures.mixtral.config import MixtralConfig, from_hf_config, to_hf_config
 from architectures.mixtral.model import Mixtral
 

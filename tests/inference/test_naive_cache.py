@@ -53,7 +53,8 @@ def test_tokens_through_the_model_with_and_without_cache(model, prompts):
     from inference.generate import generate
 
     seen = []
-    hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].numel()), with_kwargs=True)
+    # On the decoder stack: generation calls hidden_states and the head, not model(ids).
+    hook = model.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].numel()), with_kwargs=True)
     try:
         P, n = len(prompts[1]), 6
         params = SamplingParams(temperature=0.0, max_new_tokens=n)
