@@ -240,7 +240,7 @@ class PagedBatch:
         # Built here, once per forward pass, so that every layer shares it (and a CUDA graph captures it).
         if self.decode_kernel:
             self.context_lens = self.meta.positions[0] + 1  # (B,): the new token sees itself and all before it
-        elif self.attention == "gather":
+        elif self.attention != "reference":  # the gather path (a "triton" step that is not decode-only too)
             # The additive mask SDPA would otherwise rebuild from a boolean one in every layer.
             allowed = attention_mask(self.meta.q_pos, self.meta.block_tables.shape[1] * self.pool.block_size)
             dtype = next(iter(self.pool.tensors()), torch.empty(0)).dtype

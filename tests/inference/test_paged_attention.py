@@ -224,3 +224,22 @@ def test_engine_with_the_triton_kernel_gives_the_gather_paths_tokens_on_gpu(cuda
     triton = [engine.output(i) for i in ids]
     assert [o.completions for o in triton] == [o.completions for o in gather]
     assert [o.completions[0] for o in gather[:3]] == [generate(model, p, params, use_cache=False) for p in prompts[:3]]
+
+
+def test_prefill_in_a_triton_engine_runs_the_masked_gather_path(model, prompts):
+    """With attention="triton", only decode-only steps go to the kernel; a prefill must take the
+    gather path with its causal mask. Checked on the CPU, where such a step never touches Triton."""
+    from inference.paged_cache import PagedKVPool
+
+    seqs = [ScheduledSeq([0, 1], 0, 7), ScheduledSeq([2, 3, 4], 0, 10)]  # two prompts, block_size 4
+    tokens = prompts[1][:7] + prompts[2][:10]
+    logits = {}
+    for attention in ("gather", "triton"):
+        pool = PagedKVPool.for_model(model, num_blocks=8, block_size=4)
+        meta = build_metadata(seqs, tokens, 4, pool.scratch_block, "cpu")
+        with torch.no_grad():
+            logits[attention] = model(meta.input_ids, cache=PagedBatch(pool, meta, attention))[0, meta.last_index]
+    with torch.no_grad():
+        expected = torch.stack([model(torch.tensor([prompts[1][:7]]))[0, -1], model(torch.tensor([prompts[2][:10]]))[0, -1]])
+    torch.testing.assert_close(logits["triton"], logits["gather"], rtol=0, atol=0)
+    torch.testing.assert_close(logits["gather"], expected, rtol=1e-5, atol=1e-5)
