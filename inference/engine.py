@@ -80,7 +80,6 @@ class EngineStats:
     preemptions: int = 0
     cow_copies: int = 0
     util_per_step: list[float] = field(default_factory=list)  # block manager's KV utilisation, each step
-    blocks_used_per_step: list[int] = field(default_factory=list)
 
     @property
     def mean_utilisation(self) -> float:
@@ -209,7 +208,6 @@ class LLMEngine:
         st.decode_tokens += sum(s.end - s.start for s in out.slices) - out.num_prefill_tokens
         st.cached_prompt_tokens += out.num_cached_tokens
         st.util_per_step.append(self.blocks.kv_utilisation())
-        st.blocks_used_per_step.append(self.blocks.num_used)
         self.pool.copy_blocks(out.copies)
         logits = self._forward(out)  # (B, V)
         return self._sample_and_update(out.seqs, logits)

@@ -47,7 +47,6 @@ class Sequence:
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     finished: bool = False
     finish_reason: str | None = None  # "stop" (a stop token or EOS) or "length" (max_new_tokens)
-    num_preemptions: int = 0
 
     @property
     def output_ids(self) -> list[int]:
@@ -85,7 +84,6 @@ class Scheduler:
     def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
         self.blocks.free(seq.block_table)
         seq.block_table, seq.num_computed = [], 0
-        seq.num_preemptions += 1
         preempted.append(seq)
 
     def schedule(self) -> SchedulerOutput:

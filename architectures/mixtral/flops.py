@@ -8,7 +8,7 @@ router, of which a token uses k. So, per layer:
     active = Llama + (k - 1) * 3*D*F + D*E
 
 Mixtral-8x7B (D=4096, F=14336, L=32, E=8, k=2): 46.70B total, 12.88B active; checked by
-tests/architectures/mixtral/test_parameters.py against `sum(p.numel())` and the published
+tests/architectures/mixtral/test_parameters_and_flops.py against `sum(p.numel())` and the published
 figures (46.7B / 12.9B), and written out in notes/mixtral.md.
 """
 
