@@ -88,28 +88,12 @@ class Patchwork(CausalLM):
         return RotaryEmbedding(cfg)
 
 
-def tiny_config():
-    return LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return Llama3(tiny_config()).eval()
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    """Lengths around block boundaries (block_size 4 below), and a one-token prompt."""
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 17, 33, 1, 40, 16, 8)]
-
-
 @pytest.fixture(scope="module")
 def patchwork():
     torch.manual_seed(0)
-    return Patchwork(tiny_config()).eval()
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
+    return Patchwork(cfg).eval()
 
 
 def test_layers_declare_what_they_cache(patchwork):
