@@ -18,11 +18,12 @@ tests/inference/test_memory.py; notes/kv-cache.md uses them.
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
 from architectures import registry
-from architectures.common.cache import bytes_per_token
+from architectures.common.cache import KVSpec, bytes_per_token
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
@@ -54,6 +55,22 @@ def block_table_bytes(lengths: list[int], block_size: int, entry_bytes: int = 4)
     return sum(-(-n // block_size) for n in lengths) * entry_bytes
 
 
+def describe(specs: list) -> str:
+    """The per-token sum in words, grouping equal layers: '2 (K and V) x 16 layers x 8 KV heads x 64 head_dim'."""
+    counts: dict = {}
+    for spec in specs:
+        if spec is not None and spec.per_token:
+            counts[spec] = counts.get(spec, 0) + 1
+    parts = []
+    for spec, n in counts.items():
+        if isinstance(spec, KVSpec) and spec.v_head_dim in (None, spec.head_dim):
+            parts.append(f"2 (K and V) x {n} layers x {spec.num_kv_heads} KV heads x {spec.head_dim} head_dim")
+        else:
+            widths = " + ".join(f"{name} {math.prod(shape)}" for name, shape in spec.per_token.items())
+            parts.append(f"{n} layers x ({widths}) elements")
+    return " + ".join(parts) or "nothing cached per token"
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.3f}"
 
@@ -81,8 +98,8 @@ def main(argv=None) -> dict:
     lengths = [mean] * a.batch
     paged = paged_kv_bytes(specs, lengths, a.block_size, nbytes)
     tables = block_table_bytes(lengths, a.block_size)
-    print(f"{a.preset}: 2 (K and V) x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} KV heads x "
-          f"{cfg.head_dim} head_dim x {nbytes} bytes ({a.dtype}) = {per_token} bytes = {per_token / 1024:.1f} KiB per token")
+    print(f"{a.preset}: {describe(specs)} x {nbytes} bytes ({a.dtype}) = {per_token} bytes = "
+          f"{per_token / 1024:.1f} KiB per token")
     print(f"naive: {a.batch} sequences x {a.seq_len} reserved slots = {_gib(naive)} GiB, "
           f"of which {mean / a.seq_len:.1%} hold tokens")
     print(f"paged: {a.batch} sequences x ceil({mean}/{a.block_size}) blocks x {a.block_size} slots = {_gib(paged)} GiB "
