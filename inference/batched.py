@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from architectures.common.errors import UserTypeError
 from inference.kv_cache import NaiveKVCache
-from inference.sampling import SamplingParams, sample_next
+from inference.sampling import SamplingParams, check_prompt_ids, eos_ids, sample_next
 
 
 @dataclass
@@ -34,9 +35,7 @@ class BatchStats:
 
 
 def _stop_ids(model, params: SamplingParams) -> set[int]:
-    eos = model.config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+    return set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids(model.config.eos_token_id))
 
 
 @torch.no_grad()
@@ -48,6 +47,11 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams | lis
     generator seeded with its params' seed, as `inference.generate.generate` would, so a row's
     tokens do not depend on which other prompts share its batch.
     """
+    if isinstance(prompts, (str, bytes)):
+        raise UserTypeError(f"prompts must be a list of prompts, each a list of token ids, got "
+                            f"{type(prompts).__name__} {prompts[:40]!r}; encode the texts with the tokenizer first")
+    for i, p in enumerate(prompts):
+        check_prompt_ids(p, f"prompts[{i}]")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. the tokenizer's bos id)")
     params = params if isinstance(params, list) else [params] * len(prompts)

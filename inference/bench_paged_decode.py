@@ -13,11 +13,11 @@ K/V bytes the step must read divided by that time, against the H100 SXM's 3.35 T
 
 from __future__ import annotations
 
-import argparse
 import random
 
 import torch
 
+from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
 from inference.paged_attention import attention_mask, paged_attention
 from inference.paged_cache import ScheduledSeq, build_metadata
 from inference.triton_paged_attention import TILE_TOKENS, paged_decode_attention
@@ -35,16 +35,22 @@ def microseconds(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters * 1e3
 
 
+@command_line
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m inference.bench_paged_decode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=64)
+    p = ArgumentParser(prog="python -m inference.bench_paged_decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64, help="sequences in the decode step")
     p.add_argument("--generated", type=int, default=128, help="tokens generated so far, on top of each prompt")
-    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--iters", type=int, default=200, help="calls timed per measurement")
     p.add_argument("--sweep", action="store_true", help="time every tile in (32, 64, 128) x warps x stages")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the context lengths, the block layout and the tensors")
     args = p.parse_args(argv)
+    for flag, value, least in (("--batch", args.batch, 1), ("--generated", args.generated, 0),
+                               ("--iters", args.iters, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
     if not torch.cuda.is_available():
-        raise SystemExit("error: this benchmark times GPU kernels and needs a CUDA GPU")
+        raise UserRuntimeError(f"this benchmark times GPU kernels and needs a CUDA GPU; this torch "
+                               f"({torch.__version__}) sees none")
     H, K, d, bs, dev = 32, 8, 64, 16, "cuda"
     g = random.Random(args.seed)
     contexts = [g.randint(32, 512) + args.generated for _ in range(args.batch)]

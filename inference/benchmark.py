@@ -1,14 +1,17 @@
 """One workload through three generators in one process: transformers' `generate` (padded static
 batches), our naive batched decoding (inference/batched.py) and our paged engine (inference/engine.py).
 
-    python -m inference.benchmark --out runs/bench                       # the issue's workload (GPU)
+    python -m inference.benchmark --out runs/bench                       # the default workload (GPU)
     python -m inference.benchmark --shared-prefix 256 --out runs/prefix  # prefix caching on vs off
     python -m inference.benchmark --device cpu --preset tiny --num-prompts 8 --max-len 64 --new-tokens 16
+    python -m inference.benchmark --family mixtral --preset tiny --device cpu --max-len 64 --new-tokens 16
 
-Default workload (issue 3): 64 prompts of random token ids, lengths uniform in [32, 512],
-256 new tokens each, greedy, EOS ignored, a randomly initialised Llama-3.2-1B-shaped model in
-bf16; every generator gets the same weights. Unknown `--key value` options override fields of
-the preset's LlamaConfig (e.g. --max-position-embeddings 1024 for --preset tiny).
+Default workload: 64 prompts of random token ids, lengths uniform in [32, 512], 256 new tokens
+each, greedy, EOS ignored, a randomly initialised Llama-3.2-1B-shaped model in bf16 on a GPU;
+every generator gets the same weights. Unknown `--key value` options override fields of the
+preset's config (e.g. --max-position-embeddings 1024 for --preset tiny). The transformers
+baseline (hf) exists for --family llama3 only and needs transformers (the test extra); without
+it the zoo's engines run alone and a `note:` line on stderr says why hf was left out.
 
 Prints one line per measurement, `bench engine=... key=value ...`: output tokens/s, peak GPU
 memory, the KV cache's bytes and utilisation (token slots holding a token some unfinished
@@ -18,20 +21,22 @@ Writes results.json and PNG plots of utilisation and throughput to --out.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from architectures import registry
 from architectures.common.config import apply_overrides
-from architectures.llama3 import Llama3, preset
+from architectures.common.errors import ArgumentParser, UserRuntimeError, UserTypeError, command_line
 from architectures.llama3.config import to_hf_config
 from inference.batched import BatchStats, generate_batch
 from inference.engine import EngineConfig, LLMEngine
 from inference.memory import kv_bytes_per_token
 from inference.sampling import SamplingParams
+from training.device import compute_dtype, resolve_device
 
 
 def make_prompts(n: int, min_len: int, max_len: int, vocab: int, shared_prefix: int = 0, seed: int = 0):
@@ -163,66 +168,126 @@ def plot(results: dict, out: Path, title: str) -> None:
     plt.close("all")
 
 
+HF_FAMILY = "llama3"  # transformers' LlamaForCausalLM is the one baseline wired up here (run_hf)
+
+
+def transformers_missing() -> str | None:
+    """Why the transformers baseline cannot run here, or None. transformers is the test oracle,
+    installed by the test extra only, so a plain `pip install -e .` has the zoo's engines alone."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return f'cannot import transformers ({e}); it comes with the test extra: pip install -e ".[test]"'
+    return None
+
+
+def check_workload(args) -> None:
+    """Refuse arguments that describe no workload, before a model is built."""
+    for flag, value, least in [("--num-prompts", args.num_prompts, 1), ("--min-len", args.min_len, 1),
+                               ("--new-tokens", args.new_tokens, 1), ("--shared-prefix", args.shared_prefix, 0),
+                               ("--hf-batch", args.hf_batch, 1), ("--block-size", args.block_size, 1),
+                               ("--max-batched-tokens", args.max_batched_tokens, 1)]:
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if args.min_len > args.max_len:
+        raise ValueError(f"--min-len {args.min_len} is above --max-len {args.max_len}; prompt lengths are drawn "
+                         f"from [--min-len, --max-len]")
+    if args.min_new_tokens is not None and not 1 <= args.min_new_tokens <= args.new_tokens:
+        raise ValueError(f"--min-new-tokens must be in [1, --new-tokens={args.new_tokens}], got {args.min_new_tokens}")
+    if args.kv_blocks is not None and args.kv_blocks < 1:
+        raise ValueError(f"--kv-blocks must be >= 1, got {args.kv_blocks}; leave it out to give the paged pool "
+                         f"the slots the naive cache reserves")
+
+
+@command_line
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m inference.benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="llama-3.2-1b")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = ArgumentParser(prog="python -m inference.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", default="llama3", help=f"architecture family ({', '.join(registry.FAMILIES)})")
+    p.add_argument("--preset", default="llama-3.2-1b", help="the family's preset: the shape of the random model")
+    p.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on cuda, else fp32")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--min-len", type=int, default=32)
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--num-prompts", type=int, default=64, help="prompts in the workload")
+    p.add_argument("--min-len", type=int, default=32, help="shortest prompt, in tokens (after any shared prefix)")
+    p.add_argument("--max-len", type=int, default=512, help="longest prompt, in tokens (after any shared prefix)")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens each prompt generates (EOS ignored)")
     p.add_argument("--min-new-tokens", type=int, default=None,
                    help="draw each prompt's max_new_tokens uniformly in [this, --new-tokens]: sequences end at "
-                        "different times (transformers' generate cannot do that per row, so hf is left out)")
+                        "different times (transformers' generate cannot do that per row, so hf is left out); "
+                        "None: every prompt makes --new-tokens")
     p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with (prefix caching)")
     p.add_argument("--engines", default=None,
-                   help="comma list of hf, naive, paged, paged-graphs, paged-nocache "
-                        "(default: hf,naive,paged[,paged-graphs]; with --shared-prefix: paged-nocache,paged[,paged-graphs])")
+                   help="comma list of hf, naive, paged, paged-graphs, paged-nocache; None: hf,naive,paged"
+                        "[,paged-graphs] (hf for llama3 when transformers is installed); with --min-new-tokens "
+                        "naive,paged[,paged-graphs]; with --shared-prefix paged-nocache,paged[,paged-graphs]")
     p.add_argument("--hf-batch", type=int, default=64, help="padded batch size of transformers' generate")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16, help="token slots per KV block of the paged engines")
     p.add_argument("--kv-blocks", type=int, default=None,
-                   help="paged pool size (default: the slots the naive cache reserves, so both get the same memory)")
+                   help="paged pool size; None: the slots the naive cache reserves, so both get the same memory")
     p.add_argument("--max-batched-tokens", type=int, default=4096,
                    help="tokens per forward pass of the paged engine (its logits for all of them are materialised)")
     p.add_argument("--attention", default="auto", choices=["auto", "triton", "gather"],
                    help="paged engines' attention (EngineConfig.attention); auto: the Triton decode kernel on CUDA")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the prompts and their lengths")
     p.add_argument("--out", default=None, help="directory for results.json and the plots")
     args, unknown = p.parse_known_args(argv)
     if len(unknown) % 2 or not all(k.startswith("--") for k in unknown[::2]):
-        raise SystemExit(f"error: config overrides must be --key value pairs, got {unknown}")
-    cfg = apply_overrides(preset(args.preset), {k[2:]: v for k, v in zip(unknown[::2], unknown[1::2])})
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
+        raise ValueError(f"config overrides must be --key value pairs, got {' '.join(unknown)}")
+    check_workload(args)
+    try:
+        cfg = apply_overrides(registry.package(args.family).preset(args.preset),
+                              {k[2:]: v for k, v in zip(unknown[::2], unknown[1::2])})
+    except TypeError as e:  # "--hidden-size expects int, got 'big'": the user's value, not a bug
+        raise UserTypeError(str(e)) from e
+    device = resolve_device(args.device)
+    dtype = compute_dtype(args.dtype, device)
     longest = args.shared_prefix + args.max_len
     if longest + args.new_tokens > cfg.max_position_embeddings:
-        raise SystemExit(f"error: prompts of up to {longest} tokens + {args.new_tokens} new exceed "
+        raise ValueError(f"prompts of up to {longest} tokens + {args.new_tokens} new exceed "
                          f"max_position_embeddings={cfg.max_position_embeddings}; pass --max-position-embeddings N")
     cuda = device.type == "cuda"
     varied = args.min_new_tokens is not None
-    default = ("paged-nocache,paged" if args.shared_prefix else "naive,paged" if varied else "hf,naive,paged") + \
-        (",paged-graphs" if cuda else "")
-    engines = (args.engines or default).split(",")
     known = ("hf", "naive", "paged", "paged-graphs", "paged-nocache")
-    if any(e not in known for e in engines):
-        raise SystemExit(f"error: unknown engine in {engines}; choose from {', '.join(known)}")
+    if args.engines is None:
+        engines = (["paged-nocache", "paged"] if args.shared_prefix else ["naive", "paged"] if varied
+                   else ["hf", "naive", "paged"]) + (["paged-graphs"] if cuda else [])
+        if "hf" in engines and args.family != HF_FAMILY:
+            engines.remove("hf")
+        elif "hf" in engines and (why := transformers_missing()):
+            # The zoo's own engines still run: say in one line what is left out and how to get it.
+            print(f"note: leaving out the transformers baseline hf: {why}", file=sys.stderr, flush=True)
+            engines.remove("hf")
+    else:
+        engines = args.engines.split(",")
+    bad = [e for e in engines if e not in known]
+    if bad:
+        raise ValueError(f"unknown engine {bad[0]!r} in --engines {args.engines}; choose from {', '.join(known)}")
     if "paged-graphs" in engines and not cuda:
-        raise SystemExit("error: paged-graphs needs --device cuda (CUDA graphs)")
-    if "hf" in engines and varied:
-        raise SystemExit("error: hf cannot stop each row at its own max_new_tokens; leave out --min-new-tokens")
+        raise ValueError("paged-graphs needs --device cuda (CUDA graphs)")
+    if args.attention == "triton" and not cuda:  # refused now, not after the other engines have run
+        raise ValueError("--attention triton runs on CUDA only; use --attention gather (or auto) on the CPU")
+    if "hf" in engines:
+        if args.family != HF_FAMILY:
+            raise ValueError(f"the transformers baseline hf runs Llama 3 only (--family {HF_FAMILY}), not --family "
+                             f"{args.family}; leave hf out of --engines")
+        if varied:
+            raise ValueError("hf cannot stop each row at its own max_new_tokens; leave out --min-new-tokens")
+        if why := transformers_missing():
+            raise UserRuntimeError(f"--engines hf (the transformers baseline) needs transformers: {why}; "
+                                   f"or leave hf out of --engines")
 
     torch.manual_seed(args.seed)
     with torch.device(device):
-        model = Llama3(cfg)
+        model = registry.model_class(args.family)(cfg)
     model = model.to(dtype).eval()
     prompts = make_prompts(args.num_prompts, args.min_len, args.max_len, cfg.vocab_size, args.shared_prefix, args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
     new_tokens = (torch.randint(args.min_new_tokens, args.new_tokens + 1, (len(prompts),), generator=g).tolist()
                   if varied else [args.new_tokens] * len(prompts))
-    kv_blocks = args.kv_blocks or -(-len(prompts) * (longest + args.new_tokens) // args.block_size)
+    kv_blocks = args.kv_blocks
+    if kv_blocks is None:
+        kv_blocks = -(-len(prompts) * (longest + args.new_tokens) // args.block_size)
     gpu = torch.cuda.get_device_name(device).replace(" ", "_") if cuda else "none"
-    where = (f"preset={args.preset} device={device.type} gpu={gpu} torch={torch.__version__} "
+    where = (f"family={args.family} preset={args.preset} device={device.type} gpu={gpu} torch={torch.__version__} "
              f"dtype={str(dtype).removeprefix('torch.')} "
              f"prompts={len(prompts)} len={args.min_len}-{args.max_len} shared_prefix={args.shared_prefix} "
              f"new_tokens={f'{args.min_new_tokens}-' if varied else ''}{args.new_tokens}")

@@ -34,7 +34,7 @@ from architectures.common.cache import KVSpec
 from inference.block_manager import BlockManager
 from inference.cuda_graphs import DecodeGraphs
 from inference.paged_cache import PagedBatch, PagedKVPool, build_metadata
-from inference.sampling import SamplingParams, sample_next
+from inference.sampling import SamplingParams, check_prompt_ids, eos_ids, sample_next
 from inference.scheduler import Scheduler, Sequence
 from inference.triton_paged_attention import triton_unavailable_reason
 
@@ -51,6 +51,18 @@ class EngineConfig:
     # "reference" (slow oracle, for tests), or "auto": "triton" where it can run, else "gather"
     cuda_graphs: bool = False  # replay decode-only steps from CUDA graphs (needs a CUDA device)
     max_model_len: int | None = None  # longest prompt + max_new_tokens; None: the model's max_position_embeddings
+
+    def __post_init__(self):
+        # Checked here, so that dataclasses.replace checks overrides too. A 0 would otherwise read
+        # as "not set" (`cfg.num_blocks or default`) or make a scheduler that never schedules.
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"EngineConfig.num_blocks must be >= 1, got {self.num_blocks}; leave it None to size "
+                             f"the pool from free GPU memory (4096 blocks on a CPU)")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError(f"EngineConfig.gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
 
 
 @dataclass
@@ -111,11 +123,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[str, tuple[list[int], list[Sequence]]] = {}
-        self._eos = self._eos_ids(model.config.eos_token_id)
-
-    @staticmethod
-    def _eos_ids(eos) -> set[int]:
-        return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._eos = eos_ids(model.config.eos_token_id)
 
     def _choose_attention(self, choice: str) -> str:
         """The kernel follows what the layers cache: the Triton decode kernel reads K/V of equal widths."""
@@ -147,6 +155,7 @@ class LLMEngine:
                     request_id: str | None = None) -> str:
         """Queue a prompt; returns its id. Every check happens here, so a bad request fails now,
         with a message, instead of failing (or hanging) later inside a step."""
+        check_prompt_ids(prompt_ids)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompt = [int(t) for t in prompt_ids]

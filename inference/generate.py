@@ -8,13 +8,16 @@ from typing import Iterator
 import torch
 
 from inference.kv_cache import NaiveKVCache
-from inference.sampling import SamplingParams, sample_next
+from inference.sampling import SamplingParams, check_prompt_ids, sample_next
 
 
-@torch.no_grad()
 def stream(model, prompt_ids: list[int], params: SamplingParams = SamplingParams(), stop_ids=(),
            use_cache: bool = True) -> Iterator[int]:
-    """Yield new token ids one by one; stops after max_new_tokens or on a token in stop_ids."""
+    """Yield new token ids one by one; stops after max_new_tokens or on a token in stop_ids.
+
+    The arguments are checked when `stream` is called, not at the first `next()`, so a bad
+    request fails where it was made."""
+    check_prompt_ids(prompt_ids)
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos id)")
     if params.n != 1:
@@ -26,6 +29,11 @@ def stream(model, prompt_ids: list[int], params: SamplingParams = SamplingParams
             f"prompt of {len(prompt_ids)} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
             f"model's max_position_embeddings={limit}; shorten the prompt or lower max_new_tokens"
         )
+    return _tokens(model, prompt_ids, params, stop_ids, use_cache)
+
+
+@torch.no_grad()
+def _tokens(model, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int], use_cache: bool) -> Iterator[int]:
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)

@@ -17,13 +17,13 @@ tests/inference/test_memory.py; notes/kv-cache.md uses them.
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
 from architectures import registry
 from architectures.common.cache import KVSpec, bytes_per_token
+from architectures.common.errors import ArgumentParser, command_line
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
@@ -75,21 +75,23 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.3f}"
 
 
+@command_line
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m inference.memory", description=__doc__.split("\n")[0])
-    p.add_argument("--family", default="llama3", help="architecture package under architectures/")
-    p.add_argument("--preset", default="llama-3.2-1b")
+    p = ArgumentParser(prog="python -m inference.memory", description=__doc__.split("\n")[0])
+    p.add_argument("--family", default="llama3", help=f"architecture family ({', '.join(registry.FAMILIES)})")
+    p.add_argument("--preset", default="llama-3.2-1b", help="the family's preset whose layers are counted")
     p.add_argument("--seq-len", type=int, default=8192, help="slots the naive cache reserves per sequence")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--mean-len", type=int, default=None, help="tokens a sequence really holds (default: seq-len)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
+    p.add_argument("--batch", type=int, default=32, help="sequences in the batch")
+    p.add_argument("--mean-len", type=int, default=None, help="tokens a sequence really holds; None: --seq-len")
+    p.add_argument("--block-size", type=int, default=16, help="token slots per block of the paged cache")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="number format of the cached K/V")
     a = p.parse_args(argv)
-    if a.seq_len < 1 or a.batch < 1 or a.block_size < 1:
-        raise SystemExit("error: --seq-len, --batch and --block-size must be >= 1")
-    mean = a.mean_len or a.seq_len
+    for flag, value in (("--seq-len", a.seq_len), ("--batch", a.batch), ("--block-size", a.block_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    mean = a.mean_len if a.mean_len is not None else a.seq_len
     if not 1 <= mean <= a.seq_len:
-        raise SystemExit(f"error: --mean-len must be in [1, --seq-len={a.seq_len}], got {mean}")
+        raise ValueError(f"--mean-len must be in [1, --seq-len={a.seq_len}], got {mean}")
     cfg = registry.package(a.family).preset(a.preset)
     specs = cache_specs(a.family, cfg)
     nbytes = DTYPE_BYTES[a.dtype]

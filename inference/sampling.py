@@ -1,13 +1,17 @@
-"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus) sampling.
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus) sampling;
+and what every generator checks of a request before it starts (its params, its prompt ids, the EOS ids).
 
 Top-p: "The Curious Case of Neural Text Degeneration" (Holtzman et al., 2019, arXiv:1904.09751).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from architectures.common.errors import UserTypeError
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,12 @@ class SamplingParams:
         if self.n < 1:
             raise ValueError(f"n (completions per prompt) must be >= 1, got {self.n}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        # NaN passes every comparison below unnoticed (nan < 0 is False) and argparse's float
+        # accepts "nan" and "inf", so non-finite values are refused by name first.
+        for name in ("temperature", "top_k", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if self.top_k < 0:
@@ -33,6 +43,27 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+
+
+def eos_ids(eos_token_id: int | list[int] | None) -> set[int]:
+    """A config's `eos_token_id` as a set: Hugging Face configs hold one id, a list of ids
+    (Llama 3 Instruct ends turns with several) or None."""
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, (list, tuple, set)):
+        return {int(t) for t in eos_token_id}
+    return {int(eos_token_id)}
+
+
+def check_prompt_ids(prompt_ids, name: str = "prompt_ids") -> None:
+    """Refuse text where token ids are expected. A str is a sequence too, so without this
+    check "hello" would fail deep inside, at int('h'), with a message about something else."""
+    text = isinstance(prompt_ids, (str, bytes)) or (
+        isinstance(prompt_ids, (list, tuple)) and any(isinstance(t, (str, bytes)) for t in prompt_ids))
+    if text or not hasattr(prompt_ids, "__len__"):
+        shown = repr(prompt_ids) if len(repr(prompt_ids)) <= 60 else repr(prompt_ids)[:57] + "..."
+        hint = "; encode the text with the tokenizer first" if text else ""
+        raise UserTypeError(f"{name} must be a list of token ids, got {type(prompt_ids).__name__} {shown}{hint}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -19,6 +19,8 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from architectures.common.errors import UserTypeError
+
 C = TypeVar("C")
 
 _NONE = type(None)
@@ -54,7 +56,7 @@ def check_value(name: str, value: Any, tp, where: str) -> Any:
     elif isinstance(value, tuple(t for t in allowed if t is not _NONE)):
         return value
     names = " or ".join("None" if t is _NONE else t.__name__ for t in allowed)
-    raise TypeError(f"{where}: field '{name}' must be {names}, got {type(value).__name__} {value!r}")
+    raise UserTypeError(f"{where}: field '{name}' must be {names}, got {type(value).__name__} {value!r}")
 
 
 def config_from_dict(cls: type[C], d: dict[str, Any], where: str | None = None) -> C:
@@ -91,7 +93,7 @@ def parse_value(name: str, text: str, tp, where: str) -> Any:
             except ValueError:
                 continue
     names = " or ".join("None" if t is _NONE else t.__name__ for t in allowed)
-    raise TypeError(f"{where}: --{name.replace('_', '-')} expects {names}, got {text!r}")
+    raise UserTypeError(f"{where}: --{name.replace('_', '-')} expects {names}, got {text!r}")
 
 
 def apply_overrides(cfg: C, overrides: dict[str, str], where: str | None = None) -> C:

@@ -79,11 +79,21 @@ def command_line(main):
     return wrapped
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help, except where there is no default to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.required or action.default in (None, argparse.SUPPRESS, False):
+            return text
+        return text + " (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (`error: ... (see --help)`, no usage block) and defaults in --help."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):

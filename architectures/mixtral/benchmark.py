@@ -17,22 +17,34 @@ where TFLOP/s counts the useful (active) matmul FLOPs, 3 x 2 x N x (k x 3DF + DE
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-import transformers
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
+from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
 from architectures.mixtral.config import MixtralConfig
 from architectures.mixtral.model import SparseMoE, masked_moe_reference
+from training.device import resolve_device
+
+IMPLS = ("ours", "hf_grouped_mm", "hf_eager", "naive")
 
 DEFAULTS = {"cuda": dict(tokens=16384, hidden=1024, ffn=3584, dtype="bf16"),
             "cpu": dict(tokens=2048, hidden=256, ffn=896, dtype="fp32")}
 
 
-def build(args, device, dtype):
+def import_transformers():
+    """transformers is the test oracle (the test extra), not a dependency of the zoo."""
+    try:
+        import transformers
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError as e:
+        raise UserRuntimeError(f'hf_grouped_mm and hf_eager need transformers ({e}), which comes with the test '
+                               f'extra: pip install -e ".[test]"; or pass --impls ours,naive') from e
+    return transformers, MixtralSparseMoeBlock
+
+
+def build(args, device, dtype, wanted=IMPLS):
     cfg = MixtralConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_local_experts=args.experts,
                         num_experts_per_tok=args.top_k)
     torch.manual_seed(0)
@@ -44,7 +56,10 @@ def build(args, device, dtype):
         ours.experts.down_proj.normal_(std=0.02)
     ours = ours.to(device, dtype)
     impls = {"ours": ours, "naive": lambda x: masked_moe_reference(ours, x)}
-    for name in ("grouped_mm", "eager"):
+    hf_impls = [name for name in ("grouped_mm", "eager") if f"hf_{name}" in wanted]
+    if hf_impls:
+        transformers, MixtralSparseMoeBlock = import_transformers()
+    for name in hf_impls:
         # One config per block: the block reads config._experts_implementation at every call.
         hf_cfg = transformers.MixtralConfig(hidden_size=args.hidden, intermediate_size=args.ffn,
                                             num_local_experts=args.experts, num_experts_per_tok=args.top_k)
@@ -85,32 +100,41 @@ def time_round_robin(fns: dict, x, grad, params, warmup: int, iters: int, device
     return times
 
 
+@command_line
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m architectures.mixtral.benchmark")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tokens", type=int, default=None, help="N = batch x sequence (default: 16384 GPU, 2048 CPU)")
-    p.add_argument("--hidden", type=int, default=None, help="D (default: 1024 GPU, 256 CPU)")
-    p.add_argument("--ffn", type=int, default=None, help="F, one expert's width (default: 3584 GPU, 896 CPU)")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 GPU, fp32 CPU")
-    p.add_argument("--warmup", type=int, default=None, help="default: 5 GPU, 1 CPU")
-    p.add_argument("--iters", type=int, default=None, help="default: 20 GPU, 3 CPU")
-    p.add_argument("--impls", default="ours,hf_grouped_mm,hf_eager,naive")
+    p = ArgumentParser(prog="python -m architectures.mixtral.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="N = batch x sequence; None: 16384 on a GPU, 2048 on the CPU")
+    p.add_argument("--hidden", type=int, default=None, help="D, the model width; None: 1024 on a GPU, 256 on the CPU")
+    p.add_argument("--ffn", type=int, default=None, help="F, one expert's width; None: 3584 on a GPU, 896 on the CPU")
+    p.add_argument("--experts", type=int, default=8, help="E, experts in the layer")
+    p.add_argument("--top-k", type=int, default=2, help="k, experts each token is routed to")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="None: bf16 on a GPU, fp32 on the CPU")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first; None: 5 on a GPU, 1 on the CPU")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations, whose median is reported; "
+                                                           "None: 20 on a GPU, 3 on the CPU")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    wanted = args.impls.split(",")
+    unknown = [name for name in wanted if name not in IMPLS]
+    if unknown:
+        raise ValueError(f"unknown --impls {unknown[0]!r}; choose from {', '.join(IMPLS)}")
+    device = resolve_device(args.device)
     for key, value in DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
     args.iters = args.iters if args.iters is not None else (20 if device.type == "cuda" else 3)
+    for flag, value, least in (("--tokens", args.tokens, 1), ("--hidden", args.hidden, 1), ("--ffn", args.ffn, 1),
+                               ("--experts", args.experts, 1), ("--warmup", args.warmup, 0),
+                               ("--iters", args.iters, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    impls = build(args, device, dtype)
-    wanted = args.impls.split(",")
-    unknown = sorted(set(wanted) - set(impls))
-    if unknown:
-        raise SystemExit(f"error: unknown --impls {unknown}; choose from {sorted(impls)}")
-    params = list(impls["ours"].parameters()) + [q for n in ("hf_grouped_mm", "hf_eager") for q in impls[n].parameters()]
+    impls = build(args, device, dtype, wanted)
+    params = list(impls["ours"].parameters()) + [q for n in ("hf_grouped_mm", "hf_eager") if n in impls
+                                                 for q in impls[n].parameters()]
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(1, args.tokens, args.hidden, generator=g).to(device, dtype).requires_grad_()
     grad = torch.randn(1, args.tokens, args.hidden, generator=g).to(device, dtype)

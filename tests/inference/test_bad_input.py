@@ -2,9 +2,11 @@
 
 import pytest
 
+from architectures.common.errors import UserTypeError
 from inference.batched import generate_batch
 from inference.engine import EngineConfig, LLMEngine
-from inference.sampling import SamplingParams
+from inference.generate import stream
+from inference.sampling import SamplingParams, eos_ids
 
 
 @pytest.fixture
@@ -77,3 +79,73 @@ def test_engine_config_mistakes(model):
         LLMEngine(model, blocksize=8)
     with pytest.raises(ValueError, match="max_model_len=4096 exceeds the model's max_position_embeddings=128"):
         LLMEngine(model, EngineConfig(num_blocks=8, max_model_len=4096))
+
+
+@pytest.mark.parametrize("field,value", [("temperature", float("nan")), ("temperature", float("inf")),
+                                         ("top_p", float("nan")), ("top_p", float("inf")), ("top_k", float("inf"))])
+def test_non_finite_sampling_settings(field, value):
+    # NaN slips through every range check (nan < 0 is False), and argparse's float accepts "nan".
+    with pytest.raises(ValueError, match=rf"{field} must be a finite number, got {value}"):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(num_blocks=0), r"num_blocks must be >= 1, got 0; leave it None to size the pool"),
+    (dict(num_blocks=-4), r"num_blocks must be >= 1, got -4"),
+    (dict(block_size=0), r"block_size must be >= 1, got 0"),
+    (dict(max_num_seqs=0), r"max_num_seqs must be >= 1, got 0"),
+    (dict(max_num_batched_tokens=-1), r"max_num_batched_tokens must be >= 1, got -1"),
+    (dict(gpu_memory_fraction=0.0), r"gpu_memory_fraction must be in \(0, 1\], got 0.0"),
+    (dict(gpu_memory_fraction=1.5), r"gpu_memory_fraction must be in \(0, 1\], got 1.5"),
+    (dict(gpu_memory_fraction=float("nan")), r"gpu_memory_fraction must be in \(0, 1\], got nan"),
+])
+def test_engine_config_that_describes_no_pool_or_no_batch(model, fields, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**fields)
+    with pytest.raises(ValueError, match=message):
+        LLMEngine(model, **fields)
+
+
+def test_num_blocks_none_sizes_the_pool_by_default(model):
+    # 0 used to be read as "not set" and silently gave this default pool; only None means that now.
+    assert LLMEngine(model, EngineConfig(num_blocks=None)).blocks.num_blocks == 4096  # the CPU default
+
+
+def test_a_prompt_given_as_text_is_refused_with_a_hint(engine, model):
+    hint = r"must be a list of token ids, got str 'hello'; encode the text with the tokenizer first"
+    with pytest.raises(UserTypeError, match="prompt_ids " + hint):
+        engine.add_request("hello")
+    assert not engine.has_unfinished()
+    with pytest.raises(UserTypeError, match="prompt_ids " + hint):
+        stream(model, "hello")  # checked when called, before any token is asked for
+    with pytest.raises(UserTypeError, match=r"prompts\[1\] " + hint):
+        generate_batch(model, [[1, 2], "hello"])
+    with pytest.raises(UserTypeError, match=r"prompts must be a list of prompts, each a list of token ids, got str"):
+        generate_batch(model, "hello")
+    with pytest.raises(UserTypeError, match=r"prompt_ids must be a list of token ids, got list \['he', 'llo'\]; "):
+        engine.add_request(["he", "llo"])  # tokens as strings: text too
+    assert issubclass(UserTypeError, TypeError), "callers that catch TypeError still catch it"
+
+
+def test_the_library_stream_still_refuses_a_request_longer_than_the_context(model):
+    # Only the generate command line shortens the request (with a note); the library says what is wrong.
+    with pytest.raises(ValueError, match=r"prompt of 120 tokens \+ max_new_tokens=20 exceeds the model's "
+                                         r"max_position_embeddings=128"):
+        stream(model, [1] * 120, SamplingParams(max_new_tokens=20))
+
+
+def test_eos_ids_reads_every_form_of_a_config_eos_token_id():
+    assert eos_ids(None) == set() and eos_ids(2) == {2} and eos_ids([2, 5]) == {2, 5}
+
+
+def test_naive_batch_stops_at_any_of_a_list_of_eos_ids(model, prompts):
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+    expected = generate_batch(model, prompts[:2], greedy)
+    original, model.config.eos_token_id = model.config.eos_token_id, [expected[0][2], 10**6]  # as Llama 3 Instruct
+    try:
+        got = generate_batch(model, prompts[:2], greedy)
+    finally:
+        model.config.eos_token_id = original
+    assert got[0] == expected[0][:expected[0].index(expected[0][2]) + 1]
+    stop = next((i for i, t in enumerate(expected[1]) if t == expected[0][2]), None)
+    assert got[1] == (expected[1] if stop is None else expected[1][:stop + 1])
