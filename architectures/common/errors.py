@@ -84,7 +84,8 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "%(default)" in text or action.required or action.default in (None, argparse.SUPPRESS, False):
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if "%(default)" in text or action.required or action.default is argparse.SUPPRESS or flag:
             return text
         return text + " (default: %(default)s)"
 
