@@ -69,10 +69,29 @@ class LlamaConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
 
+def llama3_intermediate_size(hidden_size: int, ffn_dim_multiplier: float, multiple_of: int) -> int:
+    """The SwiGLU width F that Meta's Llama 3 code derives from the model width D (its params.json
+    gives `dim`, `ffn_dim_multiplier` and `multiple_of`; the hub's config.json stores the result):
+
+        F = int(2 * 4D / 3)                  # 8D/3: three matrices cost what a 4D GELU MLP's two do
+        F = int(ffn_dim_multiplier * F)      # widened: 1.3 in Llama 3 8B, 1.5 in 3.2 1B, 1.0 in 3.2 3B
+        F = multiple_of * ceil(F / multiple_of)  # rounded up to a multiple of 256 or 1024
+
+    Llama 3 8B: (4096, 1.3, 1024) -> 14336; Llama 3.2 1B: (2048, 1.5, 256) -> 8192; 3B: (3072, 1.0, 256) -> 8192.
+    """
+    hidden_dim = int(2 * (4 * hidden_size) / 3)
+    hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
 _LLAMA32_ROPE = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
 _LLAMA31_ROPE = dict(_LLAMA32_ROPE, factor=8.0)
 
+# intermediate_size: the published presets carry Meta's value, which `llama3_intermediate_size`
+# reproduces (tests/architectures/llama3/test_config.py); our own three were picked by hand, not derived.
+# shakespeare's and gpt2-124m's equal the rule at (1.0, 256), which is 8D/3; tiny's 384 = 3D does not
+# (the rule at (1.0, 256) gives 512).
 PRESETS: dict[str, LlamaConfig] = {
     # CPU quick start: a few minutes on 2 cores (vocab_size is set from the trained tokenizer).
     "tiny": LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -84,7 +103,8 @@ PRESETS: dict[str, LlamaConfig] = {
     "gpt2-124m": LlamaConfig(vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                              num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
                              tie_word_embeddings=True),
-    # The published shapes (meta-llama/Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B config.json).
+    # The published shapes (meta-llama/Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B config.json); intermediate_size
+    # is llama3_intermediate_size(D, ffn_dim_multiplier, multiple_of) of Meta's params.json: (1.5, 256), (1.0, 256), (1.3, 1024).
     "llama-3.2-1b": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                 num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                                 max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE,

@@ -1,0 +1,356 @@
+"""Every architecture of the zoo is the same function as its transformers reference, and loads,
+saves and refuses checkpoints the same way. One row per architecture; every test runs over
+every row, so a new family joins all of them by adding its row to ROWS.
+
+A row builds tiny random transformers models of its family (one per named variant: GQA ratios,
+RoPE scaling, expert counts, ...), saves them with `save_pretrained` (the hub layout) and loads
+them with `architectures.registry.package(family).from_pretrained`. The checks:
+1. logits equal transformers' in fp32 within the row's tolerance (1e-4: both compute the same
+   ops, up to summation order and SDPA kernels; a wrong weight, norm or rotation shows at 1e-2
+   or more);
+2. greedy generation equals transformers' `generate`, token for token, with our KV cache on and off;
+3. our `save_pretrained` writes a directory transformers loads into the same function, and that
+   we load back to the same config;
+4. sharded checkpoints (`model.safetensors.index.json`) load; bf16 loads close to fp32;
+5. bad checkpoints fail with an error that says what is wrong: a missing tensor, a tensor of the
+   wrong shape, a config.json with a layer more or less than the weights, a truncated or
+   corrupted safetensors file, a missing shard, a config.json of another family (the error
+   names the package that loads it, from the registry), a missing or unreadable config.json.
+What only one family has (Mixtral's router logits and fused layout, Llama's RoPE type errors)
+stays in tests/architectures/<family>/.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+# The oracle is imported, never skipped: without it these tests must fail, not pass vacuously.
+import transformers
+
+from architectures import registry
+from inference.generate import generate
+from inference.sampling import SamplingParams
+
+PROMPT = [5, 17, 42, 8, 3, 77]
+
+
+@dataclass(frozen=True)
+class Row:
+    family: str  # the name in architectures.registry
+    # make_reference(path, **variant, **save_kwargs): a tiny random transformers model of the family,
+    # saved with save_pretrained(path, **save_kwargs), returned in eval mode
+    make_reference: Callable[..., transformers.PreTrainedModel]
+    variants: dict[str, dict]  # the reference configs the logits test covers, by name; the first is the default
+    generation_variants: tuple[str, ...]  # the variants whose greedy generations are compared
+    make_ours: Callable[[], torch.nn.Module]  # a tiny random model of ours, for the save -> transformers direction
+    tolerance: float = 1e-4  # on fp32 logits, relative and absolute
+    seq_len: int = 100  # tokens per row of the logits test
+    new_tokens: int = 40  # greedy tokens generated
+
+    @property
+    def package(self):
+        return registry.package(self.family)
+
+    @property
+    def model_type(self) -> str:
+        return registry.family(self.family).model_types[0]
+
+    def reference(self, path: Path, variant: str | None = None, **save_kwargs):
+        return self.make_reference(path, **self.variants[variant or next(iter(self.variants))], **save_kwargs)
+
+
+def perturb_norms(ref: torch.nn.Module) -> None:
+    """Random init leaves the norms at 1; perturb them so a swapped or ignored norm would show."""
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+# ---- Llama 3 ----------------------------------------------------------------------------------
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+
+
+def llama_reference(path, gqa_ratio=2, rope_scaling=None, tie=False, seed=0, **save_kwargs):
+    torch.manual_seed(seed)
+    heads = 4
+    cfg = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=heads // gqa_ratio, max_position_embeddings=128, rms_norm_eps=1e-5,
+        rope_theta=10000.0, rope_scaling=dict(rope_scaling) if rope_scaling else None, tie_word_embeddings=tie,
+    )  # a copy: transformers writes rope_theta into the dict it is given
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    perturb_norms(ref)
+    ref.save_pretrained(path, **save_kwargs)
+    return ref
+
+
+def llama_ours():
+    from architectures.llama3 import Llama3, LlamaConfig
+
+    torch.manual_seed(0)
+    return Llama3(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                              rope_scaling={k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"},
+                              tie_word_embeddings=True)).eval()
+
+
+# GQA ratios 1, 2, 4 (MHA, GQA, MQA-like), with and without Llama 3.1 RoPE scaling, tied and untied.
+LLAMA_VARIANTS = {
+    f"gqa{g}-{'llama3rope' if r else 'rope'}-{'tied' if t else 'untied'}": dict(gqa_ratio=g, rope_scaling=r, tie=t)
+    for g, r, t in itertools.product([2, 1, 4], [None, LLAMA3_ROPE], [False, True])
+}
+
+
+# ---- Mixtral ----------------------------------------------------------------------------------
+
+def mixtral_reference(path, experts=8, top_k=2, seed=0, **save_kwargs):
+    torch.manual_seed(seed)
+    cfg = transformers.MixtralConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_local_experts=experts, num_experts_per_tok=top_k,
+        rope_theta=10000.0,
+    )
+    ref = transformers.MixtralForCausalLM(cfg).eval()
+    perturb_norms(ref)
+    # A random router is near uniform; scaled up, its routing is decisive and differs per token.
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(20)
+    ref.save_pretrained(path, **save_kwargs)
+    return ref
+
+
+def mixtral_ours():
+    from architectures.mixtral import Mixtral, MixtralConfig
+
+    torch.manual_seed(0)
+    ours = Mixtral(MixtralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 num_local_experts=4, num_experts_per_tok=2)).eval()
+    with torch.no_grad():
+        for layer in ours.model.layers:
+            layer.mlp.gate.weight.mul_(20)
+    return ours
+
+
+MIXTRAL_VARIANTS = {f"{e}experts-top{k}": dict(experts=e, top_k=k) for e, k in [(8, 2), (4, 1), (4, 2), (8, 1)]}
+
+
+ROWS = [
+    Row("llama3", llama_reference, LLAMA_VARIANTS, ("gqa1-rope-untied", "gqa4-llama3rope-untied"), llama_ours),
+    Row("mixtral", mixtral_reference, MIXTRAL_VARIANTS, ("4experts-top1", "8experts-top2"), mixtral_ours),
+]
+
+LOGITS_CASES = [(row, v) for row in ROWS for v in row.variants]
+GENERATION_CASES = [(row, v) for row in ROWS for v in row.generation_variants]
+by_row = pytest.mark.parametrize("row", ROWS, ids=[r.family for r in ROWS])
+
+
+def test_every_registered_family_has_a_row():
+    missing = sorted(set(registry.FAMILIES) - {r.family for r in ROWS})
+    assert not missing, (f"registered famil{'ies' if len(missing) > 1 else 'y'} {missing} without a row in ROWS: "
+                         f"add one (a transformers reference builder, its variants, a builder of our model)")
+    assert len(ROWS) == len({r.family for r in ROWS}) and all(r.family in registry.FAMILIES for r in ROWS)
+
+
+# ---- 1. logits --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("row,variant", LOGITS_CASES, ids=[f"{r.family}-{v}" for r, v in LOGITS_CASES])
+def test_logits_match_transformers(tmp_path, row, variant):
+    ref = row.reference(tmp_path, variant)
+    ours = row.package.from_pretrained(tmp_path)
+    V = ref.config.vocab_size
+    ids = torch.randint(0, V, (3, row.seq_len), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = ours(ids)
+    assert got.shape == (3, row.seq_len, V)
+    torch.testing.assert_close(got, expected, rtol=row.tolerance, atol=row.tolerance)
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == ref.config.tie_word_embeddings
+
+
+# ---- 2. greedy generation, cache on and off ---------------------------------------------------
+
+@pytest.mark.parametrize("row,variant", GENERATION_CASES, ids=[f"{r.family}-{v}" for r, v in GENERATION_CASES])
+def test_greedy_generation_matches_transformers_with_and_without_cache(tmp_path, row, variant):
+    ref = row.reference(tmp_path, variant)
+    ours = row.package.from_pretrained(tmp_path)
+    n = row.new_tokens
+    expected = ref.generate(torch.tensor([PROMPT]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                            pad_token_id=0)[0, len(PROMPT):].tolist()
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=n)
+    assert generate(ours, PROMPT, greedy, use_cache=True) == expected
+    assert generate(ours, PROMPT, greedy, use_cache=False) == expected
+
+
+# ---- 3. our checkpoints load in transformers --------------------------------------------------
+
+@by_row
+def test_our_checkpoint_loads_in_transformers(tmp_path, row):
+    """The converse direction: what our train scripts write is a valid directory of the family's
+    transformers class, and loads back (through the registry's dispatch) to the same config."""
+    ours = row.make_ours()
+    row.package.save_pretrained(ours, tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert ref.config.model_type == row.model_type
+    ids = torch.randint(0, ours.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=row.tolerance, atol=row.tolerance)
+    again = registry.from_pretrained(tmp_path)
+    assert type(again) is registry.model_class(row.family)
+    assert again.config == ours.config
+
+
+# ---- 4. sharded checkpoints, bf16 -------------------------------------------------------------
+
+@by_row
+def test_sharded_checkpoint_loads(tmp_path, row):
+    ref = row.reference(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ours = row.package.from_pretrained(tmp_path)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=row.tolerance, atol=row.tolerance)
+
+
+@by_row
+def test_bf16_load_is_close_to_fp32(tmp_path, row):
+    row.reference(tmp_path)
+    fp32, bf16 = row.package.from_pretrained(tmp_path), row.package.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, fp32.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # bf16 keeps 8 mantissa bits: logits of order 1 agree to a few hundredths (with a decisive
+        # router, no token of a mixture of experts switches experts).
+        torch.testing.assert_close(bf16(ids).float(), fp32(ids), rtol=0.05, atol=0.05)
+
+
+# ---- 5. bad checkpoints -----------------------------------------------------------------------
+
+def edit_weights(directory: Path, edit) -> None:
+    """Rewrite model.safetensors with edit(state) applied to its tensors."""
+    f = directory / "model.safetensors"
+    state = load_file(f)
+    edit(state)
+    save_file(state, f, metadata={"format": "pt"})
+
+
+def last_layer_tensor(directory: Path) -> str:
+    """A tensor of the last layer: every family names its layers model.layers.{i}, as transformers does."""
+    names = load_file(directory / "model.safetensors").keys()
+    last = max(int(m[1]) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n)))
+    return sorted(n for n in names if n.startswith(f"model.layers.{last}."))[-1]
+
+
+@by_row
+def test_missing_tensor_is_named(tmp_path, row):
+    row.reference(tmp_path)
+    name = last_layer_tensor(tmp_path)
+    edit_weights(tmp_path, lambda state: state.pop(name))
+    with pytest.raises(ValueError, match=rf"missing.*\[{re.escape(repr(name))}\]"):
+        row.package.from_pretrained(tmp_path)
+
+
+@by_row
+def test_tensor_of_the_wrong_shape_is_named_with_both_shapes(tmp_path, row):
+    row.reference(tmp_path)
+    name = last_layer_tensor(tmp_path)
+    shape = tuple(load_file(tmp_path / "model.safetensors")[name].shape)
+    edit_weights(tmp_path, lambda state: state.update({name: state[name][:-1].clone()}))
+    wrong = (shape[0] - 1, *shape[1:])
+    with pytest.raises(ValueError, match=rf"shape mismatches.*{re.escape(f'{name}: checkpoint {wrong} vs model {shape}')}"):
+        row.package.from_pretrained(tmp_path)
+
+
+@by_row
+def test_config_with_a_layer_more_or_less_than_the_weights_names_the_tensors(tmp_path, row, edit_config):
+    ref = row.reference(tmp_path)
+    L = ref.config.num_hidden_layers
+    edit_config(tmp_path, num_hidden_layers=L + 1)
+    with pytest.raises(ValueError, match=rf"missing.*'model\.layers\.{L}\."):
+        row.package.from_pretrained(tmp_path)
+    edit_config(tmp_path, num_hidden_layers=L - 1)
+    with pytest.raises(ValueError, match=rf"unexpected tensors \[.*'model\.layers\.{L - 1}\."):
+        row.package.from_pretrained(tmp_path)
+
+
+@by_row
+def test_truncated_safetensors_is_reported(tmp_path, row):
+    row.reference(tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        row.package.from_pretrained(tmp_path)
+
+
+@by_row
+def test_corrupted_safetensors_header_is_reported(tmp_path, row):
+    row.reference(tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"not a header"
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        row.package.from_pretrained(tmp_path)
+
+
+@by_row
+def test_missing_shard_is_named(tmp_path, row):
+    row.reference(tmp_path, max_shard_size="20KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        row.package.from_pretrained(tmp_path)
+
+
+@by_row
+def test_config_of_another_family_names_the_package_that_loads_it(tmp_path, row):
+    for other in (r for r in ROWS if r.family != row.family):
+        directory = tmp_path / other.family
+        other.reference(directory)
+        loader = re.escape(registry.family(other.family).package)
+        with pytest.raises(ValueError, match=rf"model_type='{other.model_type}'.*not a '{row.model_type}' model.*{loader}"):
+            row.package.from_pretrained(directory)
+    # A model_type no family loads: the error lists what the zoo does load.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=rf"model_type='gpt2'.*{re.escape(registry.family(row.family).package)}"):
+        row.package.from_pretrained(tmp_path)
+
+
+@by_row
+def test_missing_directory_config_or_weights_are_reported(tmp_path, row):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        row.package.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        row.package.from_pretrained(tmp_path)
+    row.reference(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
+        row.package.from_pretrained(tmp_path)
+
+
+@by_row
+def test_config_json_missing_or_invalid_is_reported(tmp_path, row):
+    row.reference(tmp_path)
+    config = tmp_path / "config.json"
+    text = config.read_text()
+    config.unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no config.json.*model.safetensors"):
+        row.package.from_pretrained(tmp_path)
+    config.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        row.package.from_pretrained(tmp_path)
