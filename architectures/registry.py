@@ -31,6 +31,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llama3": Family("architectures.llama3", "Llama3", ("llama",)),
     "mixtral": Family("architectures.mixtral", "Mixtral", ("mixtral",)),
+    "deepseek_v3": Family("architectures.deepseek_v3", "DeepseekV3", ("deepseek_v3", "kimi_k2")),
 }
 
 

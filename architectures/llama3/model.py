@@ -5,7 +5,7 @@ Papers: "The Llama 3 Herd of Models" (2024, arXiv:2407.21783); RoPE: "RoFormer" 
 arXiv:2104.09864); GQA: "GQA: Training Generalized Multi-Query Transformer Models" (2023,
 arXiv:2305.13245); SwiGLU: "GLU Variants Improve Transformer" (2020, arXiv:2002.05202).
 Reference implementation it is tested against: transformers' `LlamaForCausalLM`
-(tests/architectures/llama3/test_matches_transformers.py). Module names mirror it, so a
+(tests/architectures/test_conformance.py). Module names mirror it, so a
 published checkpoint's tensors load by name with no renaming table.
 
 The stack itself (embedding, pre-norm blocks with RMSNorm, final norm, head, input checks,
@@ -28,84 +28,31 @@ from torch import nn
 from architectures.common.attention import attend_kv, causal_attention
 from architectures.common.cache import KVSpec
 from architectures.common.decoder import CausalLM, RMSNorm
+from architectures.common.rope import RotaryEmbedding as BaseRotaryEmbedding
+from architectures.common.rope import apply_rope, rope_parameters, rope_tables
 from architectures.llama3.config import LlamaConfig
 
-__all__ = ["Llama3", "Attention", "SwiGLU", "RotaryEmbedding", "RMSNorm", "apply_rope", "rope_inverse_frequencies"]
+__all__ = ["Llama3", "Attention", "SwiGLU", "RotaryEmbedding", "RMSNorm", "apply_rope", "rope_inverse_frequencies",
+           "rope_tables"]
 
 
 def rope_inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
-    """theta_i = base^(-2i/d) for i < d/2, optionally rescaled as in Llama 3.1.
-
-    Llama 3.1 scaling keeps high frequencies (wavelength < original_context/high_freq_factor)
-    unchanged, divides low frequencies (wavelength > original_context/low_freq_factor) by
-    `factor`, and interpolates smoothly in between, so the model sees long contexts without
-    retraining the short-range positional detail.
-    """
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # (d/2,)
-    if cfg.rope_scaling is None:
-        return inv_freq
-    s = cfg.rope_scaling
-    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_len / wavelen - lo) / (hi - lo)  # 0 at the low-frequency edge, 1 at the high one
-    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
-    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
-    return torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    """theta_i = base^(-2i/d) for i < d/2, optionally rescaled as in Llama 3.1 (architectures/common/rope.py
+    holds the formulas, beside YaRN's)."""
+    return rope_parameters(cfg.head_dim, cfg.rope_theta, llama3_scaling(cfg))[0]
 
 
-@torch.library.custom_op("zoo::rope_tables", mutates_args=())
-def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles: positions (B, T) int, inv_freq (d/2,) -> two (B, T, d) fp32.
-
-    A custom op, so that torch.compile treats it as one opaque kernel whose two small outputs are
-    kept (and saved for the backward). Written as plain tensor code, the compiler inlines the
-    cos/sin into every kernel that reads the tables: each layer's RoPE recomputed the
-    transcendentals for every element of q and k, forward and backward, which cost 9% of the
-    compiled training step of the gpt2-124m preset on an H100 (notes/training-loop.md).
-    """
-    angles = positions[..., None].float() * inv_freq.float()  # (B, T, d/2), in fp32 for accuracy at large positions
-    angles = torch.cat([angles, angles], dim=-1)  # (B, T, d): the half-split channel layout
-    return angles.cos(), angles.sin()
+def llama3_scaling(cfg: LlamaConfig) -> dict | None:
+    """Our config's rope_scaling (Llama 3.1's four keys, or None) as a rope_scaling dict with its type."""
+    return None if cfg.rope_scaling is None else dict(cfg.rope_scaling, rope_type="llama3")
 
 
-@rope_tables.register_fake
-def _rope_tables_shapes(positions, inv_freq):
-    shape = (*positions.shape, 2 * inv_freq.shape[0])
-    return positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32)
-
-
-class RotaryEmbedding(nn.Module):
-    """Maps absolute positions to the (cos, sin) tables that rotate queries and keys."""
+class RotaryEmbedding(BaseRotaryEmbedding):
+    """Llama's RoPE tables: head_dim channels, base rope_theta, Llama 3.1 scaling when configured."""
 
     def __init__(self, cfg: LlamaConfig):
-        super().__init__()
+        super().__init__(cfg.head_dim, cfg.rope_theta, llama3_scaling(cfg))
         self.config = cfg
-        # Not persistent: it is derived from the config, and checkpoints do not carry it.
-        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
-
-    def reset_buffers(self) -> None:
-        """Recompute the table (a model built on the meta device has none; see build_and_load)."""
-        self.inv_freq.copy_(rope_inverse_frequencies(self.config))
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: (B, T) or (1, T) int -> cos, sin: (B or 1, T, 1, d) fp32, broadcast over heads
-        cos, sin = rope_tables(positions, self.inv_freq)
-        return cos[:, :, None], sin[:, :, None]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + d/2) of x (B, T, heads, d) by position-dependent angles.
-
-    Pairs are the two halves of the head, not adjacent channels: that is the layout of the
-    Hugging Face checkpoints (whose q/k weights were permuted from Meta's interleaved layout).
-    The angles are computed in fp32 and the rotation runs in x's dtype, as the reference does:
-    under bf16 that saves an upcast of q and k in every layer.
-    """
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class Attention(nn.Module):

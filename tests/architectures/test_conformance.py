@@ -149,9 +149,56 @@ def mixtral_ours():
 MIXTRAL_VARIANTS = {f"{e}experts-top{k}": dict(experts=e, top_k=k) for e, k in [(8, 2), (4, 1), (4, 2), (8, 1)]}
 
 
+DEEPSEEK_YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+                 "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0}
+
+
+def deepseek_reference(path, q_lora_rank=None, rope_scaling=None, n_shared_experts=1, n_group=2, topk_group=1,
+                       first_k_dense_replace=1, seed=0, **save_kwargs):
+    torch.manual_seed(seed)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=24, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2, n_group=n_group,
+        topk_group=topk_group, n_shared_experts=n_shared_experts, first_k_dense_replace=first_k_dense_replace,
+        routed_scaling_factor=2.5, max_position_embeddings=128, bos_token_id=None, eos_token_id=None,
+        # transformers writes rope_theta and rope_type into the dict it is given: pass a copy
+        rope_scaling=dict(rope_scaling) if rope_scaling else None)
+    ref = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    perturb_norms(ref)
+    with torch.no_grad():  # decisive routers and nonzero balancing biases, so a routing slip shows
+        for name, p in ref.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 1.0)
+        for name, b in ref.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn_like(b))
+    ref.save_pretrained(path, **save_kwargs)
+    return ref
+
+
+def deepseek_ours():
+    from architectures.deepseek_v3 import DeepseekV3, DeepseekV3Config
+
+    torch.manual_seed(0)
+    return DeepseekV3(DeepseekV3Config(
+        vocab_size=50, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, max_position_embeddings=64,
+        rope_scaling={k: v for k, v in DEEPSEEK_YARN.items() if k != "type"})).eval()
+
+
+DEEPSEEK_VARIANTS = {
+    "mla-2groups": dict(),
+    "qlora-yarn-2shared-4groups-nodense": dict(q_lora_rank=16, rope_scaling=DEEPSEEK_YARN, n_shared_experts=2,
+                                               n_group=4, topk_group=2, first_k_dense_replace=0),
+}
+
+
 ROWS = [
     Row("llama3", llama_reference, LLAMA_VARIANTS, ("gqa1-rope-untied", "gqa4-llama3rope-untied"), llama_ours),
     Row("mixtral", mixtral_reference, MIXTRAL_VARIANTS, ("4experts-top1", "8experts-top2"), mixtral_ours),
+    Row("deepseek_v3", deepseek_reference, DEEPSEEK_VARIANTS, ("qlora-yarn-2shared-4groups-nodense",), deepseek_ours),
 ]
 
 LOGITS_CASES = [(row, v) for row in ROWS for v in row.variants]

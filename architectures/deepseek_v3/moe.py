@@ -1,0 +1,140 @@
+"""DeepSeekMoE: fine-grained routed experts, shared experts, sigmoid routing limited to a few
+expert groups, and load balancing without an auxiliary loss.
+
+Papers: "DeepSeekMoE: Towards Ultimate Expert Specialization in Mixture-of-Experts Language
+Models" (2024, arXiv:2401.06066); "DeepSeek-V3 Technical Report" (2024, arXiv:2412.19437,
+section 2.1.2), whose equations are quoted below; the bias rule is from "Auxiliary-Loss-Free Load
+Balancing Strategy for Mixture-of-Experts" (2024, arXiv:2408.15664). Reference implementation
+it is tested against: transformers' `DeepseekV3MoE` / `DeepseekV3TopkRouter`
+(tests/architectures/deepseek_v3/test_matches_transformers.py).
+
+    h' = h + sum_{i<N_s} FFN_i^(s)(h) + sum_{i<N_r} g_i FFN_i^(r)(h)
+    s_i = sigmoid(u^T e_i)                         affinity of the token to routed expert i
+    chosen = TopK(s_i + b_i, K_r)                  the bias b only CHOOSES ...
+    g_i = s_i / sum_{j in chosen} s_j, i in chosen  ... the weights use the unbiased s
+    (times routed_scaling_factor)
+
+The routed experts run through Mixtral's grouped dispatch (`MixtralExperts`, imported); the N_s
+shared experts are one SwiGLU of width N_s * F.
+
+Symbols: N tokens (B*T), D hidden_size, F moe_intermediate_size, E = N_r routed experts,
+G n_group, k = K_r experts per token.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from architectures.deepseek_v3.config import DeepseekV3Config
+from architectures.llama3.model import SwiGLU
+from architectures.mixtral.model import MixtralExperts
+
+
+def group_limited_topk(scores: torch.Tensor, bias: torch.Tensor, k: int, n_group: int,
+                       topk_group: int) -> torch.Tensor:
+    """The experts each token goes to: the top k of s + b, among the experts of its best topk_group groups.
+
+    scores: (N, E) sigmoid affinities; bias: (E,) -> expert ids (N, k). A group's score is the sum
+    of its two best biased affinities (DeepSeek-V3's rule): it limits how many groups (devices, in
+    DeepSeek's deployment) one token's experts span."""
+    N, E = scores.shape
+    choice = scores + bias  # (N, E) biased, for choosing only
+    if n_group > 1:
+        grouped = choice.view(N, n_group, E // n_group)  # (N, G, E/G)
+        group_scores = grouped.topk(min(2, E // n_group), dim=-1).values.sum(dim=-1)  # (N, G)
+        best = group_scores.topk(topk_group, dim=-1).indices  # (N, topk_group)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # (N, G)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(N, E)
+    return choice.topk(k, dim=-1).indices  # (N, k)
+
+
+class Router(nn.Module):
+    """Sigmoid affinities, group-limited top-k with the balancing bias, weights from the unbiased scores.
+
+    Named as transformers names it (`mlp.gate.weight`, `mlp.gate.e_score_correction_bias`), so
+    checkpoints load by name. The bias is a buffer, not a parameter: no gradient reaches it;
+    `update_routing_bias` moves it between optimizer steps from the expert loads counted here."""
+
+    def __init__(self, cfg: DeepseekV3Config):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))  # (E, D): the centroids e_i
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))  # (E,) b
+        # Tokens routed to each expert since the last bias update (training only; not saved).
+        self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)  # (E,)
+
+    def reset_buffers(self) -> None:
+        self.load.zero_()
+
+    def _apply(self, fn, recurse=True):
+        # Keep both buffers in fp32 whatever dtype the model is cast to (transformers keeps the bias
+        # in fp32 too): in bf16 a bias step of gamma = 0.001 would vanish next to a bias of 0.5.
+        kept = {name: self._buffers[name] for name in ("e_score_correction_bias", "load")}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and old is not None and new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, D) -> weights (N, k) fp32, expert ids (N, k)."""
+        cfg = self.cfg
+        # Scores in fp32 even under autocast: bf16 rounding would change which experts are chosen.
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E) s
+        idx = group_limited_topk(scores, self.e_score_correction_bias.float(), cfg.num_experts_per_tok,
+                                 cfg.n_group, cfg.topk_group)  # (N, k)
+        w = scores.gather(1, idx)  # (N, k) the unbiased s of the chosen experts
+        if cfg.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.training:
+            self.load += torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).to(self.load.dtype)
+        return w * cfg.routed_scaling_factor, idx
+
+
+class DeepseekMoE(nn.Module):
+    """MoE(x) = routed(x) + shared(x): names `gate` (router), `experts` (stacked routed experts),
+    `shared_experts` (a SwiGLU of width n_shared_experts * moe_intermediate_size), as transformers."""
+
+    def __init__(self, cfg: DeepseekV3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = Router(cfg)
+        # MixtralExperts reads E, D and one expert's width from Mixtral's field names.
+        self.experts = MixtralExperts(types.SimpleNamespace(
+            num_local_experts=cfg.n_routed_experts, hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.moe_intermediate_size))
+        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)  # (N, D): routing is per token
+        w, idx = self.gate(flat)  # (N, k), (N, k)
+        out = self.experts(flat, w, idx).view(B, T, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+@torch.no_grad()
+def update_routing_bias(model: nn.Module, gamma: float | None = None) -> None:
+    """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), per MoE layer.
+
+    An overloaded expert's bias goes down and an idle one's up, so the top-k choice drifts
+    toward balance without a loss term that would pull the gradient away from language
+    modelling. Call it after each optimizer step (the training loop's `on_step(step, model)`);
+    the loads are the tokens routed since the previous call, then reset. gamma defaults to the
+    config's routing_bias_update_speed. Under DDP each rank counts its own tokens: sum the
+    `load` buffers across ranks before calling, or the ranks' biases drift apart."""
+    for module in model.modules():
+        if isinstance(module, Router):
+            g = module.cfg.routing_bias_update_speed if gamma is None else gamma
+            load = module.load
+            module.e_score_correction_bias += g * torch.sign(load.mean() - load)
+            load.zero_()
