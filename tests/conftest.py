@@ -51,3 +51,17 @@ def prompts():
     """Lengths around block boundaries (block_size 4 in the tests), and a one-token prompt."""
     g = torch.Generator().manual_seed(1)
     return [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 17, 33, 1, 40, 16, 8)]
+
+
+@pytest.fixture
+def command_error(capsys):
+    """command_error(main, argv): run a command's main, which must fail as a user error does (non-zero
+    exit, one `error: ...` line on stderr); returns that line."""
+    def run(main, argv):
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code not in (0, None)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+    return run

@@ -7,45 +7,55 @@ It runs the real loop (`training.trainer.train`, not a copy) on synthetic tokens
 figure is the loop's own speed with data loading included but no dataset to prepare. The
 first `--warmup` steps (compilation, allocator warm-up) are excluded; then `--steps` steps are
 timed by the loop's own log entries. MFU = tokens/s x FLOPs per token / (GPUs x dense bf16
-peak), with FLOPs per token from `architectures.llama3.flops.flops_per_token`.
-`--arch gpt2-transformers` runs the baseline (nanoGPT's GPT-2 124M, as transformers implements it)
-through the same loop, and `--data-on-device` takes data loading out of the step, so each
-figure has its reference in the same session.
+peak), with FLOPs per token from the architecture's `flops_per_token`.
+`--arch` is any family of the architecture registry (trained with the loss its train.py
+trains with, Mixtral's auxiliary losses included), or `gpt2-transformers`, the baseline
+(nanoGPT's GPT-2 124M, as transformers implements it; needs the test extra) through the same
+loop; `--data-on-device` takes data loading out of the step, so each figure has its reference
+in the same session.
 Prints one parseable line: `train_benchmark key=value ...`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import importlib
+import importlib.util
 import os
 import statistics
 
 import torch
 from torch import nn
 
+from architectures import registry
+from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
 from training.lm import lm_loss
 from training.trainer import TrainConfig, train
 
+BASELINE = "gpt2-transformers"
+
 
 def architecture(name: str):
-    """(presets, build_model(config), flops_per_token) of an architecture, or of the baseline."""
-    if name == "llama3":
-        from architectures.llama3 import PRESETS, Llama3
-        from architectures.llama3.flops import flops_per_token
-
-        return PRESETS, Llama3, flops_per_token
-    if name == "gpt2-transformers":
-        return gpt2_baseline()
-    raise ValueError(f"unknown architecture {name!r}; choose llama3 or gpt2-transformers")
+    """(presets, build_model(config), flops_per_token, loss_fn) of a registered family, or of the baseline."""
+    if name == BASELINE:
+        return (*gpt2_baseline(), lm_loss)
+    # The step a family's train.py takes (its LOSS_FN), so a mixture of experts is timed with its
+    # auxiliary losses; a family without a train.py is timed with the plain language-model loss.
+    script = f"{registry.family(name).package}.train"
+    loss_fn = getattr(importlib.import_module(script), "LOSS_FN", lm_loss) if importlib.util.find_spec(script) else lm_loss
+    return registry.package(name).PRESETS, registry.model_class(name), registry.flops_per_token(name), loss_fn
 
 
 def gpt2_baseline():
-    """The baseline the issue names: GPT-2 124M (nanoGPT's model), here transformers'
+    """The baseline: GPT-2 124M (nanoGPT's model), here transformers'
     `GPT2LMHeadModel` with its SDPA attention, in the same loop. Its matmuls cost what the
     `gpt2-124m` Llama's do (4 D^2 attention + 8 D^2 MLP weights per layer, the V x D head), so the
     two MFUs compare like for like. transformers is a test dependency, imported only here."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as e:
+        raise UserRuntimeError(f"--arch {BASELINE} runs transformers' GPT-2, and transformers is not installed "
+                               f"({e}); it comes with the test extra: pip install -e '.[test]'") from None
 
     from architectures.llama3.config import LlamaConfig
 
@@ -70,11 +80,12 @@ def gpt2_baseline():
     return {"gpt2-124m": PRESETS["gpt2-124m"]}, LogitsOnly, flops_per_token
 
 
+@command_line
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m training.benchmark", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="llama3", choices=["llama3", "gpt2-transformers"],
-                   help="gpt2-transformers: the baseline, transformers' GPT-2 in the same loop")
-    p.add_argument("--preset", default="gpt2-124m")
+    p = ArgumentParser(prog="python -m training.benchmark", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="llama3", choices=[*registry.FAMILIES, BASELINE],
+                   help=f"an architecture family, or {BASELINE}: the baseline, transformers' GPT-2 in the same loop")
+    p.add_argument("--preset", default=None, help="a preset of --arch (default: gpt2-124m where it has one)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch, sequences per optimizer step")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--grad-accum-steps", type=int, default=1)
@@ -89,13 +100,23 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--profile-out", default=None, help="write a profiler trace of a few steps into this directory")
     args = p.parse_args(argv)
+    for name in ("batch_size", "seq_len", "steps", "warmup", "grad_accum_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.steps % args.warmup:
-        raise SystemExit("error: --steps must be a multiple of --warmup (the loop logs every --warmup steps)")
+        p.error(f"--steps must be a multiple of --warmup (the loop logs every --warmup steps); "
+                f"got --steps {args.steps}, --warmup {args.warmup}")
+    if args.data_on_device and not torch.cuda.is_available():
+        raise UserRuntimeError("--data-on-device needs a CUDA GPU (it draws the tokens there), and this torch "
+                               "sees none; leave it out")
 
-    presets, model_cls, flops = architecture(args.arch)
-    if args.preset not in presets:
-        raise SystemExit(f"error: unknown {args.arch} preset {args.preset!r}; choose one of {sorted(presets)}")
-    model_cfg = presets[args.preset]
+    presets, model_cls, flops, loss_fn = architecture(args.arch)
+    if args.preset is None and "gpt2-124m" not in presets:
+        raise ValueError(f"{args.arch} has no gpt2-124m preset; pass --preset, one of {sorted(presets)}")
+    preset = args.preset or "gpt2-124m"
+    if preset not in presets:
+        raise ValueError(f"unknown {args.arch} preset {preset!r}; choose one of {sorted(presets)}")
+    model_cfg = presets[preset]
     if args.seq_len > model_cfg.max_position_embeddings:
         model_cfg = dataclasses.replace(model_cfg, max_position_embeddings=args.seq_len)
     torch.manual_seed(0)
@@ -111,8 +132,6 @@ def main(argv=None) -> dict:
         x = torch.randint(0, vocab, (n, args.seq_len + 1), device="cuda")
         return x[:, :-1], x[:, 1:]
 
-    if args.data_on_device and not torch.cuda.is_available():
-        raise SystemExit("error: --data-on-device needs a CUDA GPU")
     sample_batch = sample_on_device if args.data_on_device else sample_on_host
 
     cfg = TrainConfig(
@@ -122,14 +141,14 @@ def main(argv=None) -> dict:
         activation_checkpointing=args.activation_checkpointing, profile=args.profile_out is not None,
     )
     entries: list[dict] = []
-    train(model, lm_loss, sample_batch, cfg, args.profile_out, flops_per_token=flops(model_cfg, args.seq_len),
+    train(model, loss_fn, sample_batch, cfg, args.profile_out, flops_per_token=flops(model_cfg, args.seq_len),
           on_log=lambda e: entries.append(e) if "tokens_per_s" in e else None)
     if not entries:
         return {}  # not the main process: it reports nothing
     timed = entries[1:]  # the first entry covers the warm-up steps
     tokens_per_s = statistics.mean(e["tokens_per_s"] for e in timed)
     result = {
-        "arch": args.arch, "preset": args.preset, "compile": int(args.compile), "parallel": args.parallel,
+        "arch": args.arch, "preset": preset, "compile": int(args.compile), "parallel": args.parallel,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "batch": args.batch_size, "seq": args.seq_len, "params_M": round(sum(q.numel() for q in model.parameters()) / 1e6, 1),
         "tokens_per_s": round(tokens_per_s), "step_ms": round(1000 * args.batch_size * args.seq_len / tokens_per_s, 2),

@@ -6,7 +6,9 @@ A checkpoint directory holds
 - `train_state/`: weights and AdamW moments in torch.distributed.checkpoint (DCP) format, which
   every process writes its own shard of, and which loads back on any number of processes (a
   run saved by 2 FSDP processes resumes on 1);
-- `trainer_state.pt`: scheduler, RNG states, step, and the configs the run was started with.
+- `trainer_state.pt`: scheduler, RNG states, step, the configs the run was started with
+  (data fingerprints included: training/cli.py records the corpus's and the tokenizer's sha256),
+  and the loop's partial log window, so a resumed run logs the losses the uninterrupted one does.
 
 Atomicity is a two-phase commit: every file is first written into `OUT/.pending/`, then a
 `COMMIT` marker is written there, then the files are moved into place. A crash before the
@@ -24,9 +26,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
 
 from architectures.common.checkpoint import atomic_write, atomic_write_json
 
@@ -56,19 +55,34 @@ def _recover(out: Path) -> None:
     shutil.rmtree(pending)
 
 
-def start_fresh(out: Path) -> None:
-    """A new run in `out`: refuse to mix with an earlier run's checkpoint."""
-    _recover(out)
-    if (out / STATE_FILE).exists():
+def check_fresh(out: Path) -> None:
+    """Refuse to start a new run in `out` where an earlier run's checkpoint is (committed, or
+    committed and not yet moved into place); read-only."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; pass a directory (it is created if missing)")
+    if (out / STATE_FILE).exists() or (out / PENDING / "COMMIT").is_file():
         raise FileExistsError(
             f"{out} already holds a training checkpoint; pass --resume to continue it, or choose another --out"
         )
+
+
+def start_fresh(out: Path) -> None:
+    """A new run in `out`: refuse to mix with an earlier run's checkpoint."""
+    _recover(out)
+    check_fresh(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def save(out: Path, model, optimizer, scheduler, step: int, record: dict, save_model, dd) -> None:
-    """Collective: every process calls it (each writes its DCP shard); the main process commits."""
+def save(out: Path, model, optimizer, scheduler, step: int, record: dict, save_model, dd,
+         loop_state: dict | None = None) -> None:
+    """Collective: every process calls it (each writes its DCP shard); the main process commits.
+    `loop_state` is whatever else the loop needs back on resume (tensors, numbers, dicts of them)."""
+    # Imported here: DCP takes most of a second to import, which a command that only checks
+    # its arguments or prints --help should not pay.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
     pending = out / PENDING
     if dd.is_main:
         shutil.rmtree(pending, ignore_errors=True)
@@ -88,6 +102,7 @@ def save(out: Path, model, optimizer, scheduler, step: int, record: dict, save_m
             "scheduler": scheduler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loop": loop_state,
         }
         atomic_write(pending / STATE_FILE, lambda tmp: torch.save(state, tmp))
         atomic_write_json(pending / "COMMIT", {"step": step})  # the commit point
@@ -106,14 +121,42 @@ def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load(out: Path, model, optimizer, scheduler, record: dict, may_change: set[str], dd) -> tuple[int, list[dict]]:
-    """Restore a run from `out` on any number of processes; returns (step reached, metrics up to it)."""
-    if dd.is_main:
-        _recover(out)
-    dd.barrier()
+def _check_resumable(out: Path) -> Path:
+    """The state file of the checkpoint in `out`, or an error that says why there is none."""
+    if not out.exists():
+        raise FileNotFoundError(f"--resume: {out} does not exist, so there is no run to continue; "
+                                f"check --out, or start a new run without --resume")
+    if not out.is_dir():
+        raise NotADirectoryError(f"--resume: {out} is a file, not a run directory; check --out")
     state_file = out / STATE_FILE
     if not state_file.is_file() or not (out / DCP_DIR).is_dir():
-        raise FileNotFoundError(f"--resume: {out} has no {STATE_FILE} and {DCP_DIR}/; start a new run without --resume")
+        raise FileNotFoundError(f"--resume: {out} holds no checkpoint ({STATE_FILE} and {DCP_DIR}/); a run saves one "
+                                f"every --checkpoint-interval steps and at its end; start a new run without --resume")
+    return state_file
+
+
+def read_record(out: Path) -> dict:
+    """The configs (and data fingerprints) the checkpoint in `out` was made with, read before
+    anything is built, so that a resume that cannot work fails first."""
+    # Read-only, so every process may call it at once: a committed save that was not yet moved
+    # into place (a crash after COMMIT) is read where it lies, and `load` finishes the move.
+    committed = out / PENDING
+    folder = committed if (committed / "COMMIT").is_file() else out
+    state = torch.load(_check_resumable(folder), map_location="cpu", weights_only=True)
+    return state["record"]
+
+
+def load(out: Path, model, optimizer, scheduler, record: dict, may_change: set[str],
+         dd) -> tuple[int, list[dict], dict | None]:
+    """Restore a run from `out` on any number of processes; returns (step reached, metrics up to
+    it, the `loop_state` it was saved with)."""
+    if dd.is_main and out.is_dir():
+        _recover(out)
+    dd.barrier()
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    state_file = _check_resumable(out)
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     saved = {k: ({f: v for f, v in d.items() if f not in may_change} if k == "train" else d)
              for k, d in state["record"].items()}
@@ -140,7 +183,7 @@ def load(out: Path, model, optimizer, scheduler, record: dict, may_change: set[s
         if dd.is_main:
             atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(json.dumps(e) + "\n" for e in history)))
     dd.barrier()
-    return step, history
+    return step, history, state.get("loop")
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
@@ -160,7 +203,8 @@ def plot_losses(history: list[dict], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:  # a checkpoint before the first log line has nothing to label yet
+        ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

@@ -2,7 +2,10 @@
 
 `load_corpus` turns a source name into one string: "tinyshakespeare" (Karpathy's char-rnn
 corpus, 1,115,394 bytes, verified by sha256), a local .txt/.json/.jsonl file, or a Hugging
-Face hub dataset. `split_text` holds out the last 10% of the characters for validation, the
+Face hub dataset. `get_corpus` returns the same text as a `Corpus` that also says what it is,
+where this copy came from and its sha256: a machine that cannot download Tiny Shakespeare
+trains on an embedded stand-in, and everything a run reports names it as such
+(`FALLBACK_NAME`), and the sha256 lets a resumed run check that it reads the text it began on. `split_text` holds out the last 10% of the characters for validation, the
 split nanoGPT uses, so our losses compare with published ones. `prepare_data` tokenizes each
 split once into uint16/uint32 files on disk and maps them into memory; `TokenData.get_batch`
 draws (input, target) windows whose offsets depend only on the generator it is given, which
@@ -33,6 +36,9 @@ TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/maste
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # 1,115,394 bytes
 TINYSHAKESPEARE_FILE = "tinyshakespeare.txt"
 DOWNLOAD_TIMEOUT_S = 10  # short: offline machines should fall back at once, not hang
+# What a run on the stand-in corpus is called wherever it reports, so that none of its figures
+# can pass for Tiny Shakespeare's.
+FALLBACK_NAME = "embedded pydoc_data.topics (offline fallback, NOT Tiny Shakespeare)"
 
 
 def cache_dir() -> Path:
@@ -49,6 +55,20 @@ _default_cache_dir = cache_dir  # prepare_data's `cache_dir` argument shadows th
 # ---------------------------------------------------------------------------- corpora
 
 
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus's text, what it is, and where this copy of it came from."""
+
+    text: str
+    name: str  # what the text is: "tinyshakespeare", a file path, a hub dataset name, or FALLBACK_NAME
+    origin: str  # where this copy was read from (a file, the cache, a URL), for the log
+    sha256: str  # of the UTF-8 text: the fingerprint a resumed run must match
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.name == FALLBACK_NAME
+
+
 def load_corpus(source: str = "tinyshakespeare", text_column: str = "text") -> str:
     """The whole corpus as one string.
 
@@ -56,15 +76,27 @@ def load_corpus(source: str = "tinyshakespeare", text_column: str = "text") -> s
     `text_column` of every record, joined by a blank line) | a Hugging Face hub dataset name
     (its "train" split, same column handling; needs internet).
     """
+    return get_corpus(source, text_column).text
+
+
+def get_corpus(source: str = "tinyshakespeare", text_column: str = "text") -> Corpus:
+    """`load_corpus`'s text as a `Corpus`: with its name, its origin and its sha256."""
+    text, name, origin = _find_corpus(source, text_column)
+    return Corpus(text, name, origin, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+
+
+def _find_corpus(source: str, text_column: str) -> tuple[str, str, str]:
+    """(text, name, origin) of a source."""
     if source == "tinyshakespeare":
         return _tinyshakespeare()
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".txt":
             # Read whole by Python, no `datasets` needed; like any text-mode read, "\r\n" becomes "\n".
-            return path.read_text(encoding="utf-8")
+            return path.read_text(encoding="utf-8"), str(path), f"the file {path}"
         if path.suffix in (".json", ".jsonl"):
-            return _load_with_datasets("json", text_column, data_files=str(path))
+            text = _load_with_datasets("json", text_column, data_files=str(path))
+            return text, str(path), f"the {text_column!r} field of every record of {path}"
         raise ValueError(f"corpus file {path} has suffix {path.suffix!r}; supported: .txt, .json, .jsonl")
     if path.exists():
         raise ValueError(f"corpus source {path} is a directory; pass one .txt, .json or .jsonl file")
@@ -74,7 +106,7 @@ def load_corpus(source: str = "tinyshakespeare", text_column: str = "text") -> s
             f"'tinyshakespeare', or a Hugging Face hub dataset name"
         )
     try:
-        return _load_with_datasets(source, text_column)
+        return _load_with_datasets(source, text_column), source, f"the Hugging Face hub dataset {source!r}"
     except (ValueError, ImportError):
         raise
     except Exception as e:  # the hub client raises many types (connection, not found, auth)
@@ -100,8 +132,9 @@ def _load_with_datasets(path_or_name: str, text_column: str, **kwargs) -> str:
     return "\n\n".join(ds[text_column])
 
 
-def _tinyshakespeare() -> str:
-    """From $ZOO_DATA_DIR, else the cache, else the internet, else an embedded stand-in."""
+def _tinyshakespeare() -> tuple[str, str, str]:
+    """(text, name, origin): from $ZOO_DATA_DIR, else the cache, else the internet, else an
+    embedded stand-in, named FALLBACK_NAME."""
     cached = cache_dir() / TINYSHAKESPEARE_FILE
     if os.environ.get(DATA_DIR_ENV):
         provided = Path(os.environ[DATA_DIR_ENV]) / TINYSHAKESPEARE_FILE
@@ -115,7 +148,7 @@ def _tinyshakespeare() -> str:
         data = provided.read_bytes()
         _check_sha256(data, f"{provided} (found through ${DATA_DIR_ENV})",
                       fix=f"replace it with a fresh download of {TINYSHAKESPEARE_URL} or unset {DATA_DIR_ENV}")
-        return data.decode("utf-8")
+        return data.decode("utf-8"), "tinyshakespeare", f"{provided} (${DATA_DIR_ENV})"
     if cached.is_file():
         data = cached.read_bytes()
         try:
@@ -123,7 +156,7 @@ def _tinyshakespeare() -> str:
         except ValueError:
             cached.unlink()  # ours to delete, so the next run downloads a fresh copy
             raise
-        return data.decode("utf-8")
+        return data.decode("utf-8"), "tinyshakespeare", f"{cached} (downloaded earlier)"
     try:
         with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
             data = response.read()
@@ -131,13 +164,14 @@ def _tinyshakespeare() -> str:
         text = embedded_corpus()
         print(f"tinyshakespeare: download of {TINYSHAKESPEARE_URL} failed ({e}); falling back to the embedded "
               f"corpus pydoc_data.topics ({len(text):,} chars) - set {DATA_DIR_ENV} to a folder with "
-              f"{TINYSHAKESPEARE_FILE} to use the real one", file=sys.stderr)
-        return text
+              f"{TINYSHAKESPEARE_FILE} to use the real one; every figure of this run is labelled "
+              f"{FALLBACK_NAME!r}", file=sys.stderr, flush=True)
+        return text, FALLBACK_NAME, f"pydoc_data.topics of this Python (download of {TINYSHAKESPEARE_URL} failed)"
     # Checked before writing, so a bad download never reaches the cache.
     _check_sha256(data, f"the download from {TINYSHAKESPEARE_URL}",
                   fix="nothing was saved; check your network or proxy and run again")
     atomic_write(cached, lambda tmp: Path(tmp).write_bytes(data))
-    return data.decode("utf-8")
+    return data.decode("utf-8"), "tinyshakespeare", f"{TINYSHAKESPEARE_URL} (downloaded now, cached in {cached})"
 
 
 def _check_sha256(data: bytes, origin: str, fix: str) -> None:
@@ -216,10 +250,7 @@ def prepare_data(source: str, tokenizer, cache_dir: str | Path | None = None, va
     """
     text = load_corpus(source) if text is None else text
     train_text, val_text = split_text(text, val_fraction)
-    key = hashlib.sha256()
-    for part in (text, tokenizer.to_json(), repr(val_fraction)):
-        key.update(part.encode("utf-8", "surrogatepass") + b"\0")
-    folder = (Path(cache_dir) if cache_dir is not None else _default_cache_dir() / "tokens") / key.hexdigest()[:24]
+    folder = token_cache_folder(text, tokenizer, val_fraction, cache_dir)
     meta_path = folder / "meta.json"
     if not meta_path.is_file():  # meta.json is written last: if it exists, both .bin files are whole
         _write_token_cache(folder, source, tokenizer, train_text, val_text)
@@ -232,6 +263,14 @@ def prepare_data(source: str, tokenizer, cache_dir: str | Path | None = None, va
              for split in ("train", "val")}
     return TokenData(train=views["train"], val=views["val"], train_chars=meta["train_chars"],
                      val_chars=meta["val_chars"], vocab_size=meta["vocab_size"])
+
+
+def token_cache_folder(text: str, tokenizer, val_fraction: float = 0.1, cache_dir: str | Path | None = None) -> Path:
+    """Where `prepare_data` caches the token ids of `text` under `tokenizer` (it may not exist yet)."""
+    key = hashlib.sha256()
+    for part in (text, tokenizer.to_json(), repr(val_fraction)):
+        key.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    return (Path(cache_dir) if cache_dir is not None else _default_cache_dir() / "tokens") / key.hexdigest()[:24]
 
 
 def _write_token_cache(folder: Path, source: str, tokenizer, train_text: str, val_text: str) -> None:

@@ -233,12 +233,22 @@ def get_tokenizer(text: str, kind: str = "bpe", vocab_size: int = 512, cache_dir
     Cached as <cache_dir>/<kind>[<vocab_size>]-<hash>/tokenizer.json, default cache_dir
     training.data.cache_dir() / "tokenizers"; the hash is sha256 of (text, kind, vocab_size).
     """
-    size = vocab_size if kind == "bpe" else None  # a char vocabulary follows from the text alone
-    key = hashlib.sha256(f"{kind}\0{size}\0".encode() + text.encode("utf-8", "surrogatepass")).hexdigest()
-    root = Path(cache_dir) if cache_dir is not None else data.cache_dir() / "tokenizers"
-    path = root / f"{kind}{size or ''}-{key[:16]}" / "tokenizer.json"
+    path = tokenizer_cache_path(text, kind, vocab_size, cache_dir)
     if path.is_file():
         return Tokenizer.from_file(path)
     tokenizer = Tokenizer.train(text, vocab_size, kind)
     tokenizer.save(path)
     return tokenizer
+
+
+def tokenizer_cache_path(text: str, kind: str = "bpe", vocab_size: int = 512, cache_dir: str | Path | None = None) -> Path:
+    """The tokenizer.json `get_tokenizer` reads or writes for these arguments (it may not exist yet)."""
+    size = vocab_size if kind == "bpe" else None  # a char vocabulary follows from the text alone
+    key = hashlib.sha256(f"{kind}\0{size}\0".encode() + text.encode("utf-8", "surrogatepass")).hexdigest()
+    root = Path(cache_dir) if cache_dir is not None else data.cache_dir() / "tokenizers"
+    return root / f"{kind}{size or ''}-{key[:16]}" / "tokenizer.json"
+
+
+def fingerprint(tokenizer: Tokenizer) -> str:
+    """sha256 of the tokenizer.json text: equal fingerprints give every text the same ids."""
+    return hashlib.sha256(tokenizer.to_json().encode("utf-8")).hexdigest()

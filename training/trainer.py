@@ -2,16 +2,39 @@
 
 It knows nothing about language models: it takes a model, a loss function
 `loss_fn(model, batch) -> (loss, metrics)`, a batch sampler and a `TrainConfig`.
-Pretraining, SFT, DPO and distillation differ only in the batches they sample and the
-loss they compute, so they call this loop instead of copying it.
+Pretraining, SFT, LoRA, DPO, distillation and GRPO differ in the batches they sample, the loss
+they compute and the hooks below, so they call this loop instead of copying it.
 
 What it does, in order of a step: sample the global batch as a pure function of
 (seed, step) -> take this process's rows -> micro-steps under bf16 autocast with gradient
 accumulation (DDP syncs gradients on the last micro-step only) -> clip -> AdamW ->
-warmup + cosine learning rate. Around it: periodic evaluation, metrics to JSONL, a loss
-curve, atomic checkpoints and exact resume (see training/checkpointing.py).
+warmup + cosine learning rate -> `on_step`. Around it: periodic evaluation, metrics to JSONL,
+a loss curve, atomic checkpoints and exact resume (see training/checkpointing.py).
 Because batches depend only on (seed, step), a resumed run and a run on N processes see
 exactly the batches an uninterrupted single-process run sees.
+
+The hooks a method plugs in, all keyword arguments of `train`:
+- `make_optimizer(model, cfg, device) -> optimizer` replaces the default AdamW (LoRA hands it
+  the adapters only); the warm-up + cosine schedule wraps whatever it returns.
+- `on_step(step, model)` runs after every optimizer step, `step` counting completed steps from 1
+  (a router's bias update, a weight average). Under DDP/FSDP every process calls it.
+- `frozen={"reference": ref_model}`: models the loss reads but nothing trains (DPO's reference,
+  distillation's teacher). Each is moved to the device, cast to the trained model's parameter
+  dtype (so both run the same arithmetic under the same autocast: a reference that starts as a
+  copy of the model computes exactly what the model computes), put in eval mode with
+  requires_grad off, and under FSDP sharded like the trained model (under DDP it is only moved).
+  It is in no optimizer and no checkpoint. With `frozen` given, the loop calls
+  `loss_fn(model, batch, frozen)`: the third argument maps each name to its prepared model,
+  which the loss calls under torch.no_grad().
+- Normalising by supervised tokens: a loss whose rows hold different numbers of targets (SFT
+  masks the prompt with -100) returns the SUM of its per-token losses and puts how many tokens
+  it summed in its metrics under "num_tokens" (`NUM_TOKENS`). The loop then divides the step's
+  gradient by the supervised tokens of the whole step, all micro-batches of all processes, so
+  every token weighs the same however the rows fall into micro-batches, and it logs that
+  token-weighted mean as the loss. A loss that returns a mean (no "num_tokens") is averaged
+  over micro-batches, which is the same thing when every row has as many targets (`lm_loss`).
+Throughput (`tokens_per_s`) counts the tokens that train: the "num_tokens" a loss reports, else
+the targets of the batch (y of an (x, y) batch).
 """
 
 from __future__ import annotations
@@ -23,7 +46,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -31,10 +55,13 @@ from tqdm import tqdm
 
 from training import checkpointing
 from training.device import compute_dtype, resolve_device
-from training.distributed import Distributed
+from training.distributed import STRATEGIES, Distributed
 
 # Dense bf16 peak of the GPUs we report MFU on (FLOP/s), from the vendors' data sheets.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+# The metrics key by which a loss says it returned a SUM over this many supervised tokens.
+NUM_TOKENS = "num_tokens"
 
 
 @dataclass
@@ -73,6 +100,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                  "eval_batches"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+    for name, meaning in (("warmup_steps", "0: no warm-up"), ("checkpoint_interval", "0: only at the end"),
+                          ("grad_clip", "0: no clipping")):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"TrainConfig.{name} must be >= 0 ({meaning}), got {getattr(cfg, name)}")
     if cfg.batch_size % (world_size * cfg.grad_accum_steps):
         raise ValueError(
             f"batch_size={cfg.batch_size} is not divisible by world_size x grad_accum_steps = "
@@ -81,8 +112,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         )
     if cfg.dtype not in ("auto", "bf16", "fp32"):
         raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {cfg.dtype!r}")
-    if cfg.warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if cfg.parallel not in STRATEGIES:
+        raise ValueError(f"parallel strategy must be one of {STRATEGIES}, got {cfg.parallel!r}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -100,6 +131,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+default_optimizer = make_optimizer  # train()'s keyword argument of the same name shadows it
 
 
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], batch: Any) -> Any:
@@ -128,16 +162,59 @@ def move_batch(batch: Any, device: torch.device) -> Any:
     return map_tensors(lambda t: t.to(device, non_blocking=t.is_pinned()), batch)
 
 
-def first_tensor(batch: Any) -> torch.Tensor:
+def target_tokens(batch: Any) -> int:
+    """Tokens a batch trains on when its loss does not count them: the targets y of an (x, y)
+    batch, the "labels" or "targets" of a dict batch, else every element of its first tensor."""
     if isinstance(batch, torch.Tensor):
-        return batch
-    return first_tensor(next(iter(batch.values())) if isinstance(batch, dict) else batch[0])
+        return batch.numel()
+    if isinstance(batch, dict):
+        key = next((k for k in ("labels", "targets") if k in batch), next(iter(batch)))
+        return target_tokens(batch[key])
+    return target_tokens(batch[1] if len(batch) == 2 else batch[0])
 
 
 def batch_generator(seed: int, split: str, step: int) -> torch.Generator:
     """The RNG a batch is drawn with: a pure function of (seed, split, step)."""
     # Train steps take the even streams and validation batches the odd ones, so they never coincide.
     return torch.Generator().manual_seed((seed * 1_000_003 + 2 * step + (split == "val")) % 2**63)
+
+
+def prepare_frozen(frozen: Mapping[str, nn.Module], model: nn.Module, device: torch.device,
+                   dd: Distributed) -> Mapping[str, nn.Module]:
+    """Each frozen model on the device, in the trained model's dtype, in eval mode, without
+    gradients, and under FSDP sharded like the trained model. Returns a read-only name -> model map."""
+    trained = {id(p) for p in model.parameters()}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    ready = {}
+    for name, m in frozen.items():
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"frozen[{name!r}] must be an nn.Module, got {type(m).__name__}")
+        if any(id(p) in trained for p in m.parameters()):
+            raise ValueError(f"frozen model {name!r} shares parameters with the model being trained, so freezing it "
+                             f"would freeze the model too; pass a copy (copy.deepcopy(model))")
+        m.to(device=device, dtype=dtype)
+        m.eval()
+        m.requires_grad_(False)
+        # FSDP2 shards it like the trained model (each process holds 1/N); DDP has nothing to
+        # synchronise for a model without gradients, so under DDP it stays a plain replica.
+        if dd.enabled and dd.strategy == "fsdp":
+            m = dd.wrap(m)
+            # FSDP2 keeps the root's weights (embedding, head) gathered after the forward, for the
+            # backward that follows; a frozen model has no backward, so it gives them back at once.
+            m.set_reshard_after_forward(True)
+        ready[name] = m
+    return MappingProxyType(ready)
+
+
+def call_loss(loss_fn: Callable, model: nn.Module, batch: Any, frozen: Mapping[str, nn.Module] | None):
+    """(loss, metrics, supervised tokens or None): the loss function's answer, with the frozen
+    models as its third argument when there are any, and NUM_TOKENS taken out of the metrics."""
+    loss, metrics = loss_fn(model, batch, frozen) if frozen else loss_fn(model, batch)
+    if NUM_TOKENS not in metrics:
+        return loss, metrics, None
+    metrics = dict(metrics)
+    count = metrics.pop(NUM_TOKENS)
+    return loss, metrics, torch.as_tensor(count, device=loss.device).detach().float()
 
 
 @dataclass
@@ -151,7 +228,7 @@ class TrainResult:
 
 def train(
     model: nn.Module,
-    loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
     sample_batch: Callable[[str, int, torch.Generator], Any],
     cfg: TrainConfig,
     out_dir: str | Path | None = None,
@@ -162,12 +239,18 @@ def train(
     val_units_per_token: float | None = None,
     flops_per_token: float | None = None,
     on_log: Callable[[dict], None] | None = None,
+    make_optimizer: Callable[[nn.Module, TrainConfig, torch.device], torch.optim.Optimizer] | None = None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+    frozen: Mapping[str, nn.Module] | None = None,
+    loss_label: str = "train loss",
 ) -> TrainResult:
     """Train `model` in place. `sample_batch(split, n, generator)` returns n examples of split
     "train" or "val"; `save_model(model, dir, state_dict)` writes the weights/config/tokenizer
     files of a checkpoint (without it, no checkpoint is written); `config_record` is everything
     a resumed run must agree with; `val_units_per_token` converts validation nats/token to nats per character;
-    `on_log(entry)` sees every metrics entry as it is logged (benchmarks read them there)."""
+    `on_log(entry)` sees every metrics entry as it is logged (benchmarks read them there);
+    `loss_label` names the training loss in the terminal ("train loss (lm + aux)").
+    `make_optimizer`, `on_step` and `frozen` are the methods' hooks (module docstring)."""
     dd = Distributed.from_env(cfg.parallel)
     validate(cfg, dd.world_size)
     device = resolve_device(cfg.device) if not dd.enabled or dd.device is None else dd.device
@@ -181,21 +264,26 @@ def train(
         model.gradient_checkpointing = True
     torch.manual_seed(cfg.seed)
     model.to(device)
+    frozen = prepare_frozen(frozen, model, device, dd) if frozen else None
     wrapped = dd.wrap(model)  # DDP wrapper, or `model` itself sharded in place by FSDP2
     # The optimizer is built after sharding: under FSDP2 it must hold (and update) the local shards.
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = (make_optimizer or default_optimizer)(model, cfg, device)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"make_optimizer must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
     out = Path(out_dir) if out_dir is not None else None
     record = {"train": vars(cfg).copy(), **(config_record or {})}
-    start_step, history = 0, []
+    start_step, history, window = 0, [], None
     if resume:
         if out is None:
             raise ValueError("resume needs an output directory holding the checkpoint")
-        start_step, history = checkpointing.load(out, model, optimizer, scheduler, record, RESUMABLE_CHANGES, dd)
+        start_step, history, window = checkpointing.load(out, model, optimizer, scheduler, record,
+                                                          RESUMABLE_CHANGES, dd)
     elif out is not None:
         if dd.is_main:
             checkpointing.start_fresh(out)
         dd.barrier()
+    last_checkpoint = start_step if resume else None
     # Compiling the loss function compiles the model inside it too, and lets the compiler fuse
     # the output head, the fp32 upcast and the cross-entropy instead of materialising fp32 logits.
     step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn
@@ -205,16 +293,25 @@ def train(
     micro = per_rank // cfg.grad_accum_steps
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     metrics_file = open(out / "metrics.jsonl", "a") if (out is not None and dd.is_main) else None
+    # The log window: what accumulates on the device between two log lines. A checkpoint saves
+    # it and a resume restores it, so the first line after a resume averages the same steps as
+    # the uninterrupted run's, wherever the checkpoint fell.
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss, read at log time
     loss_sum = torch.zeros((), device=device)
     extra_sums: dict[str, torch.Tensor] = {}
-    train_loss = float("nan")
+    steps_since_log = 0
+    if window is not None:
+        bad_step, loss_sum = window["bad_step"].to(device), window["loss_sum"].to(device)
+        extra_sums = {k: v.to(device) for k, v in window["extra_sums"].items()}
+        steps_since_log = window["steps"]
+    last_train = next((e for e in reversed(history) if "loss" in e), {"loss": float("nan"), "step": None})
+    train_loss, train_loss_step = last_train["loss"], last_train["step"]
     val_loss = None
     interactive = sys.stderr.isatty() and dd.is_main
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not interactive, dynamic_ncols=True)
     t0 = time.perf_counter()
     eval_s = warmup_s = 0.0  # time in evaluation, and in the first step (which compiles, if --compile)
-    t_log, tokens_since_log, steps_since_log, data_s = time.perf_counter(), 0, 0, 0.0
+    t_log, tokens_since_log, data_s = time.perf_counter(), 0, 0.0
 
     def log(entry: dict) -> None:
         history.append(entry)
@@ -223,6 +320,21 @@ def train(
         if metrics_file is not None:
             metrics_file.write(json.dumps(entry) + "\n")
             metrics_file.flush()
+
+    def say(line: str) -> None:
+        """A line for the person at the terminal, written above the progress bar if there is one."""
+        if dd.is_main:
+            (tqdm.write if interactive else print)(line)
+            sys.stdout.flush()
+
+    def check_finite() -> None:
+        if int(bad_step) >= 0:
+            saved = (f"the last checkpoint, of step {last_checkpoint}, in {out}, holds the parameters from before it"
+                     if last_checkpoint is not None else "no checkpoint was saved yet")
+            raise FloatingPointError(
+                f"loss became NaN or inf at step {int(bad_step) + 1}; lower --lr, enable --grad-clip, "
+                f"or check the data ({saved})"
+            )
 
     model.train()
     for step in range(start_step, cfg.max_steps):
@@ -236,26 +348,47 @@ def train(
         # host runs ahead of the GPU, enqueueing waits for room in the queue, which is GPU time.
         data_s += time.perf_counter() - t_data
         micro_batches = [move_batch(mb, device) for mb in pinned]
+        token_sum, counts = torch.zeros((), device=device), []  # summed losses and their token counts
         for micro_step, mb in enumerate(micro_batches):
             last = micro_step == cfg.grad_accum_steps - 1
             # The backward must run inside no_sync too: FSDP2 decides in its backward hooks.
             with contextlib.nullcontext() if last else dd.no_sync(wrapped):
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss, extras = step_loss(wrapped, mb)
-                (loss / cfg.grad_accum_steps).backward()
-            loss_sum += loss.detach() / cfg.grad_accum_steps
+                    loss, extras, count = call_loss(step_loss, wrapped, mb, frozen)
+                if micro_step > 0 and (count is not None) != bool(counts):
+                    raise ValueError(f"the loss function reported '{NUM_TOKENS}' for some micro-batches of step "
+                                     f"{step + 1} and not for others; report it always (then the loss is a sum) or never")
+                if count is None:
+                    (loss / cfg.grad_accum_steps).backward()
+                    loss_sum += loss.detach() / cfg.grad_accum_steps
+                    tokens_since_log += target_tokens(mb) * dd.world_size
+                else:
+                    loss.backward()  # a sum: divided below by the whole step's token count
+                    token_sum += loss.detach().float()
+                    counts.append(count)
             for k, v in extras.items():
                 extra_sums[k] = extra_sums.get(k, 0) + v.detach().float() / cfg.grad_accum_steps
-            tokens_since_log += first_tensor(mb).numel() * dd.world_size
+        if counts:
+            # DDP and FSDP2 average gradients over processes; times world_size / (tokens of the
+            # whole step, every process) turns that average of sums into the mean over tokens.
+            step_tokens = dd.mean(torch.stack(counts).sum()) * dd.world_size
+            scale = dd.world_size / step_tokens.clamp_min(1)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            loss_sum += token_sum * scale  # the processes' shares add up (dd.mean below) to the token mean
+            tokens_since_log = tokens_since_log + step_tokens
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum), step, bad_step)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if on_step is not None:
+            on_step(done, model)
         if profiler is not None:
             profiler.step()
         bar.update(1)
-        done = step + 1
         if step == start_step:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # once: so that the first step's time is its real time
@@ -266,33 +399,30 @@ def train(
             # The only host-device synchronisation of the step: read what accumulated since the last log.
             n = steps_since_log
             loss_avg = dd.mean(loss_sum / n)
-            if int(bad_step) >= 0:
-                raise FloatingPointError(
-                    f"loss became NaN or inf at step {int(bad_step) + 1}; lower --lr, enable --grad-clip, "
-                    f"or check the data (last finite parameters are in the previous checkpoint)"
-                )
+            check_finite()
             dt = time.perf_counter() - t_log
-            train_loss = float(loss_avg)
+            train_loss, train_loss_step = float(loss_avg), done
+            tokens = float(tokens_since_log)
             entry = {"step": done, "lr": scheduler.get_last_lr()[0], "loss": train_loss,
                      "grad_norm": float(dd.mean(grad_norm) if hasattr(grad_norm, "full_tensor") else grad_norm),
-                     "tokens_per_s": tokens_since_log / dt, "data_fraction": data_s / dt}
+                     "tokens": tokens, "tokens_per_s": tokens / dt, "data_fraction": data_s / dt}
             if device.type == "cuda":
                 entry["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 # Between steps (activations and gradients freed): parameters + AdamW moments
                 # (+ DDP's gradient buckets), the memory FSDP2 divides across GPUs.
                 entry["state_memory_gb"] = torch.cuda.memory_allocated(device) / 2**30
             if flops_per_token and peak:
-                entry["mfu"] = tokens_since_log * flops_per_token / dt / (peak * dd.world_size)
+                entry["mfu"] = tokens * flops_per_token / dt / (peak * dd.world_size)
             entry.update({k: float(dd.mean(v / n)) for k, v in extra_sums.items()})
             log(entry)
-            bar.set_postfix(loss=f"{train_loss:.4f}")
-            loss_sum.zero_()
-            extra_sums.clear()
+            bar.set_postfix({loss_label: f"{train_loss:.4f}"})
+            loss_sum = torch.zeros((), device=device)
+            extra_sums = {}
             t_log, tokens_since_log, steps_since_log, data_s = time.perf_counter(), 0, 0, 0.0
 
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
             t_eval = time.perf_counter()
-            val_loss = evaluate(model, loss_fn, sample_batch, cfg, device, autocast_dtype, dd)
+            val_loss = evaluate(model, loss_fn, sample_batch, cfg, device, autocast_dtype, dd, frozen)
             eval_s += time.perf_counter() - t_eval
             now = time.perf_counter() - t0
             # train_s: time in training steps alone, without evaluation and without the first
@@ -301,14 +431,21 @@ def train(
             if val_units_per_token:
                 entry["val_nats_per_char"] = val_loss * val_units_per_token
             log(entry)
-            if not interactive and dd.is_main:
-                extra = f", {entry['val_nats_per_char']:.4f} nats/char" if "val_nats_per_char" in entry else ""
-                print(f"step {done}/{cfg.max_steps}: train loss {train_loss:.4f}, val loss {val_loss:.4f}{extra}", flush=True)
+            extra = f", {entry['val_nats_per_char']:.4f} nats/char" if "val_nats_per_char" in entry else ""
+            # The training loss is read every log_interval steps: say which step it is from when
+            # that is not this one, and leave it out before the first.
+            trained = "" if train_loss_step is None else f"{loss_label} {train_loss:.4f}" + (
+                f" (at step {train_loss_step})" if train_loss_step != done else "") + ", "
+            say(f"step {done}/{cfg.max_steps}: {trained}val loss {val_loss:.4f}{extra}")
             t_log = time.perf_counter()  # evaluation time is not training throughput
 
         if out is not None and save_model is not None and (
                 (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == cfg.max_steps):
-            checkpointing.save(out, model, optimizer, scheduler, done, record, save_model, dd)
+            check_finite()  # a checkpoint never holds parameters a non-finite loss has updated
+            window = {"loss_sum": dd.mean(loss_sum).cpu(), "steps": steps_since_log, "bad_step": bad_step.cpu(),
+                      "extra_sums": {k: dd.mean(v).cpu() for k, v in extra_sums.items()}}
+            checkpointing.save(out, model, optimizer, scheduler, done, record, save_model, dd, loop_state=window)
+            last_checkpoint = done
             if dd.is_main:
                 checkpointing.plot_losses(history, out / "loss.png")
     bar.close()
@@ -335,16 +472,19 @@ def start_profiler(out: Path | None, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, sample_batch, cfg: TrainConfig, device, autocast_dtype, dd: Distributed) -> float:
-    """Mean loss over cfg.eval_batches validation batches, the same batches at every evaluation."""
+def evaluate(model, loss_fn, sample_batch, cfg: TrainConfig, device, autocast_dtype, dd: Distributed,
+             frozen: Mapping[str, nn.Module] | None = None) -> float:
+    """Mean loss over cfg.eval_batches validation batches, the same batches at every evaluation
+    (per supervised token when the loss reports "num_tokens", else per batch)."""
     was_training = model.training
     model.eval()
-    total = torch.zeros((), device=device)
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     micro = cfg.batch_size // (dd.world_size * cfg.grad_accum_steps)
     for i in range(cfg.eval_batches):
         batch = sample_batch("val", micro, batch_generator(cfg.seed, "val", i))
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss, _ = loss_fn(model, move_batch(pin_batch(batch, device), device))
+            loss, _, tokens = call_loss(loss_fn, model, move_batch(pin_batch(batch, device), device), frozen)
         total += loss.float()
+        count += 1 if tokens is None else tokens
     model.train(was_training)
-    return float(total / cfg.eval_batches)
+    return float(total / count.clamp_min(1))

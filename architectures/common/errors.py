@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -98,5 +99,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        # "argument --lr: expects float, got 'fast'" reads as "--lr expects float, got 'fast'"
+        message = re.sub(r"^argument (--[\w-]+)(?:/\S+)?: expects ", r"\1 expects ", message)
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
         raise SystemExit(2)

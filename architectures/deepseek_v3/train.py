@@ -5,8 +5,7 @@
 
 The objective is plain cross-entropy: DeepSeek-V3 balances its experts without an auxiliary
 loss, by moving each router's bias after every optimizer step (`update_routing_bias`), which is
-`on_step`, the hook `training.trainer.train` calls after each step. `training.cli.run` does not
-pass an on_step hook through yet, so this command line trains with the routing biases at zero.
+`on_step`, the hook `training.trainer.train` calls after each step.
 `deepseek_lm_loss` logs each MoE layer's load imbalance (most-loaded expert's tokens over the
 mean) so metrics.jsonl shows how balanced the experts are.
 The recipes are Llama 3's with the model swapped, so the two train on identical batches.
@@ -22,6 +21,7 @@ from architectures.common.errors import command_line
 from architectures.deepseek_v3.config import preset
 from architectures.deepseek_v3.moe import Router, update_routing_bias
 from architectures.llama3.train import RECIPES as LLAMA_RECIPES
+from architectures.mixtral.losses import _unwrap
 from training.cli import run
 from training.lm import lm_loss
 
@@ -32,7 +32,7 @@ def deepseek_lm_loss(model, batch):
     """Cross-entropy, plus `moe/l{i}/max_load`: max / mean of layer i's expert loads since the last bias update."""
     loss, metrics = lm_loss(model, batch)
     with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
+        for i, layer in enumerate(_unwrap(model).model.layers):
             gate = getattr(layer.mlp, "gate", None)
             if isinstance(gate, Router) and gate.load.sum() > 0:
                 metrics[f"moe/l{i}/max_load"] = gate.load.max() / gate.load.mean()
@@ -50,7 +50,7 @@ LOSS_LABEL = "train loss"  # its name in the terminal
 
 @command_line
 def main(argv=None) -> dict:
-    return run("deepseek_v3", RECIPES, argv=argv, loss_fn=LOSS_FN, loss_label=LOSS_LABEL)
+    return run("deepseek_v3", RECIPES, argv=argv, loss_fn=LOSS_FN, loss_label=LOSS_LABEL, on_step=on_step)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """training/benchmark.py: it runs the real loop and reports, and the baseline's FLOPs formula is right."""
 
+import sys
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -51,6 +53,30 @@ def test_bad_arguments_are_refused_clearly(argv, message, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")
-def test_data_on_device_without_a_gpu_is_refused():
-    with pytest.raises(SystemExit, match="--data-on-device needs a CUDA GPU"):
+def test_data_on_device_without_a_gpu_is_refused(capsys):
+    with pytest.raises(SystemExit):
         benchmark.main(["--preset", "tiny", "--data-on-device", "--device", "cpu"])
+    assert "--data-on-device needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_any_registered_family_is_timed_with_the_loss_its_train_script_trains_with(capsys):
+    from architectures.mixtral.losses import moe_lm_loss
+
+    assert benchmark.architecture("mixtral")[3] is moe_lm_loss  # its auxiliary losses are part of the step
+    result = benchmark.main(["--arch", "mixtral", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16",
+                             "--steps", "1", "--warmup", "1", "--device", "cpu"])
+    assert result["arch"] == "mixtral" and result["tokens_per_s"] > 0
+    assert capsys.readouterr().out.count("train_benchmark arch=mixtral preset=tiny ") == 1
+
+
+def test_baseline_without_transformers_says_it_needs_the_test_extra(monkeypatch, capsys):
+    """After `pip install -e .` (no test extra) only the baseline needs transformers: asking for it
+    is one line that says how to get it; every other --arch runs."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(SystemExit) as refused:
+        benchmark.main(["--arch", "gpt2-transformers", "--device", "cpu"])
+    lines = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: --arch gpt2-transformers") and "pip install -e '.[test]'" in lines[0]
+    assert benchmark.main(["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--warmup", "1",
+                           "--device", "cpu"])["arch"] == "llama3"

@@ -134,6 +134,24 @@ def test_offline_download_falls_back_to_embedded_corpus(monkeypatch, capsys):
     assert len(lines) == 1 and "failed" in lines[0] and "falling back to the embedded corpus" in lines[0]
 
 
+def test_corpus_says_what_it_is_where_it_came_from_and_its_fingerprint(fake_shakespeare, tmp_path, monkeypatch):
+    real = data.get_corpus("tinyshakespeare")
+    assert (real.name, real.is_fallback) == ("tinyshakespeare", False) and "ZOO_DATA_DIR" in real.origin
+    assert real.sha256 == hashlib.sha256(FAKE_CORPUS).hexdigest()
+    path = tmp_path / "poem.txt"
+    path.write_text("Shall I compare thee")
+    assert (data.get_corpus(str(path)).name, data.get_corpus(str(path)).origin) == (str(path), f"the file {path}")
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.delenv(data.DATA_DIR_ENV)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    fallback = data.get_corpus("tinyshakespeare")
+    assert fallback.is_fallback and fallback.name == data.FALLBACK_NAME and "NOT Tiny Shakespeare" in fallback.name
+    assert fallback.text == data.embedded_corpus() and fallback.sha256 != real.sha256
+
+
 def test_txt_source_is_read_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_load_with_datasets", lambda *a, **k: pytest.fail("a .txt file needs no `datasets`"))
     path = tmp_path / "poem.txt"

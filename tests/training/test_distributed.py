@@ -17,7 +17,7 @@ from training.lm import lm_loss
 from training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toy import config, sample_batch, tiny_model  # noqa: E402
+from toy import config, masked_batch, sample_batch, summed_loss_with_reference, tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,12 +28,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(out: Path, nproc: int, accum: int, strategy: str = "ddp", max_steps: int = 6) -> None:
+def torchrun(out: Path, nproc: int, accum: int, strategy: str = "ddp", max_steps: int = 6, *extra: str) -> None:
     # A stuck collective raises after 60 s with its name in the log, instead of hanging silently.
     env = dict(os.environ, ZOO_DDP_BACKEND="gloo", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), ZOO_DIST_TIMEOUT_S="60")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           str(REPO / "tests/training/ddp_worker.py"), str(out), str(accum), strategy, str(max_steps)]
+           str(REPO / "tests/training/ddp_worker.py"), str(out), str(accum), strategy, str(max_steps), *extra]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -81,6 +81,24 @@ def test_fsdp_checkpoint_from_two_processes_resumes_on_one(tmp_path):
           config(max_steps=6, eval_interval=6, checkpoint_interval=3, parallel="fsdp"), tmp_path / "multi",
           save_model=save_pretrained, resume=True)
     assert losses(tmp_path / "multi") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_with_a_frozen_reference_and_token_counts_matches_one_process(tmp_path):
+    """The post-training hooks under FSDP2: the frozen reference is sharded like the model, and
+    the supervised tokens are counted over both processes (rank 0's rows hold 16 targets, rank
+    1's 48), so two processes with accumulation reproduce one process's losses and weights."""
+    single = tiny_model()
+    train(single, summed_loss_with_reference, masked_batch, config(max_steps=6, eval_interval=6, checkpoint_interval=3),
+          tmp_path / "single", save_model=save_pretrained, frozen={"reference": tiny_model(seed=1)})
+    torchrun(tmp_path / "multi", 2, 2, "fsdp", 6, "hooks")
+    assert losses(tmp_path / "multi") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    for a, b in zip(from_pretrained(tmp_path / "multi").parameters(), single.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    total = sum(p.numel() for p in single.parameters())
+    for name in ("local", "reference"):  # the trained model and the frozen one, each about half per process
+        local = [json.loads((tmp_path / "multi" / f"local_params_rank{r}.json").read_text())[name] for r in (0, 1)]
+        assert sum(local) == total and max(local) <= 0.55 * total, name
 
 
 def test_batch_not_divisible_by_world_size_is_a_clear_error():

@@ -179,3 +179,106 @@ def test_compile_without_torch_compile_is_a_clear_error(monkeypatch):
 def test_unknown_parallel_strategy_is_a_clear_error():
     with pytest.raises(ValueError, match="parallel strategy must be one of"):
         train(tiny_model(), lm_loss, sample_batch, config(parallel="zero3"), None)
+
+
+def test_resume_logs_the_same_losses_when_intervals_do_not_divide_each_other(tmp_path):
+    """Logging every 4 steps and checkpointing every 3, a run killed in step 8 resumes from the
+    step-6 checkpoint in the middle of a log window (steps 5-8). The checkpoint carries the
+    window's partial sums, so the line of step 8 averages steps 5-8 as the uninterrupted run's does."""
+    cfg = config(log_interval=4, checkpoint_interval=3)
+    train(tiny_model(dropout=0.1), lm_loss, sample_batch, cfg, tmp_path / "full", save_model=save_pretrained)
+
+    calls = {"n": 0}
+
+    def crashing_loss(model, batch):
+        calls["n"] += model.training
+        if calls["n"] == 8:
+            raise Crash()
+        return lm_loss(model, batch)
+
+    with pytest.raises(Crash):
+        train(tiny_model(dropout=0.1), crashing_loss, sample_batch, cfg, tmp_path / "resumed", save_model=save_pretrained)
+    train(tiny_model(seed=123, dropout=0.1), lm_loss, sample_batch, cfg, tmp_path / "resumed",
+          save_model=save_pretrained, resume=True)
+    assert [s for s, _ in losses(tmp_path / "full")] == [4, 8, 12]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
+
+
+def test_negative_checkpoint_interval_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"checkpoint_interval must be >= 0 \(0: only at the end\), got -1"):
+        train(tiny_model(), lm_loss, sample_batch, config(checkpoint_interval=-1), None)
+
+
+def nan_at_step(n):
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += model.training
+        loss, m = lm_loss(model, batch)
+        return (loss * float("nan") if calls["n"] == n else loss), m
+    return loss_fn
+
+
+def test_nan_error_says_no_checkpoint_exists_when_none_was_saved(tmp_path):
+    with pytest.raises(FloatingPointError, match="step 3; .*no checkpoint was saved yet") as failed:
+        train(tiny_model(), nan_at_step(3), sample_batch, config(log_interval=4, max_steps=8), tmp_path,
+              save_model=save_pretrained)
+    assert "previous checkpoint" not in str(failed.value)
+    assert not (tmp_path / checkpointing.STATE_FILE).exists()
+
+
+def test_nan_error_names_the_last_checkpoint_which_predates_the_nan(tmp_path):
+    """Checkpoints every step but a log line every 4: the NaN of step 3 is caught before step 3's
+    checkpoint is written, so the checkpoint the message names (step 2) has finite parameters."""
+    with pytest.raises(FloatingPointError, match=r"step 3; .*the last checkpoint, of step 2, in "):
+        train(tiny_model(), nan_at_step(3), sample_batch, config(log_interval=4, checkpoint_interval=1, max_steps=8),
+              tmp_path, save_model=save_pretrained)
+    assert torch.load(tmp_path / checkpointing.STATE_FILE, weights_only=True)["step"] == 2
+    assert all(torch.isfinite(p).all() for p in from_pretrained(tmp_path).parameters())
+
+
+def test_loss_plot_of_an_early_checkpoint_warns_nothing(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels found" would fail here
+        checkpointing.plot_losses([], tmp_path / "empty.png")
+        checkpointing.plot_losses([{"step": 1, "loss": 2.0}], tmp_path / "one.png")
+    assert (tmp_path / "empty.png").is_file() and (tmp_path / "one.png").is_file()
+
+
+class FakeTerminal:
+    """stderr as a terminal: the loop then draws a progress bar."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_validation_losses_are_printed_above_the_progress_bar_in_a_terminal(monkeypatch, capsys):
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train(tiny_model(), lm_loss, sample_batch, config(max_steps=4, eval_interval=2), None, loss_label="train loss (x)")
+    printed = capsys.readouterr().out
+    assert "step 2/4: train loss (x) " in printed and "step 4/4: train loss (x) " in printed and "val loss" in printed
+    assert "4/4" in terminal.text  # the bar itself went to the terminal
+
+
+def test_run_that_fails_before_its_first_checkpoint_leaves_nothing_to_resume(tmp_path):
+    def broken(model, batch):
+        raise Crash()
+
+    with pytest.raises(Crash):
+        train(tiny_model(), broken, sample_batch, config(), tmp_path, save_model=save_pretrained)
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        train(tiny_model(), lm_loss, sample_batch, config(), tmp_path, save_model=save_pretrained, resume=True)
+    train(tiny_model(), lm_loss, sample_batch, config(max_steps=1), tmp_path, save_model=save_pretrained)
+    assert [step for step, _ in losses(tmp_path)] == [1]  # the new run's own metrics only

@@ -40,24 +40,36 @@ def test_resume_from_the_command_line_continues(corpus, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_block_size_beyond_model_context_is_a_clear_error(corpus, tmp_path):
-    with pytest.raises(SystemExit, match="exceeds the model's max_position_embeddings=256"):
-        train_main(train_args(corpus, tmp_path / "run", "--block-size", "512"))
+def refusal(capsys, argv) -> str:
+    """The one `error: ...` line with which the command line refuses argv (exit status 2)."""
+    with pytest.raises(SystemExit) as refused:
+        train_main(argv)
+    assert refused.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
 
 
-def test_model_vocab_size_cannot_be_overridden(corpus, tmp_path):
-    with pytest.raises(SystemExit, match="comes from the tokenizer"):
-        train_main(train_args(corpus, tmp_path / "run", "--vocab-size", "100"))
+def test_block_size_beyond_model_context_is_a_clear_error(corpus, tmp_path, capsys):
+    assert "exceeds the model's max_position_embeddings=256" in refusal(
+        capsys, train_args(corpus, tmp_path / "run", "--block-size", "512"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_generate_rejects_bad_sampling_settings(corpus, tmp_path):
+def test_model_vocab_size_cannot_be_overridden(corpus, tmp_path, capsys):
+    assert "comes from the tokenizer" in refusal(capsys, train_args(corpus, tmp_path / "run", "--vocab-size", "100"))
+
+
+def test_generate_rejects_bad_sampling_settings(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     train_main(train_args(corpus, out))
+    capsys.readouterr()
     for flag, value, message in [("--temperature", "-1", "temperature must be >= 0"),
-                                 ("--top-p", "1.5", r"top_p must be in \(0, 1\]"),
+                                 ("--top-p", "1.5", "top_p must be in (0, 1]"),
                                  ("--top-k", "-2", "top_k must be >= 0")]:
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(SystemExit) as refused:
             generate_main("llama3", llama_from_pretrained, ["--checkpoint", str(out), "--prompt", "x", flag, value])
+        assert message in str(refused.value.code) + capsys.readouterr().err
 
 
 def test_generate_works_on_a_hugging_face_directory(corpus, tmp_path):
