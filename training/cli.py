@@ -170,6 +170,17 @@ def build_parser(prog: str, family: str, recipes: dict[str, Recipe], preset: str
     return parser
 
 
+def rederive(cfg, changes: dict) -> dict:
+    """Fields a config derives when left None (`DERIVED`, e.g. LlamaConfig's head_dim = hidden_size //
+    heads) are derived again from the overridden sizes, unless the preset set them by hand or the
+    command line sets them: `--hidden-size 64` on a preset of 128 / 4 heads gives head_dim 16, not 32."""
+    out = dict(changes)
+    for name in getattr(type(cfg), "DERIVED", ()):
+        if name not in changes and changes and getattr(dataclasses.replace(cfg, **{name: None}), name) == getattr(cfg, name):
+            out[name] = None
+    return out
+
+
 def parse(argv: list[str] | None, recipes: dict[str, Recipe], family: str, prog: str | None = None) -> Args:
     """The command line -> `Args`, with every check that needs no data done now (a bad device, a
     bad loop config, --resume without a checkpoint) rather than after the corpus is tokenized."""
@@ -192,6 +203,7 @@ def parse(argv: list[str] | None, recipes: dict[str, Recipe], family: str, prog:
     recipe = recipes[preset]
     given = {part: {k.split(".", 1)[1]: v for k, v in ns.items() if k.startswith(part + ".")}
              for part in ("model", "train", "data")}
+    given["model"] = rederive(recipe.model, given["model"])
     recipe = Recipe(**{part: dataclasses.replace(getattr(recipe, part), **given[part]) for part in given})
     train_cfg, model_cfg, data_cfg = recipe.train, recipe.model, recipe.data
     validate(train_cfg, int(os.environ.get("WORLD_SIZE", "1")))

@@ -37,6 +37,8 @@ class LlamaConfig:
     bos_token_id: int | None = None  # beginning-of-text id, for generation
     eos_token_id: int | list | None = None  # end-of-text id(s): generation stops there
 
+    DERIVED = ("head_dim",)  # None means "derive it": re-derived when a command line changes the sizes
+
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):

@@ -192,3 +192,12 @@ def test_run_passes_the_on_step_hook_to_the_loop(corpus, tmp_path):
     cli.run("llama3", LLAMA_RECIPES, argv=run_args(corpus, tmp_path / "run", "--max-steps", "3"),
             on_step=lambda step, model: steps.append(step))
     assert steps == [1, 2, 3]
+
+
+def test_overriding_the_width_derives_head_dim_again_unless_it_is_set():
+    from training.cli import parse
+    from architectures.llama3.train import RECIPES
+
+    assert parse(["--hidden-size", "64"], RECIPES, "llama3").recipe.model.head_dim == 16  # tiny: 4 heads
+    assert parse(["--hidden-size", "64", "--head-dim", "32"], RECIPES, "llama3").recipe.model.head_dim == 32
+    assert parse([], RECIPES, "llama3").recipe.model.head_dim == 32
