@@ -17,6 +17,7 @@ from architectures.llama3.train import main as llama_main
 from architectures.mixtral.train import RECIPES as MIXTRAL_RECIPES
 from architectures.mixtral.train import main as mixtral_main
 from training import checkpointing, cli, data
+from training.device import device_label, resolve_device
 from training.trainer import TrainConfig
 
 # Small enough that a run with a full validation pass and a sample takes a second or two.
@@ -105,7 +106,8 @@ def test_overrides_parse_to_the_fields_types():
     (["--preset", "huge"], "unknown preset 'huge' for llama3; choose one of ['gpt2-124m', 'shakespeare', 'tiny']"),
     (["--vocab-size", "100"], "comes from the tokenizer; set --bpe-vocab-size instead"),
     (["--tokenizer", "word"], "--tokenizer 'word' is not one of ('bpe', 'char')"),
-    (["--num-attention-heads", "3"], "num_attention_heads=3 must be a multiple of num_key_value_heads=2"),
+    (["--num-attention-heads", "3"], "hidden_size=128 is not divisible by num_attention_heads=3"),
+    (["--num-attention-heads", "3", "--head-dim", "32"], "num_attention_heads=3 must be a multiple of num_key_value_heads=2"),
 ])
 def test_bad_options_are_refused_in_one_line_before_anything_runs(argv, message, capsys, tmp_path):
     line = refusal(capsys, llama_main, argv + ["--out", str(tmp_path / "run")])
@@ -130,7 +132,7 @@ def test_run_says_where_the_corpus_came_from_and_when_it_trains_a_tokenizer(corp
     second = capsys.readouterr().out
     assert "tokenizer: bpe with 300 tokens, from the cache" in second and "tokens: encoding" not in second
     assert summary["corpus"] == str(corpus) and summary["corpus_sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
-    assert summary["device"] == f"cpu ({torch.get_num_threads()} threads)"
+    assert summary["device"] == device_label(resolve_device("auto"))
 
 
 @pytest.fixture
