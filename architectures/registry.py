@@ -32,6 +32,7 @@ FAMILIES: dict[str, Family] = {
     "llama3": Family("architectures.llama3", "Llama3", ("llama",)),
     "mixtral": Family("architectures.mixtral", "Mixtral", ("mixtral",)),
     "deepseek_v3": Family("architectures.deepseek_v3", "DeepseekV3", ("deepseek_v3", "kimi_k2")),
+    "mamba2_hybrid": Family("architectures.mamba2_hybrid", "Mamba2Hybrid", ("mamba2", "nemotron_h")),
 }
 
 

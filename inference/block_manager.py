@@ -232,3 +232,33 @@ class BlockManager:
         assert all(self.block_key[b] is not None for b in self.cached.values())
         assert self.num_used == sum(r > 0 for r in self.ref_count)
         assert self.filled_in_use == sum(f for f, r in zip(self.filled, self.ref_count) if r > 0)
+
+
+class StateSlots:
+    """The per-sequence state of layers that keep one (Mamba-2's convolution window and SSM state) lives
+    in `num_slots` fixed slots, one per running sequence: taken on admission and on fork, given back on
+    finish and on preemption. Like this class's blocks, only bookkeeping: the pool holds the tensors.
+
+    A state cannot be shared the way a block is: it is overwritten at every step, so a fork gets a
+    copy of its parent's state at once (no copy-on-write), and a prefix of blocks cannot restore the
+    state after it (the engine turns prefix caching off for such models)."""
+
+    def __init__(self, num_slots: int):
+        if num_slots < 1:
+            raise ValueError(f"need num_slots >= 1, got {num_slots}")
+        self.num_slots = num_slots
+        self.free_slots: deque[int] = deque(range(num_slots))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_slots)
+
+    def take(self) -> int:
+        if not self.free_slots:
+            raise NoFreeBlocks(f"all {self.num_slots} state slots are in use")
+        return self.free_slots.popleft()
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots or slot in self.free_slots:
+            raise RuntimeError(f"state slot {slot} freed but not in use (double free)")
+        self.free_slots.append(slot)

@@ -19,19 +19,26 @@ all scheduled sequences packed in one row (inference/paged_cache.py) -> sample -
 Attention (EngineConfig.attention): on a GPU, decode-only steps run the Triton kernel of
 inference/triton_paged_attention.py and other steps the batched gather of
 inference/paged_attention.py; on a CPU every step runs the gather.
+
+Models whose layers keep a per-sequence state (Mamba-2, Nemotron-H) are served the same way:
+what the engine does follows the layers' cache specs, never the architecture. The pool gives
+such layers one state slot per seat (max_num_seqs), the scheduler gives each running sequence a
+slot, a forked sequence gets a copy of its parent's state, and prefix caching is off: a cached
+prefix of K/V blocks cannot restore the state the layers had after it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from architectures.common.cache import KVSpec
-from inference.block_manager import BlockManager
+from inference.block_manager import BlockManager, StateSlots
 from inference.cuda_graphs import DecodeGraphs
 from inference.paged_cache import PagedBatch, PagedKVPool, build_metadata
 from inference.sampling import SamplingParams, check_prompt_ids, eos_ids, sample_next
@@ -113,10 +120,19 @@ class LLMEngine:
             raise ValueError(f"max_num_batched_tokens={cfg.max_num_batched_tokens} must be >= max_num_seqs="
                              f"{cfg.max_num_seqs}: every running sequence needs a token of the budget")
         self.device = next(model.parameters()).device
+        stateful = [i for i, s in enumerate(model.cache_specs()) if s is not None and s.per_sequence]
+        self.prefix_caching = cfg.enable_prefix_caching and not stateful
+        if cfg.enable_prefix_caching and stateful:
+            print(f"note: prefix caching is off: layers {stateful} keep a per-sequence state, which cached K/V blocks "
+                  f"cannot restore", file=sys.stderr)
+        if cfg.cuda_graphs and stateful:
+            raise ValueError(f"cuda_graphs=True: the decode graphs replay attention layers only, and layers {stateful} "
+                             f"keep a per-sequence state; run without CUDA graphs")
         num_blocks = cfg.num_blocks or self._default_num_blocks()
-        self.pool = PagedKVPool.for_model(model, num_blocks, cfg.block_size)
-        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.pool = PagedKVPool.for_model(model, num_blocks, cfg.block_size, cfg.max_num_seqs if stateful else 0)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, self.prefix_caching)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   StateSlots(cfg.max_num_seqs) if stateful else None)
         self.attention = self._choose_attention(cfg.attention)
         self.graphs = DecodeGraphs(model, self.pool, cfg.max_num_seqs, self.attention) if cfg.cuda_graphs else None
         self.stats = EngineStats()
@@ -146,8 +162,11 @@ class LLMEngine:
         if self.device.type != "cuda":
             return 4096
         free, _ = torch.cuda.mem_get_info(self.device)
-        return max(1, int(free * self.config.gpu_memory_fraction) //
-                   PagedKVPool.bytes_per_block(self.model, self.config.block_size))
+        per_block = PagedKVPool.bytes_per_block(self.model, self.config.block_size)
+        if per_block == 0:  # no layer keeps anything per token (a pure Mamba-2): blocks are bookkeeping only
+            return 4096
+        free -= self.config.max_num_seqs * PagedKVPool.bytes_per_state_slot(self.model)
+        return max(1, int(free * self.config.gpu_memory_fraction) // per_block)
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -244,6 +263,8 @@ class LLMEngine:
                 for i in range(1, seq.pending_forks + 1):
                     child = self._child(seq, i)
                     self.scheduler.fork(seq, child)
+                    if child.state_slot >= 0:  # the state after the prompt, which the pass just wrote
+                        self.pool.copy_states([(seq.state_slot, child.state_slot)])
                     self._requests[seq.request_id][1].append(child)
                     family.append(child)
                 seq.pending_forks = 0
@@ -293,5 +314,5 @@ class LLMEngine:
         """Forget every cached block (benchmarks call it between runs, so no run reuses another's K/V)."""
         if self.has_unfinished():
             raise RuntimeError("reset_prefix_cache needs an idle engine; finish or drop the requests first")
-        self.blocks = BlockManager(self.blocks.num_blocks, self.blocks.block_size, self.config.enable_prefix_caching)
+        self.blocks = BlockManager(self.blocks.num_blocks, self.blocks.block_size, self.prefix_caching)
         self.scheduler.blocks = self.blocks

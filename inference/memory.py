@@ -10,7 +10,11 @@ vector per layer and KV head:
 (grouped-query attention is what makes n_kv_heads small: 8 instead of 32 in Llama 3.2 1B).
 The naive cache reserves seq_len slots for every sequence of the batch, however long it turns
 out to be; the paged cache holds ceil(length / block_size) blocks per sequence, so it wastes
-less than one block per sequence, plus a block table of 4 bytes per block. The formulas are
+less than one block per sequence, plus a block table of 4 bytes per block. Layers with a
+per-sequence state (Mamba-2: a convolution window and an SSM state) cost a fixed number of
+bytes per sequence, whatever its length, beside the per-token bytes of the attention layers:
+    python -m inference.memory --family mamba2_hybrid --preset nemotron-h-8b
+The formulas are
 checked against the bytes of real `NaiveKVCache` and `PagedKVPool` tensors by
 tests/inference/test_memory.py; notes/kv-cache.md uses them.
 """
@@ -22,7 +26,7 @@ import math
 import torch
 
 from architectures import registry
-from architectures.common.cache import KVSpec, bytes_per_token
+from architectures.common.cache import KVSpec, bytes_per_sequence, bytes_per_token
 from architectures.common.errors import ArgumentParser, command_line
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -71,6 +75,17 @@ def describe(specs: list) -> str:
     return " + ".join(parts) or "nothing cached per token"
 
 
+def describe_state(specs: list) -> str:
+    """The per-sequence sum in words: '24 layers x (conv 40960 + ssm 1048576) elements', or 'no state'."""
+    counts: dict = {}
+    for spec in specs:
+        if spec is not None and spec.per_sequence:
+            counts[spec] = counts.get(spec, 0) + 1
+    return " + ".join(f"{n} layers x (" + " + ".join(f"{name} {math.prod(shape)}" for name, shape in
+                                                      spec.per_sequence.items()) + ") elements"
+                      for spec, n in counts.items()) or "no per-sequence state"
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.3f}"
 
@@ -96,20 +111,29 @@ def main(argv=None) -> dict:
     specs = cache_specs(a.family, cfg)
     nbytes = DTYPE_BYTES[a.dtype]
     per_token = kv_bytes_per_token(specs, nbytes)
-    naive = naive_kv_bytes(specs, a.batch, a.seq_len, nbytes)
+    per_seq = bytes_per_sequence(specs, nbytes)  # fixed-size state, one per sequence (both caches hold it)
+    naive = naive_kv_bytes(specs, a.batch, a.seq_len, nbytes) + a.batch * per_seq
     lengths = [mean] * a.batch
-    paged = paged_kv_bytes(specs, lengths, a.block_size, nbytes)
+    paged = paged_kv_bytes(specs, lengths, a.block_size, nbytes) + a.batch * per_seq
     tables = block_table_bytes(lengths, a.block_size)
     print(f"{a.preset}: {describe(specs)} x {nbytes} bytes ({a.dtype}) = {per_token} bytes = "
           f"{per_token / 1024:.1f} KiB per token")
-    print(f"naive: {a.batch} sequences x {a.seq_len} reserved slots = {_gib(naive)} GiB, "
+    if per_seq:
+        print(f"{a.preset}: {describe_state(specs)} x {nbytes} bytes ({a.dtype}) = {per_seq} bytes = "
+              f"{per_seq / 2**20:.1f} MiB per sequence, whatever its length")
+    state = f" (+ {a.batch} x {per_seq} bytes of state)" if per_seq else ""
+    print(f"naive: {a.batch} sequences x {a.seq_len} reserved slots{state} = {_gib(naive)} GiB, "
           f"of which {mean / a.seq_len:.1%} hold tokens")
-    print(f"paged: {a.batch} sequences x ceil({mean}/{a.block_size}) blocks x {a.block_size} slots = {_gib(paged)} GiB "
-          f"(+ {tables} bytes of block tables), {a.batch * mean * per_token / paged:.1%} of slots hold tokens")
+    print(f"paged: {a.batch} sequences x ceil({mean}/{a.block_size}) blocks x {a.block_size} slots{state} = "
+          f"{_gib(paged)} GiB (+ {tables} bytes of block tables)"
+          + (f", {a.batch * mean * per_token / (paged - a.batch * per_seq):.1%} of slots hold tokens" if per_token else ""))
     common = f"preset={a.preset} dtype={a.dtype} batch={a.batch} seq_len={a.seq_len} mean_len={mean} block_size={a.block_size}"
-    print(f"memory cache=naive {common} bytes_per_token={per_token} total_bytes={naive} total_gib={_gib(naive)}")
-    print(f"memory cache=paged {common} bytes_per_token={per_token} total_bytes={paged + tables} total_gib={_gib(paged + tables)}")
-    return {"bytes_per_token": per_token, "naive_bytes": naive, "paged_bytes": paged + tables}
+    print(f"memory cache=naive {common} bytes_per_token={per_token} bytes_per_sequence={per_seq} total_bytes={naive} "
+          f"total_gib={_gib(naive)}")
+    print(f"memory cache=paged {common} bytes_per_token={per_token} bytes_per_sequence={per_seq} "
+          f"total_bytes={paged + tables} total_gib={_gib(paged + tables)}")
+    return {"bytes_per_token": per_token, "bytes_per_sequence": per_seq, "naive_bytes": naive,
+            "paged_bytes": paged + tables}
 
 
 if __name__ == "__main__":

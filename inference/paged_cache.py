@@ -15,11 +15,16 @@ architectures/common/cache.py):
     max_length()       None: lengths are per sequence, and the engine checked them at submission
     write(l, k=, v=)   this step's per-token tensors of layer l into their slots of the pool
     read(l)            a view of each sequence's blocks (gathered, or read in place by a kernel)
-    advance(N)         nothing: the block manager did the bookkeeping before the pass
+    state(l)           the step's sequences' per-sequence states of layer l, gathered from their slots
+    advance(N)         nothing for blocks (the block manager did the bookkeeping before the pass);
+                       the states the layers updated are scattered back to their slots
 The pool holds whatever the layers declare per token (K and V; DeepSeek's latent vector), so
-an architecture whose attention caches something else needs no change here. Layers that keep
-a per-sequence state (Mamba-2) would read the same metadata (`seq_index`, `query_start`) to
-find their sequence; notes/paged-attention.md says how.
+an architecture whose attention caches something else needs no change here. Layers that declare
+a per-sequence `StateSpec` (Mamba-2's convolution window and SSM state) get `num_state_slots`
+fixed slots instead of blocks, one per running sequence (inference/block_manager.py's
+`StateSlots`). Such a layer finds its sequences' tokens in the packed row through `read`: a view
+with no tensors whose `pack` gives each sequence a row (B, Tmax), right-padded, and whose mask
+(B, Tmax, Tmax) lets the row's last query see exactly the row's real tokens.
 
 Block `num_blocks` of the pool (one past the blocks the block manager hands out) is scratch:
 padding rows of a CUDA-graph batch write there, so they never touch a sequence's blocks.
@@ -33,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from architectures.common.cache import CacheSpec, CacheView, bytes_per_token
+from architectures.common.cache import CacheSpec, CacheView, bytes_per_sequence, bytes_per_token
 from inference.paged_attention import attention_mask, gather_blocks, paged_attention_reference
 
 
@@ -42,16 +47,20 @@ class PagedKVPool:
 
     Layers with equal specs share one stacked tensor per stored name: for Llama 3, K and V of all
     L layers are two (L, num_blocks + 1, block_size, K, d) tensors. A layer that keeps nothing per
-    token (no spec, or only per-sequence state) gets no blocks.
+    token (no spec, or only per-sequence state) gets no blocks. A layer that keeps a per-sequence
+    state gets {name: (num_state_slots, *shape)}: one slot per running sequence.
     """
 
     def __init__(self, specs: list[CacheSpec | None], num_blocks: int, block_size: int, dtype=torch.float32,
-                 device="cpu"):
-        state = [i for i, s in enumerate(specs) if s is not None and s.per_sequence]
-        if state:
-            raise NotImplementedError(
-                f"layers {state} keep a per-sequence state ({type(specs[state[0]]).__name__}); the paged engine "
-                f"stores per-token tensors only. Generate with inference.generate (the naive cache) instead")
+                 device="cpu", num_state_slots: int = 0):
+        stateful = [i for i, s in enumerate(specs) if s is not None and s.per_sequence]
+        if stateful and num_state_slots < 1:
+            raise ValueError(f"layers {stateful} keep a per-sequence state ({type(specs[stateful[0]]).__name__}): "
+                             f"give the pool num_state_slots >= 1, one per sequence that may run at once")
+        self.num_state_slots = num_state_slots if stateful else 0
+        self.states: dict[int, dict[str, torch.Tensor]] = {  # layer -> {name: (num_state_slots, *shape)}
+            i: {name: torch.zeros(num_state_slots, *shape, dtype=dtype, device=device)
+                for name, shape in specs[i].per_sequence.items()} for i in stateful}
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_block = num_blocks
         groups: dict[CacheSpec, list[int]] = {}
@@ -67,17 +76,35 @@ class PagedKVPool:
         self.device = torch.device(device)
 
     @classmethod
-    def for_model(cls, model, num_blocks: int, block_size: int) -> "PagedKVPool":
+    def for_model(cls, model, num_blocks: int, block_size: int, num_state_slots: int = 0) -> "PagedKVPool":
         p = next(model.parameters())
-        return cls(model.cache_specs(), num_blocks, block_size, p.dtype, p.device)
+        return cls(model.cache_specs(), num_blocks, block_size, p.dtype, p.device, num_state_slots)
 
     @staticmethod
     def bytes_per_block(model, block_size: int) -> int:
         """Bytes one block costs over all layers: block_size x the model's bytes per cached token."""
         return block_size * bytes_per_token(model.cache_specs(), next(model.parameters()).element_size())
 
+    @staticmethod
+    def bytes_per_state_slot(model) -> int:
+        """Bytes one sequence's fixed-size state costs over all layers, whatever its length (0 for attention-only)."""
+        return bytes_per_sequence(model.cache_specs(), next(model.parameters()).element_size())
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for stack in self.stacks for t in stack.values())
+        """Blocks and state slots."""
+        return sum(t.numel() * t.element_size() for t in self.tensors() + self.state_tensors())
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every per-sequence state tensor, slot index in dimension 0."""
+        return [t for layer in self.states.values() for t in layer.values()]
+
+    def copy_states(self, copies: list[tuple[int, int]]) -> None:
+        """Slot dst becomes a copy of slot src in every stateful layer (a forked sequence starts from its parent's)."""
+        if copies:
+            src = torch.tensor([s for s, _ in copies], device=self.device)
+            dst = torch.tensor([d for _, d in copies], device=self.device)
+            for t in self.state_tensors():
+                t[dst] = t[src]
 
     def tensors(self) -> list[torch.Tensor]:
         """Every stacked tensor, block index in dimension 1."""
@@ -105,6 +132,7 @@ class ScheduledSeq:
     block_table: list[int]
     start: int
     end: int
+    state_slot: int = -1  # its slot of per-sequence state (-1: the model keeps none); start == 0 means a fresh state
 
 
 @dataclass
@@ -231,6 +259,13 @@ class PagedBatch:
         # so deciding costs no host synchronisation and a CUDA graph captures one branch).
         self.decode_kernel = attention == "triton" and meta.q_index.shape[1] == 1
         self.mask = self.context_lens = None
+        self.state_mask = None  # (B, Tmax, Tmax) bool: the state layers' view of which packed tokens are real
+        self.gathered: dict[int, dict[str, torch.Tensor]] = {}  # layer -> the states handed out this pass
+        if pool.states:
+            if seqs is None or any(s.state_slot < 0 for s in seqs):
+                raise ValueError("a model with per-sequence state needs every scheduled sequence's state slot (seqs)")
+            self.slots = torch.tensor([s.state_slot for s in seqs], device=meta.input_ids.device)  # (B,)
+            self.fresh = torch.tensor([s.start == 0 for s in seqs], device=meta.input_ids.device)  # (B,)
 
     def positions(self, batch_size: int, seq_len: int, device) -> torch.Tensor:
         N = self.meta.positions.shape[1]
@@ -260,6 +295,8 @@ class PagedBatch:
 
     def read(self, layer: int) -> CacheView:
         stored, m = self.pool.layer(layer), self.meta
+        if layer in self.pool.states:
+            return self._state_view()
         if self.decode_kernel:  # N == B: query b is sequence b's one new token
             from inference.triton_paged_attention import paged_decode_attention  # imports triton: GPU only
 
@@ -281,8 +318,37 @@ class PagedBatch:
             unpack=lambda y: y.reshape(B * Tmax, *y.shape[2:])[m.out_index][None],  # -> (1, N, ...)
         )
 
+    def _state_view(self) -> CacheView:
+        """For a layer with per-sequence state: no stored tensors, only the layout of the step's tokens.
+        pack: (1, N, ...) -> (B, Tmax, ...), one row per sequence, right-padded; mask[b, t, s]: query t of
+        row b sees token s of its row if s <= t and s is one of the row's q_len_b real tokens."""
+        m = self.meta
+        B, Tmax = m.q_index.shape
+        if self.state_mask is None:
+            q_len = m.last_index - m.query_start + 1  # (B,)
+            s = torch.arange(Tmax, device=q_len.device)
+            self.state_mask = (s[None, :] <= s[:, None])[None] & (s < q_len[:, None])[:, None, :]  # (B, Tmax, Tmax)
+        mask = self.state_mask
+        if Tmax == 1:  # decode-only: one real token per row
+            mask = None
+        return CacheView(mask=mask, pack=lambda x: x[0][m.q_index],
+                         unpack=lambda y: y.reshape(B * Tmax, *y.shape[2:])[m.out_index][None])
+
     def state(self, layer: int) -> dict[str, torch.Tensor]:
-        raise NotImplementedError("the paged engine keeps no per-sequence state (see PagedKVPool)")
+        """{name: (B, *shape)}: the step's sequences' states of `layer`, gathered from their slots (zero for a
+        sequence computed from its first token); the layer updates them in place, `advance` writes them back."""
+        if layer not in self.pool.states:
+            raise ValueError(f"layer {layer} declares no per-sequence state")
+        out = {}
+        for name, t in self.pool.states[layer].items():
+            g = t[self.slots]  # (B, *shape), a copy
+            out[name] = g.masked_fill_(self.fresh.view(-1, *[1] * (g.dim() - 1)), 0)
+        self.gathered[layer] = out
+        return out
 
     def advance(self, seq_len: int) -> None:
-        pass
+        # Blocks need nothing (the block manager did the bookkeeping before the pass); states go back to their slots.
+        for layer, gathered in self.gathered.items():
+            for name, t in gathered.items():
+                self.pool.states[layer][name].index_copy_(0, self.slots, t)
+        self.gathered = {}

@@ -17,6 +17,11 @@ Policy, one step at a time:
    the seat limit and the free blocks allow; no request jumps the queue.
 Prefill (a whole prompt) and decode (one token) share one forward pass: to the model a
 decoding sequence is just a sequence with one token left to compute.
+
+For models whose layers keep a per-sequence state (Mamba-2), each running sequence also holds a
+state slot (`StateSlots`): taken on admission, copied on fork, given back on finish and on
+preemption, after which the sequence is recomputed from its first token into a fresh state.
+There is a slot per seat (max_num_seqs), so admission never waits for one.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inference.block_manager import BlockManager
+from inference.block_manager import BlockManager, StateSlots
 from inference.paged_cache import ScheduledSeq
 from inference.sampling import SamplingParams
 
@@ -45,6 +50,7 @@ class Sequence:
     pending_forks: int = 0  # siblings to create from this sequence's first sample (n - 1 on the parent)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose K/V are in the cache
+    state_slot: int = -1  # its slot of per-sequence state (models with a StateSpec layer), -1 when none
     finished: bool = False
     finish_reason: str | None = None  # "stop" (a stop token or EOS) or "length" (max_new_tokens)
 
@@ -68,8 +74,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
+                 state_slots: StateSlots | None = None):
         self.blocks = blocks
+        self.state_slots = state_slots  # None: the model keeps no per-sequence state
+        if state_slots is not None and state_slots.num_slots < max_num_seqs:
+            raise ValueError(f"{state_slots.num_slots} state slots for max_num_seqs={max_num_seqs}: every seat needs one")
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -84,7 +94,17 @@ class Scheduler:
     def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
         self.blocks.free(seq.block_table)
         seq.block_table, seq.num_computed = [], 0
+        self._free_state(seq)
         preempted.append(seq)
+
+    def _take_state(self, seq: Sequence) -> None:
+        if self.state_slots is not None:
+            seq.state_slot = self.state_slots.take()
+
+    def _free_state(self, seq: Sequence) -> None:
+        if self.state_slots is not None and seq.state_slot >= 0:
+            self.state_slots.free(seq.state_slot)
+            seq.state_slot = -1
 
     def schedule(self) -> SchedulerOutput:
         bs, budget = self.blocks.block_size, self.max_num_batched_tokens
@@ -108,7 +128,7 @@ class Scheduler:
                 copies += self.blocks.allocate(seq.block_table, seq.token_ids, start, end)
                 kept.append(seq)
                 seqs.append(seq)
-                slices.append(ScheduledSeq(seq.block_table, start, end))
+                slices.append(ScheduledSeq(seq.block_table, start, end, seq.state_slot))
                 budget -= end - start
         self.running = kept
         # The preempted go back to the front of the queue, oldest first, ahead of newer arrivals.
@@ -130,11 +150,12 @@ class Scheduler:
             self.waiting.popleft()
             seq.block_table = self.blocks.take_prefix(hits)
             seq.num_computed = len(hits) * bs
+            self._take_state(seq)
             start, end = seq.num_computed, len(seq.token_ids)
             copies += self.blocks.allocate(seq.block_table, seq.token_ids, start, end)
             bisect.insort(self.running, seq, key=lambda s: s.priority)  # a recomputed sequence is older
             seqs.append(seq)
-            slices.append(ScheduledSeq(seq.block_table, start, end))
+            slices.append(ScheduledSeq(seq.block_table, start, end, seq.state_slot))
             budget -= end - start
             num_prefill += end - start
             num_cached += start
@@ -144,13 +165,16 @@ class Scheduler:
         return SchedulerOutput(seqs, slices, copies, preempted, num_prefill, num_cached)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Run `child` beside `parent`, sharing all its blocks (parallel sampling)."""
+        """Run `child` beside `parent`, sharing all its blocks (parallel sampling). A child of a model
+        with per-sequence state gets a slot of its own: the caller copies the parent's state into it."""
         child.block_table = self.blocks.fork(parent.block_table)
         child.num_computed = parent.num_computed
+        self._take_state(child)
         bisect.insort(self.running, child, key=lambda s: s.priority)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finished, seq.finish_reason = True, reason
         self.blocks.free(seq.block_table)
         seq.block_table = []
+        self._free_state(seq)
         self.running.remove(seq)

@@ -65,3 +65,21 @@ def command_error(capsys):
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         return lines[0]
     return run
+
+
+@pytest.fixture
+def tiny_train_run(corpus, tmp_path, capsys):
+    """tiny_train_run(train_main) -> (out, summary, printed): a family's train.py for 4 tiny steps on the
+    small corpus, checked to write every file of the contract and to print a sample."""
+    def run(train_main):
+        out = tmp_path / "run"
+        summary = train_main(["--preset", "tiny", "--dataset", str(corpus), "--out", str(out), "--max-steps", "4",
+                              "--batch-size", "4", "--block-size", "32", "--eval-interval", "2", "--eval-batches", "1",
+                              "--log-interval", "2", "--bpe-vocab-size", "300"])
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "summary.json"):
+            assert (out / name).is_file(), name
+        assert summary["steps"] == 4 and summary["val_nats_per_char"] > 0
+        printed = capsys.readouterr().out
+        assert "---- sample ----" in printed
+        return out, summary, printed
+    return run

@@ -55,6 +55,7 @@ class Row:
     tolerance: float = 1e-4  # on fp32 logits, relative and absolute
     seq_len: int = 100  # tokens per row of the logits test
     new_tokens: int = 40  # greedy tokens generated
+    layers_prefix: str = "model.layers"  # the checkpoint's name of layer i is f"{layers_prefix}.{i}."
 
     @property
     def package(self):
@@ -195,10 +196,65 @@ DEEPSEEK_VARIANTS = {
 }
 
 
+# ---- Mamba-2 and Nemotron-H --------------------------------------------------------------------
+
+def mamba2_reference(path, kind="mamba2", n_groups=1, chunk_size=8, pattern="MM", tie=False, seed=0, **save_kwargs):
+    """A pure transformers Mamba2ForCausalLM (kind "mamba2"), or a NemotronHForCausalLM built from
+    `pattern` (M Mamba-2, * attention, - MLP, E MoE). Sequences of 100 tokens are not a multiple of
+    any chunk size used, so the chunked SSD's padded tail is covered."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=97, hidden_size=64, n_groups=n_groups, chunk_size=chunk_size, conv_kernel=4,
+                  tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if kind == "mamba2":
+        cfg = transformers.Mamba2Config(num_heads=8, head_dim=16, state_size=16, expand=2,
+                                        num_hidden_layers=len(pattern), **common)
+        ref = transformers.Mamba2ForCausalLM(cfg).eval()
+    else:
+        names = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+        cfg = transformers.NemotronHConfig(
+            layers_block_type=[names[c] for c in pattern], mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96, n_routed_experts=4,
+            num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
+            max_position_embeddings=128, use_mamba_kernels=False, initializer_range=0.1, **common)
+        ref = transformers.NemotronHForCausalLM(cfg).eval()
+    perturb_norms(ref)
+    with torch.no_grad():  # decisive routers, so that no token sits on a routing tie
+        for name, p in ref.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(0.0, 1.0)
+    ref.save_pretrained(path, **save_kwargs)
+    return ref
+
+
+def mamba2_ours():
+    """A pure Mamba-2 (the row's first model_type); tests/architectures/mamba2_hybrid/ saves hybrids."""
+    from architectures.mamba2_hybrid import Mamba2Hybrid, Mamba2HybridConfig
+
+    torch.manual_seed(0)
+    return Mamba2Hybrid(Mamba2HybridConfig(
+        model_type="mamba2", vocab_size=50, hidden_size=32, num_hidden_layers=3, hybrid_override_pattern="MMM",
+        mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2, chunk_size=8, gated_norm_per_group=False,
+        tie_word_embeddings=True, max_position_embeddings=64, initializer_range=0.1)).eval()
+
+
+# The first (default) variant is a pure Mamba2: its config.json's num_hidden_layers is the layer count
+# (NemotronH's comes from its pattern). n_groups 1 and 2, chunk sizes 8, 16 and 32, four layer patterns.
+MAMBA2_VARIANTS = {
+    "mamba2-1group-chunk8": dict(),
+    "mamba2-2groups-chunk16-tied": dict(n_groups=2, chunk_size=16, tie=True),
+    "nemotronh-M*-EM-2groups-chunk8": dict(kind="nemotron_h", n_groups=2, pattern="M*-EM"),
+    "nemotronh-M-M*-1group-chunk32": dict(kind="nemotron_h", chunk_size=32, pattern="M-M*"),
+    # (transformers' NemotronH needs an attention layer: without one its forward fails on its own cache)
+    "nemotronh-EM*M-2groups-chunk16": dict(kind="nemotron_h", n_groups=2, chunk_size=16, pattern="EM*M"),
+}
+
+
 ROWS = [
     Row("llama3", llama_reference, LLAMA_VARIANTS, ("gqa1-rope-untied", "gqa4-llama3rope-untied"), llama_ours),
     Row("mixtral", mixtral_reference, MIXTRAL_VARIANTS, ("4experts-top1", "8experts-top2"), mixtral_ours),
     Row("deepseek_v3", deepseek_reference, DEEPSEEK_VARIANTS, ("qlora-yarn-2shared-4groups-nodense",), deepseek_ours),
+    Row("mamba2_hybrid", mamba2_reference, MAMBA2_VARIANTS,
+        ("mamba2-2groups-chunk16-tied", "nemotronh-M*-EM-2groups-chunk8"), mamba2_ours, new_tokens=30, layers_prefix="backbone.layers"),
 ]
 
 LOGITS_CASES = [(row, v) for row in ROWS for v in row.variants]
@@ -296,17 +352,17 @@ def edit_weights(directory: Path, edit) -> None:
     save_file(state, f, metadata={"format": "pt"})
 
 
-def last_layer_tensor(directory: Path) -> str:
-    """A tensor of the last layer: every family names its layers model.layers.{i}, as transformers does."""
+def last_layer_tensor(directory: Path, prefix: str = "model.layers") -> str:
+    """A tensor of the last layer, named f"{prefix}.{i}." as the family's transformers class names it."""
     names = load_file(directory / "model.safetensors").keys()
-    last = max(int(m[1]) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n)))
-    return sorted(n for n in names if n.startswith(f"model.layers.{last}."))[-1]
+    last = max(int(m[1]) for n in names if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", n)))
+    return sorted(n for n in names if n.startswith(f"{prefix}.{last}."))[-1]
 
 
 @by_row
 def test_missing_tensor_is_named(tmp_path, row):
     row.reference(tmp_path)
-    name = last_layer_tensor(tmp_path)
+    name = last_layer_tensor(tmp_path, row.layers_prefix)
     edit_weights(tmp_path, lambda state: state.pop(name))
     with pytest.raises(ValueError, match=rf"missing.*\[{re.escape(repr(name))}\]"):
         row.package.from_pretrained(tmp_path)
@@ -315,7 +371,7 @@ def test_missing_tensor_is_named(tmp_path, row):
 @by_row
 def test_tensor_of_the_wrong_shape_is_named_with_both_shapes(tmp_path, row):
     row.reference(tmp_path)
-    name = last_layer_tensor(tmp_path)
+    name = last_layer_tensor(tmp_path, row.layers_prefix)
     shape = tuple(load_file(tmp_path / "model.safetensors")[name].shape)
     edit_weights(tmp_path, lambda state: state.update({name: state[name][:-1].clone()}))
     wrong = (shape[0] - 1, *shape[1:])
@@ -327,11 +383,12 @@ def test_tensor_of_the_wrong_shape_is_named_with_both_shapes(tmp_path, row):
 def test_config_with_a_layer_more_or_less_than_the_weights_names_the_tensors(tmp_path, row, edit_config):
     ref = row.reference(tmp_path)
     L = ref.config.num_hidden_layers
+    layers = re.escape(row.layers_prefix)
     edit_config(tmp_path, num_hidden_layers=L + 1)
-    with pytest.raises(ValueError, match=rf"missing.*'model\.layers\.{L}\."):
+    with pytest.raises(ValueError, match=rf"missing.*'{layers}\.{L}\."):
         row.package.from_pretrained(tmp_path)
     edit_config(tmp_path, num_hidden_layers=L - 1)
-    with pytest.raises(ValueError, match=rf"unexpected tensors \[.*'model\.layers\.{L - 1}\."):
+    with pytest.raises(ValueError, match=rf"unexpected tensors \[.*'{layers}\.{L - 1}\."):
         row.package.from_pretrained(tmp_path)
 
 

@@ -12,15 +12,8 @@ from training.trainer import TrainConfig, train
 from inference.cli import main as generate_main
 
 
-def test_train_logs_expert_loads_and_generate_reads_the_checkpoint(corpus, tmp_path, capsys):
-    out = tmp_path / "run"
-    summary = train_main(["--preset", "tiny", "--dataset", str(corpus), "--out", str(out), "--max-steps", "4",
-                          "--batch-size", "4", "--block-size", "32", "--eval-interval", "2", "--eval-batches", "1",
-                          "--log-interval", "2", "--bpe-vocab-size", "300"])
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "summary.json"):
-        assert (out / name).is_file(), name
-    assert summary["steps"] == 4 and summary["val_nats_per_char"] > 0
-    assert "---- sample ----" in capsys.readouterr().out
+def test_train_logs_expert_loads_and_generate_reads_the_checkpoint(tiny_train_run, tmp_path, capsys):
+    out, summary, printed = tiny_train_run(train_main)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_entries = [e for e in logged if "loss" in e]
     assert [e["step"] for e in train_entries] == [2, 4]

@@ -10,16 +10,8 @@ from architectures.mixtral.train import main as train_main
 from inference.cli import main as generate_main
 
 
-def test_train_logs_routing_and_generate_reads_the_checkpoint(corpus, tmp_path, capsys):
-    out = tmp_path / "run"
-    summary = train_main(["--preset", "tiny", "--dataset", str(corpus), "--out", str(out), "--max-steps", "4",
-                          "--batch-size", "4", "--block-size", "32", "--eval-interval", "2", "--eval-batches", "1",
-                          "--log-interval", "2", "--bpe-vocab-size", "300"])
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "summary.json"):
-        assert (out / name).is_file(), name
-    assert summary["steps"] == 4 and summary["val_nats_per_char"] > 0
-    printed = capsys.readouterr().out
-    assert "---- sample ----" in printed
+def test_train_logs_routing_and_generate_reads_the_checkpoint(tiny_train_run, tmp_path, capsys):
+    out, summary, printed = tiny_train_run(train_main)
     # The terminal says the training loss is more than the cross-entropy the validation loss is.
     assert "step 2/4: train loss (lm + aux) " in printed and "val loss " in printed
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
