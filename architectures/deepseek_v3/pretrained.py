@@ -26,6 +26,7 @@ import torch
 from architectures.common.checkpoint import atomic_write_json, build_and_load, read_config_json, save_weights
 from architectures.deepseek_v3.config import DeepseekV3Config, from_hf_config, to_hf_config
 from architectures.deepseek_v3.model import DeepseekV3
+from architectures.mixtral.pretrained import stack_experts
 
 HUB_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -102,11 +103,7 @@ def hub_to_fused(state: dict[str, torch.Tensor], cfg: DeepseekV3Config, where: s
         raise ValueError(f"{where}: unexpected tensors {[name(*k) for k in extra][:6]}: the checkpoint has more "
                          f"experts or MoE layers than config.json (n_routed_experts={E}, "
                          f"first_k_dense_replace={cfg.first_k_dense_replace})")
-    for i in moe_layers:
-        out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([experts.pop((i, e, "gate_proj")), experts.pop((i, e, "up_proj"))]) for e in range(E)])
-        out[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack(
-            [experts.pop((i, e, "down_proj")) for e in range(E)])  # (E, D, F)
+    out.update(stack_experts(experts, moe_layers, E, ("gate_proj", "up_proj", "down_proj")))
     return out
 
 

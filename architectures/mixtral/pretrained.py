@@ -62,11 +62,22 @@ def hub_to_fused(state: dict[str, torch.Tensor], cfg: MixtralConfig, where: str)
             f"{where}: unexpected tensors {[name(*key) for key in extra]}: the checkpoint has more experts or "
             f"layers than config.json (num_local_experts={E}, num_hidden_layers={L})"
         )
-    for i in range(L):
+    out.update(stack_experts(experts, range(L), E, ("w1", "w3", "w2")))
+    return out
+
+
+def stack_experts(experts: dict[tuple[int, int, str], torch.Tensor], layers, num_experts: int,
+                  names: tuple[str, str, str]) -> dict[str, torch.Tensor]:
+    """Per-expert matrices {(layer, expert, name): tensor} -> the fused layout of `MixtralExperts`:
+    gate_up_proj[e] = [W_gate; W_up] (E, 2F, D) and down_proj[e] = W_down (E, D, F), per layer.
+    names: what the checkpoint calls (W_gate, W_up, W_down): ("w1", "w3", "w2") in Mixtral's."""
+    gate, up, down = names
+    out = {}
+    for i in layers:
         out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([experts.pop((i, e, "w1")), experts.pop((i, e, "w3"))]) for e in range(E)])  # (E, 2F, D)
+            [torch.cat([experts.pop((i, e, gate)), experts.pop((i, e, up))]) for e in range(num_experts)])
         out[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack(
-            [experts.pop((i, e, "w2")) for e in range(E)])  # (E, D, F)
+            [experts.pop((i, e, down)) for e in range(num_experts)])
     return out
 
 

@@ -104,3 +104,13 @@ class LSTM(_Recurrent):
             hs.append(h)
             cs.append(c)
         return x, (torch.stack(hs), torch.stack(cs))
+
+
+def make_lstm(cell: str, input_size: int, hidden_size: int, num_layers: int) -> nn.Module:
+    """"ours" (the LSTM above, a Python loop over time) or "torch" (nn.LSTM, the same math, fused).
+    Both take (batch, time, features) and return (outputs, (h, c))."""
+    if cell == "ours":
+        return LSTM(input_size, hidden_size, num_layers)
+    if cell == "torch":
+        return nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
+    raise ValueError(f"--cell {cell!r} is not one of 'ours', 'torch'")

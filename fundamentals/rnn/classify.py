@@ -47,7 +47,7 @@ from torch import nn
 from architectures.common.errors import command_line
 from fundamentals.common import Stopwatch, parse_config, report
 from fundamentals.optim import warmup_cosine
-from fundamentals.rnn.cells import LSTM
+from fundamentals.rnn.cells import make_lstm
 from training.data import cache_dir, get_corpus
 
 IMDB_HUB_NAME = "stanfordnlp/imdb"
@@ -221,12 +221,7 @@ class SequenceClassifier(nn.Module):
             raise ValueError(f"--pool {cfg.pool!r} is not one of 'last', 'mean'")
         self.pool = cfg.pool
         self.embed = nn.Embedding(vocab_size, cfg.embed)
-        if cfg.cell == "ours":
-            self.lstm = LSTM(cfg.embed, cfg.hidden, cfg.layers)
-        elif cfg.cell == "torch":
-            self.lstm = nn.LSTM(cfg.embed, cfg.hidden, cfg.layers, batch_first=True)
-        else:
-            raise ValueError(f"--cell {cfg.cell!r} is not one of 'ours', 'torch'")
+        self.lstm = make_lstm(cfg.cell, cfg.embed, cfg.hidden, cfg.layers)
         self.head = nn.Linear(cfg.hidden, n_classes)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

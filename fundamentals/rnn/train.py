@@ -24,7 +24,7 @@ from torch import nn
 from architectures.common.errors import command_line
 from fundamentals.common import Stopwatch, parse_config, report
 from fundamentals.optim import warmup_cosine
-from fundamentals.rnn.cells import LSTM
+from fundamentals.rnn.cells import make_lstm
 from training.data import get_corpus, split_text
 
 
@@ -60,12 +60,7 @@ class CharLSTM(nn.Module):
     def __init__(self, vocab_size: int, cfg: CharLMConfig):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, cfg.embed)
-        if cfg.cell == "ours":
-            self.lstm = LSTM(cfg.embed, cfg.hidden, cfg.layers)
-        elif cfg.cell == "torch":
-            self.lstm = nn.LSTM(cfg.embed, cfg.hidden, cfg.layers, batch_first=True)
-        else:
-            raise ValueError(f"--cell {cfg.cell!r} is not one of 'ours', 'torch'")
+        self.lstm = make_lstm(cfg.cell, cfg.embed, cfg.hidden, cfg.layers)
         self.head = nn.Linear(cfg.hidden, vocab_size)
 
     def forward(self, ids: torch.Tensor, state=None):
