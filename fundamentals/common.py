@@ -69,3 +69,12 @@ class Stopwatch:
 
     def __call__(self) -> float:
         return round(time.perf_counter() - self.t0, 2)
+
+
+def start(cfg) -> tuple[Stopwatch, torch.Generator]:
+    """What every script does first: its thread count, the global seed (initialisation, dropout) and
+    a generator of that seed for the batch order; returns the run's stopwatch and that generator."""
+    torch.set_num_threads(cfg.threads)
+    clock = Stopwatch()
+    torch.manual_seed(cfg.seed)
+    return clock, torch.Generator().manual_seed(cfg.seed)

@@ -32,6 +32,21 @@ LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_po
 YARN_KEYS = ("factor", "original_max_position_embeddings")
 
 
+def read_hf_rope(d: dict, supported: tuple[str, ...], where: str, family: str) -> tuple[float, str, dict]:
+    """(theta, rope type, the scaling's other keys) of a Hugging Face config.json dict.
+
+    transformers 5 writes `rope_parameters` (theta inside), v4 `rope_theta` beside a `rope_scaling`
+    dict whose type is `rope_type` or the older `type`; both are read. A type this family does not
+    compute is an error: loading would silently change the function."""
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    if kind not in supported:
+        raise ValueError(f"{where}: rope type {kind!r} is not supported; {family} uses "
+                         f"{' or '.join(repr(k) for k in supported)}")
+    return float(theta), kind, rope
+
+
 def default_inverse_frequencies(dim: int, base: float) -> torch.Tensor:
     """theta_i = base^(-2i/d), i < d/2 -> (d/2,) fp32."""
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))

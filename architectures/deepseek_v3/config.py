@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from architectures.common.config import check_model_type, config_from_dict, get_preset
-from architectures.common.rope import YARN_KEYS
+from architectures.common.rope import YARN_KEYS, read_hf_rope
 
 # Every key a YaRN rope_scaling may carry (transformers' required and optional keys).
 YARN_OPTIONAL = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
@@ -192,14 +192,10 @@ def from_hf_config(d: dict, where: str = "config.json") -> DeepseekV3Config:
         if d.get(key, want) != want:
             raise ValueError(f"{where}: {key}={d[key]!r} is not DeepSeek-V3's ({want!r}); this implementation "
                              f"computes only that")
-    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-    kind = rope.pop("rope_type", rope.pop("type", "default"))
-    if kind not in ("default", "yarn"):
-        raise ValueError(f"{where}: rope type {kind!r} is not supported; DeepSeek-V3 uses 'default' or 'yarn'")
+    theta, kind, rope = read_hf_rope(d, ("default", "yarn"), where, "DeepSeek-V3")
     fields = {f.name for f in dataclasses.fields(DeepseekV3Config)}
     kwargs = {k: v for k, v in d.items() if k in fields and k not in _IGNORED}
-    kwargs["rope_theta"] = float(theta)
+    kwargs["rope_theta"] = theta
     kwargs["rope_scaling"] = ({k: v for k, v in rope.items() if k in YARN_KEYS + YARN_OPTIONAL}
                               if kind == "yarn" else None)
     if kwargs.get("rope_interleave") is None:

@@ -26,7 +26,7 @@ import torch
 from architectures.common.checkpoint import atomic_write_json, build_and_load, read_config_json, save_weights
 from architectures.deepseek_v3.config import DeepseekV3Config, from_hf_config, to_hf_config
 from architectures.deepseek_v3.model import DeepseekV3
-from architectures.mixtral.pretrained import stack_experts
+from architectures.mixtral.pretrained import stack_experts, unstack_experts
 
 HUB_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -114,13 +114,8 @@ def fused_to_hub(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix, _, leaf = name.rpartition(".mlp.experts.")
         if not prefix:
             out[name] = t
-        elif leaf == "gate_up_proj":
-            for e, (gate, up) in enumerate(w.chunk(2) for w in t):
-                out[f"{prefix}.mlp.experts.{e}.gate_proj.weight"] = gate.contiguous()
-                out[f"{prefix}.mlp.experts.{e}.up_proj.weight"] = up.contiguous()
-        elif leaf == "down_proj":
-            for e, w in enumerate(t):
-                out[f"{prefix}.mlp.experts.{e}.down_proj.weight"] = w.contiguous()
+        elif leaf in ("gate_up_proj", "down_proj"):
+            out.update(unstack_experts(f"{prefix}.mlp.experts", leaf, t, ("gate_proj", "up_proj", "down_proj")))
         else:
             raise ValueError(f"no hub name for {name}")
     return out

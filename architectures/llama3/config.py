@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from architectures.common.config import check_model_type, config_from_dict, get_preset
+from architectures.common.rope import read_hf_rope
 
 # The rope_scaling keys of Llama 3.1's frequency scaling (see model.rope_inverse_frequencies).
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -137,11 +138,7 @@ def from_hf_config(d: dict, where: str = "config.json") -> LlamaConfig:
     check_model_type(d, HF_MODEL_TYPE, where)
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act={d['hidden_act']!r} is not Llama's SwiGLU ('silu')")
-    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"{where}: rope type {rope_type!r} is not supported; Llama 3 uses 'default' or 'llama3'")
+    theta, rope_type, rope = read_hf_rope(d, ("default", "llama3"), where, "Llama 3")
     fields = {f.name for f in dataclasses.fields(LlamaConfig)}
     kwargs = {k: v for k, v in d.items() if k in fields and k not in ("rope_theta", "rope_scaling", "dropout")}
     kwargs["rope_theta"] = theta

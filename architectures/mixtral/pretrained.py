@@ -81,6 +81,18 @@ def stack_experts(experts: dict[tuple[int, int, str], torch.Tensor], layers, num
     return out
 
 
+def unstack_experts(prefix: str, fused: str, tensor: torch.Tensor, names: tuple[str, str, str]) -> dict:
+    """The inverse of `stack_experts` for one fused tensor: gate_up_proj (E, 2F, D) -> per-expert W_gate
+    and W_up, or down_proj (E, D, F) -> per-expert W_down, named {prefix}.{e}.{name}.weight."""
+    gate, up, down = names
+    if fused == "down_proj":
+        return {f"{prefix}.{e}.{down}.weight": w.contiguous() for e, w in enumerate(tensor)}
+    out = {}
+    for e, (w_gate, w_up) in enumerate(t.chunk(2) for t in tensor):
+        out[f"{prefix}.{e}.{gate}.weight"], out[f"{prefix}.{e}.{up}.weight"] = w_gate.contiguous(), w_up.contiguous()
+    return out
+
+
 def fused_to_hub(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of `hub_to_fused`: our state dict -> per-expert hub names."""
     out = {}
@@ -90,13 +102,9 @@ def fused_to_hub(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[name] = tensor
         elif leaf == "gate.weight":
             out[f"{prefix}.block_sparse_moe.gate.weight"] = tensor
-        elif leaf == "experts.gate_up_proj":
-            for e, (w1, w3) in enumerate(t.chunk(2) for t in tensor):
-                out[f"{prefix}.block_sparse_moe.experts.{e}.w1.weight"] = w1.contiguous()
-                out[f"{prefix}.block_sparse_moe.experts.{e}.w3.weight"] = w3.contiguous()
-        elif leaf == "experts.down_proj":
-            for e, w2 in enumerate(tensor):
-                out[f"{prefix}.block_sparse_moe.experts.{e}.w2.weight"] = w2.contiguous()
+        elif leaf in ("experts.gate_up_proj", "experts.down_proj"):
+            out.update(unstack_experts(f"{prefix}.block_sparse_moe.experts", leaf.split(".")[1], tensor,
+                                       ("w1", "w3", "w2")))
         else:
             raise ValueError(f"no hub name for {name}")
     return out

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from architectures.common.errors import command_line
 from fundamentals.cnn.models import ResNet, SmallCNN
-from fundamentals.common import Stopwatch, load_digits_split, parse_config, report
+from fundamentals.common import load_digits_split, parse_config, report, start
 from fundamentals.optim import warmup_cosine
 
 
@@ -73,10 +73,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 @command_line
 def main(argv=None) -> dict:
     cfg = parse_config(argv, PRESETS, "python -m fundamentals.cnn.train", __doc__.splitlines()[0])
-    torch.set_num_threads(cfg.threads)
-    clock = Stopwatch()
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
+    clock, g = start(cfg)
     x_train, y_train, x_test, y_test = load_digits_split()
     x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)  # (N, 64) -> (N, C=1, 8, 8)
     model = build(cfg)

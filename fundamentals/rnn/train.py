@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.common.errors import command_line
-from fundamentals.common import Stopwatch, parse_config, report
+from fundamentals.common import parse_config, report, start
 from fundamentals.optim import warmup_cosine
 from fundamentals.rnn.cells import make_lstm
 from training.data import get_corpus, split_text
@@ -88,10 +88,7 @@ def validation_nats_per_char(model: CharLSTM, ids: torch.Tensor, cfg: CharLMConf
 @command_line
 def main(argv=None) -> dict:
     cfg = parse_config(argv, PRESETS, "python -m fundamentals.rnn.train", __doc__.splitlines()[0])
-    torch.set_num_threads(cfg.threads)
-    clock = Stopwatch()
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
+    clock, g = start(cfg)
     corpus = get_corpus(cfg.dataset)
     chars = sorted(set(corpus.text))  # the vocabulary: every character of the corpus
     stoi = {ch: i for i, ch in enumerate(chars)}

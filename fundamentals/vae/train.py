@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from architectures.common.errors import command_line
-from fundamentals.common import Stopwatch, load_digits_split, parse_config, report
+from fundamentals.common import load_digits_split, parse_config, report, start
 from fundamentals.vae.model import VAE
 
 
@@ -68,10 +68,7 @@ def save_grid(samples: torch.Tensor, recon: torch.Tensor, originals: torch.Tenso
 @command_line
 def main(argv=None) -> dict:
     cfg = parse_config(argv, PRESETS, "python -m fundamentals.vae.train", __doc__.splitlines()[0])
-    torch.set_num_threads(cfg.threads)
-    clock = Stopwatch()
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
+    clock, g = start(cfg)
     x_train, _, x_test, _ = load_digits_split()  # labels unused: the VAE models the images alone
     model = VAE(d=64, hidden=cfg.hidden, z=cfg.z)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -12,6 +12,8 @@ beside the majority baseline.
 import dataclasses
 import json
 
+import pyarrow as pa  # installed with datasets, a dependency of the zoo
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -95,7 +97,6 @@ def imdb_rows(n):
 
 
 def test_imdb_task_reads_a_local_folder_in_the_hubs_parquet_layout(tmp_path, monkeypatch):
-    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
     folder = tmp_path / "imdb" / "plain_text"
     folder.mkdir(parents=True)

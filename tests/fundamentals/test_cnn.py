@@ -6,6 +6,8 @@ torch.autograd, in float64; tolerance 1e-10 (the same sums in a different order)
 
 import io
 
+import pyarrow as pa  # installed with datasets, a dependency of the zoo
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,7 +77,6 @@ def test_a_basic_block_with_zero_residual_branch_passes_its_input_through():
 
 
 def test_load_cifar10_reads_a_local_parquet_file_of_png_images(tmp_path):
-    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     from PIL import Image
 
     colors, labels = [(255, 0, 0), (0, 128, 255), (10, 20, 30)], [0, 5, 9]
@@ -94,7 +95,6 @@ def test_load_cifar10_reads_a_local_parquet_file_of_png_images(tmp_path):
 
 
 def test_load_cifar10_names_the_columns_it_needs(tmp_path):
-    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     pq.write_table(pa.table({"picture": [b"x"], "label": [1]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=r"columns \['picture', 'label'\]; CIFAR-10 needs an image column"):
         load_cifar10(str(tmp_path / "bad.parquet"), cache_dir=str(tmp_path / "cache"))
