@@ -104,8 +104,9 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
     as transformers writes it; if present it is ignored, as transformers ignores it.
     """
     expected = model.state_dict()
-    tied = {n for n, p in expected.items() if n == "lm_head.weight"
-            and p.data_ptr() == expected.get("model.embed_tokens.weight", torch.empty(0)).data_ptr()}
+    head = expected.get("lm_head.weight")
+    tied = {"lm_head.weight"} if head is not None and any(
+        n != "lm_head.weight" and p.data_ptr() == head.data_ptr() for n, p in expected.items()) else set()
     missing = sorted(set(expected) - set(state) - tied)
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(
@@ -143,8 +144,7 @@ def build_and_load(cfg, model_cls, path: str | Path, dtype: torch.dtype, device,
         for module in model.modules():
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers()
-    if getattr(cfg, "tie_word_embeddings", False):
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
     load_state_dict_strict(model, convert(load_weights(path)), where=str(path))
     return model.to(dtype=dtype).eval()
 

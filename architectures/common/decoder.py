@@ -107,21 +107,28 @@ class CausalLM(nn.Module):
     config_class = None
     # Output projections of the residual branches: GPT-2's scaled init (below) applies to them.
     residual_projections = ("o_proj.weight", "down_proj.weight")
+    residual_branches_per_layer = 2  # a mixer and a feed-forward per block (1 for one-mixer blocks)
+    stack_name = "model"  # the stack's attribute, as checkpoints name it (Mamba-2's is `backbone`)
 
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
         layers = [self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers)]
-        self.model = DecoderModel(cfg, layers, self.make_rotary(cfg))
+        setattr(self, self.stack_name, self.make_stack(cfg, layers))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.apply(self._init_weights)
-        # GPT-2's scaled init: each residual branch's output projection gets std / sqrt(2 * layers),
-        # so the residual stream's variance does not grow with depth at initialisation.
+        # GPT-2's scaled init: each residual branch's output projection gets std / sqrt(branches), so
+        # the residual stream's variance does not grow with depth at initialisation.
+        branches = self.residual_branches_per_layer * cfg.num_hidden_layers
         for name, p in self.named_parameters():
             if name.endswith(self.residual_projections):
-                nn.init.normal_(p, std=cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers))
+                nn.init.normal_(p, std=cfg.initializer_range / math.sqrt(branches))
+
+    def tie_weights(self) -> None:
+        """The output head shares the embedding matrix when the config says so (re-made after loading)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # ---- what a family chooses --------------------------------------------------------------------
 
@@ -136,6 +143,10 @@ class CausalLM(nn.Module):
 
     def make_rotary(self, cfg) -> nn.Module | None:
         return None
+
+    def make_stack(self, cfg, layers: list[nn.Module]) -> nn.Module:
+        """Embedding, blocks and final norm; a family whose checkpoints lay them out otherwise overrides it."""
+        return DecoderModel(cfg, layers, self.make_rotary(cfg))
 
     # ---- shared -----------------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ Symbols: B batch, T tokens, D hidden_size, V vocab_size, E experts, k experts pe
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -152,24 +151,16 @@ class Mamba2Hybrid(CausalLM):
 
     config_class = Mamba2HybridConfig
     residual_projections = ("out_proj.weight", "o_proj.weight", "down_proj.weight")
-
-    def __init__(self, cfg: Mamba2HybridConfig):
-        nn.Module.__init__(self)  # not CausalLM's: the stack is `backbone`, of one-mixer blocks
-        self.config = cfg
-        self.backbone = Backbone(cfg, [self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers)])
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.backbone.embeddings.weight
-        self.apply(self._init_weights)
-        # GPT-2's scaled init on every residual branch's output projection (one branch per block here).
-        for name, p in self.named_parameters():
-            if name.endswith(self.residual_projections):
-                nn.init.normal_(p, std=cfg.initializer_range / math.sqrt(cfg.num_hidden_layers))
+    residual_branches_per_layer = 1  # each block is one mixer (or one MLP) on the residual stream
+    stack_name = "backbone"
 
     @property
     def model(self) -> Backbone:
         """The stack under the name the shared code uses (`CausalLM.hidden_states` calls self.model)."""
         return self.backbone
+
+    def make_stack(self, cfg: Mamba2HybridConfig, layers: list[nn.Module]) -> nn.Module:
+        return Backbone(cfg, layers)
 
     def make_layer(self, cfg: Mamba2HybridConfig, layer_idx: int) -> nn.Module:
         kind = cfg.layer_kind(layer_idx)

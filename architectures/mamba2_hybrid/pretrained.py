@@ -72,8 +72,6 @@ def convert(state: dict[str, torch.Tensor], cfg: Mamba2HybridConfig, where: str)
              if not n.startswith("mtp.")}
     check_conv_kernels(state, cfg, where)
     state = hub_to_stacked(state, cfg, where)
-    if cfg.tie_word_embeddings and "backbone.embeddings.weight" in state:
-        state["lm_head.weight"] = state["backbone.embeddings.weight"]  # one matrix, as transformers ties it
     return state
 
 
