@@ -79,3 +79,11 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
         raise ValueError(f"{path}/config.json has model_type={model_type!r}, which no zoo architecture loads; "
                          f"{loader_hint(model_type)}")
     return package(name).from_pretrained(path, dtype=dtype, device=device)
+
+
+def family_of(model: torch.nn.Module) -> str:
+    """The family name of a zoo model (to save it with its family's `save_pretrained`)."""
+    for name in FAMILIES:
+        if isinstance(model, model_class(name)):
+            return name
+    raise ValueError(f"{type(model).__name__} is not a model of any zoo family ({', '.join(FAMILIES)})")

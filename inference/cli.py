@@ -2,6 +2,7 @@
 
     python -m architectures.<name>.generate --checkpoint DIR --prompt TEXT [--max-new-tokens N]
         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device D] [--dtype D] [--no-cache]
+        [--kv-dtype auto|int8|int4|fp8|bf16|fp16|fp32]
 
 DIR is one of our training checkpoints or a Hugging Face-format directory; either way it
 must carry a tokenizer.json. Tokens are printed as they are generated. A prompt that leaves
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from architectures.common.errors import ArgumentParser, command_line
 from inference.generate import stream
+from inference.quantized_kv import valid_kv_dtypes
 from inference.sampling import SamplingParams, eos_ids
 from training.device import compute_dtype, resolve_device
 from training.tokenizer import Tokenizer
@@ -68,7 +70,14 @@ def main(family: str, from_pretrained, argv=None) -> str:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="weights' number format; auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow reference)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", *valid_kv_dtypes()],
+                   help="how the KV cache stores keys and values: quantized int8/fp8 (a scale per token and head) "
+                        "or int4 (KIVI), or a plain dtype; auto: the weights' dtype")
     args = p.parse_args(argv)
+    args.kv_dtype = None if args.kv_dtype == "auto" else args.kv_dtype
+    if args.kv_dtype is not None and args.no_cache:
+        raise ValueError("--kv-dtype sets how the KV cache stores keys and values, and --no-cache keeps none; "
+                         "drop one of them")
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
@@ -101,7 +110,8 @@ def main(family: str, from_pretrained, argv=None) -> str:
     sys.stdout.write(args.prompt)
     new: list[int] = []
     shown = ""
-    for token in stream(model, prompt_ids, params, stop_ids=stop_ids, use_cache=not args.no_cache):
+    for token in stream(model, prompt_ids, params, stop_ids=stop_ids, use_cache=not args.no_cache,
+                        kv_dtype=args.kv_dtype):
         new.append(token)
         # Decode the whole continuation each time: a multi-byte character can span several tokens.
         text = tokenizer.decode([t for t in new if t not in stop_ids])

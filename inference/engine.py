@@ -20,6 +20,12 @@ Attention (EngineConfig.attention): on a GPU, decode-only steps run the Triton k
 inference/triton_paged_attention.py and other steps the batched gather of
 inference/paged_attention.py; on a CPU every step runs the gather.
 
+K/V may be stored quantized (EngineConfig.kv_dtype: "int8", "fp8", "int4"; inference/quantized_kv.py):
+the pool's blocks hold codes and scales, so the same memory holds about twice (int8, fp8) or over three
+times (int4) the tokens. Prefix caching, copy-on-write and preemption work on quantized blocks
+as on plain ones; int4 (KIVI) keeps each running sequence's unfilled last block in full precision in a
+slot of its own, as a state is kept, so it runs without CUDA graphs and its decode steps gather.
+
 Models whose layers keep a per-sequence state (Mamba-2, Nemotron-H) are served the same way:
 what the engine does follows the layers' cache specs, never the architecture. The pool gives
 such layers one state slot per seat (max_num_seqs), the scheduler gives each running sequence a
@@ -41,6 +47,7 @@ from architectures.common.cache import KVSpec
 from inference.block_manager import BlockManager, StateSlots
 from inference.cuda_graphs import DecodeGraphs
 from inference.paged_cache import PagedBatch, PagedKVPool, build_metadata
+from inference.quantized_kv import valid_kv_dtypes
 from inference.sampling import SamplingParams, check_prompt_ids, eos_ids, sample_next
 from inference.scheduler import Scheduler, Sequence
 from inference.triton_paged_attention import triton_unavailable_reason
@@ -58,6 +65,8 @@ class EngineConfig:
     # "reference" (slow oracle, for tests), or "auto": "triton" where it can run, else "gather"
     cuda_graphs: bool = False  # replay decode-only steps from CUDA graphs (needs a CUDA device)
     max_model_len: int | None = None  # longest prompt + max_new_tokens; None: the model's max_position_embeddings
+    kv_dtype: str | None = None  # how blocks store K/V: None (the model's dtype), "fp32", "bf16", "fp16", or
+    # quantized "int8" / "fp8" (a scale per token and KV head) / "int4" (KIVI; a key group is a block)
 
     def __post_init__(self):
         # Checked here, so that dataclasses.replace checks overrides too. A 0 would otherwise read
@@ -70,6 +79,9 @@ class EngineConfig:
                              f"the pool from free GPU memory (4096 blocks on a CPU)")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ValueError(f"EngineConfig.gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.kv_dtype is not None and self.kv_dtype not in valid_kv_dtypes():
+            raise ValueError(f"unknown EngineConfig.kv_dtype {self.kv_dtype!r}; choose one of "
+                             f"{', '.join(valid_kv_dtypes())} (or None for the model's own dtype)")
 
 
 @dataclass
@@ -120,6 +132,13 @@ class LLMEngine:
             raise ValueError(f"max_num_batched_tokens={cfg.max_num_batched_tokens} must be >= max_num_seqs="
                              f"{cfg.max_num_seqs}: every running sequence needs a token of the budget")
         self.device = next(model.parameters()).device
+        # The storage format, checked before anything is allocated (an fp8 that this torch lacks fails here).
+        self.kv_format = PagedKVPool.block_format(cfg.kv_dtype, next(model.parameters()).dtype, self.device,
+                                                  cfg.block_size)
+        residual = self.kv_format.residual  # int4: a full-precision residual slot per running sequence
+        if cfg.cuda_graphs and residual:
+            raise ValueError("cuda_graphs=True: an int4 cache writes each sequence's residual slot, which the decode "
+                             "graphs do not index; run int4 without CUDA graphs, or use kv_dtype='int8'")
         stateful = [i for i, s in enumerate(model.cache_specs()) if s is not None and s.per_sequence]
         self.prefix_caching = cfg.enable_prefix_caching and not stateful
         if cfg.enable_prefix_caching and stateful:
@@ -129,10 +148,11 @@ class LLMEngine:
             raise ValueError(f"cuda_graphs=True: the decode graphs replay attention layers only, and layers {stateful} "
                              f"keep a per-sequence state; run without CUDA graphs")
         num_blocks = cfg.num_blocks or self._default_num_blocks()
-        self.pool = PagedKVPool.for_model(model, num_blocks, cfg.block_size, cfg.max_num_seqs if stateful else 0)
+        slots = cfg.max_num_seqs if stateful or residual else 0  # one per seat
+        self.pool = PagedKVPool.for_model(model, num_blocks, cfg.block_size, slots, cfg.kv_dtype)
         self.blocks = BlockManager(num_blocks, cfg.block_size, self.prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   StateSlots(cfg.max_num_seqs) if stateful else None)
+                                   StateSlots(slots) if slots else None)
         self.attention = self._choose_attention(cfg.attention)
         self.graphs = DecodeGraphs(model, self.pool, cfg.max_num_seqs, self.attention) if cfg.cuda_graphs else None
         self.stats = EngineStats()
@@ -148,10 +168,15 @@ class LLMEngine:
             raise ValueError(f"attention must be one of {', '.join(choices)}, got {choice!r}")
         specs = [s for s in self.model.cache_specs() if s is not None]
         kv = [s for s in specs if isinstance(s, KVSpec) and s.per_token["k"] == s.per_token["v"]]
+        fmt = self.kv_format
         if len(kv) != len(specs):
             why_not = "the Triton decode kernel reads K and V of equal widths, and some layers cache something else"
+        elif not fmt.kernel_reads:
+            why_not = (f"the Triton decode kernel reads plain caches of the model's dtype and int8/fp8 ones, not "
+                       f"kv_dtype={fmt.name!r}")
         else:
-            why_not = next(filter(None, (triton_unavailable_reason(self.device, s.head_dim) for s in kv)), None)
+            why_not = next(filter(None, (triton_unavailable_reason(self.device, s.head_dim, fmt.storage_dtype)
+                                         for s in kv)), None)
         if choice == "triton" and why_not:
             raise ValueError(f"attention='triton': {why_not}; use attention='gather' (or 'auto')")
         if choice == "auto":
@@ -162,10 +187,12 @@ class LLMEngine:
         if self.device.type != "cuda":
             return 4096
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_block = PagedKVPool.bytes_per_block(self.model, self.config.block_size)
+        cfg = self.config
+        per_block = PagedKVPool.bytes_per_block(self.model, cfg.block_size, cfg.kv_dtype)
         if per_block == 0:  # no layer keeps anything per token (a pure Mamba-2): blocks are bookkeeping only
             return 4096
-        free -= self.config.max_num_seqs * PagedKVPool.bytes_per_state_slot(self.model)
+        free -= cfg.max_num_seqs * (PagedKVPool.bytes_per_state_slot(self.model)
+                                    + PagedKVPool.bytes_per_residual_slot(self.model, cfg.block_size, cfg.kv_dtype))
         return max(1, int(free * self.config.gpu_memory_fraction) // per_block)
 
     # ---- requests --------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ from inference.sampling import SamplingParams, check_prompt_ids, sample_next
 
 
 def stream(model, prompt_ids: list[int], params: SamplingParams = SamplingParams(), stop_ids=(),
-           use_cache: bool = True) -> Iterator[int]:
+           use_cache: bool = True, kv_dtype: str | None = None) -> Iterator[int]:
     """Yield new token ids one by one; stops after max_new_tokens or on a token in stop_ids.
+    kv_dtype: how the cache stores K/V (None: the model's dtype; "int8", "fp8", "int4": quantized,
+    inference/quantized_kv.py).
 
     The arguments are checked when `stream` is called, not at the first `next()`, so a bad
     request fails where it was made."""
@@ -29,15 +31,21 @@ def stream(model, prompt_ids: list[int], params: SamplingParams = SamplingParams
             f"prompt of {len(prompt_ids)} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
             f"model's max_position_embeddings={limit}; shorten the prompt or lower max_new_tokens"
         )
-    return _tokens(model, prompt_ids, params, stop_ids, use_cache)
+    cache = None
+    if use_cache:  # made here, so that a bad kv_dtype fails where the request was made
+        cache = NaiveKVCache.for_model(model, 1, len(prompt_ids) + params.max_new_tokens, kv_dtype=kv_dtype)
+    elif kv_dtype is not None:
+        raise ValueError(f"kv_dtype={kv_dtype!r} sets how a cache stores K/V, and use_cache=False keeps none")
+    return _tokens(model, prompt_ids, params, stop_ids, cache)
 
 
 @torch.no_grad()
-def _tokens(model, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int], use_cache: bool) -> Iterator[int]:
+def _tokens(model, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int],
+            cache: NaiveKVCache | None) -> Iterator[int]:
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    cache = NaiveKVCache.for_model(model, 1, len(prompt_ids) + params.max_new_tokens) if use_cache else None
+    use_cache = cache is not None
     # The head runs on the last position only: the prompt's other logits would never be used.
     logits = model.compute_logits(model.hidden_states(ids, cache=cache)[:, -1])  # prefill: (1, V)
     for i in range(params.max_new_tokens):
@@ -51,5 +59,5 @@ def _tokens(model, prompt_ids: list[int], params: SamplingParams, stop_ids: set[
 
 
 def generate(model, prompt_ids: list[int], params: SamplingParams = SamplingParams(), stop_ids=(),
-             use_cache: bool = True) -> list[int]:
-    return list(stream(model, prompt_ids, params, stop_ids, use_cache))
+             use_cache: bool = True, kv_dtype: str | None = None) -> list[int]:
+    return list(stream(model, prompt_ids, params, stop_ids, use_cache, kv_dtype))

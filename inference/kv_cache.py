@@ -18,6 +18,13 @@ that waste and notes/paged-attention.md shows how paging removes it.
 
 It answers the calls of the `Cache` protocol (architectures/common/cache.py): positions,
 max_length, write, read, state, advance.
+
+`kv_dtype` stores the per-token tensors quantized (inference/quantized_kv.py): "int8" and "fp8"
+keep codes and a scale per token and head, quantized as they are written and dequantized as they are
+read; "int4" (KIVI) keeps keys in groups of `group_size` tokens and the newest tokens, until their
+group fills, in full precision (`residual`). With left padding, an int4 key group that holds padding
+slots takes their keys into its per-channel range, so a padded row's int4 logits differ slightly from
+the same prompt alone (the per-token formats are unaffected). Per-sequence state is never quantized.
 """
 
 from __future__ import annotations
@@ -25,14 +32,27 @@ from __future__ import annotations
 import torch
 
 from architectures.common.cache import CacheSpec, CacheView
+from inference.quantized_kv import check_int4_shapes, kv_format
 
 
 class NaiveKVCache:
     def __init__(self, specs: list[CacheSpec | None], batch_size: int, capacity: int, dtype=torch.float32,
-                 device="cpu", pad: list[int] | None = None):
-        # Per layer: {name: (B, capacity, *shape)} for per-token tensors, {name: (B, *shape)} for state.
-        self.tokens = [{name: torch.zeros(batch_size, capacity, *shape, dtype=dtype, device=device)
-                        for name, shape in (s.per_token.items() if s is not None else ())} for s in specs]
+                 device="cpu", pad: list[int] | None = None, kv_dtype: str | None = None,
+                 group_size: int | None = None):
+        self.format = fmt = kv_format(kv_dtype, dtype, device, group_size)
+        check_int4_shapes(specs, fmt)
+        G = fmt.token_group  # 1 unless int4
+        # Per layer, what each per-token tensor is stored as: {name: {part: (shape per group, dtype)}}.
+        self.layout = [{name: fmt.group_parts(name, shape) for name, shape in (s.per_token.items() if s else ())}
+                       for s in specs]
+        self.ndim = [{name: len(shape) for name, shape in (s.per_token.items() if s else ())} for s in specs]
+        # Per layer: {part: (B, capacity / G, *part shape)} for per-token tensors (plain: {name: (B, capacity,
+        # *shape)}), {name: (B, *shape)} for state, and for int4 {name: (B, G, *shape)} of residual tokens.
+        self.tokens = [{part: torch.zeros(batch_size, -(-capacity // G), *shape, dtype=dt, device=device)
+                        for parts in layer.values() for part, (shape, dt) in parts.items()} for layer in self.layout]
+        self.residual = None if not fmt.residual else [
+            {name: torch.zeros(batch_size, G, *shape, dtype=dtype, device=device)
+             for name, shape in (s.per_token.items() if s else ())} for s in specs]
         self.states = [{name: torch.zeros(batch_size, *shape, dtype=dtype, device=device)
                         for name, shape in (s.per_sequence.items() if s is not None else ())} for s in specs]
         self.capacity = capacity
@@ -47,13 +67,16 @@ class NaiveKVCache:
         self._end = 0
 
     @classmethod
-    def for_model(cls, model, batch_size: int, capacity: int, pad: list[int] | None = None) -> "NaiveKVCache":
+    def for_model(cls, model, batch_size: int, capacity: int, pad: list[int] | None = None,
+                  kv_dtype: str | None = None, group_size: int | None = None) -> "NaiveKVCache":
         p = next(model.parameters())
-        return cls(model.cache_specs(), batch_size, capacity, p.dtype, p.device, pad)
+        return cls(model.cache_specs(), batch_size, capacity, p.dtype, p.device, pad, kv_dtype, group_size)
 
     def nbytes(self) -> int:
-        """Bytes reserved by this cache: for K/V layers, 2 x layers x B x capacity x K x d x element size."""
-        return sum(t.numel() * t.element_size() for layer in self.tokens + self.states for t in layer.values())
+        """Bytes reserved by this cache: for K/V layers, 2 x layers x B x capacity x K x d x element size
+        (quantized: codes, scales and zeros, and int4's residual)."""
+        return sum(t.numel() * t.element_size() for layer in self.tokens + self.states + (self.residual or [])
+                   for t in layer.values())
 
     def positions(self, batch_size: int, seq_len: int, device) -> torch.Tensor:
         if self.length + seq_len > self.capacity:
@@ -91,12 +114,42 @@ class NaiveKVCache:
 
     def write(self, layer: int, **new: torch.Tensor) -> None:
         # each new tensor: (B, T, *shape), stored in slots length .. length + T - 1
+        if self.residual is not None:
+            return self._write_groups(layer, new)
+        stored, L = self.tokens[layer], self.length
         for name, t in new.items():
-            self.tokens[layer][name][:, self.length:self.length + t.shape[1]] = t
+            for part, codes in self.format.encode(name, t, self.ndim[layer][name]).items():
+                stored[part][:, L:L + t.shape[1]] = codes
+
+    def _write_groups(self, layer: int, new: dict[str, torch.Tensor]) -> None:
+        """int4: the residual tokens and the new ones, in order; every group of G that fills is quantized
+        into its group slot, the rest (fewer than G) becomes the residual."""
+        G, L = self.format.token_group, self.length
+        for name, t in new.items():
+            res = self.residual[layer][name]  # (B, G, *shape)
+            pending = torch.cat([res[:, :L % G], t], 1)  # (B, L % G + T, *shape), from slot L - L % G on
+            full = pending.shape[1] // G
+            if full:
+                g0 = L // G  # the group slot of the first full group
+                for part, codes in self.format.encode(name, pending[:, :full * G], self.ndim[layer][name]).items():
+                    self.tokens[layer][part][:, g0:g0 + full] = codes
+            rest = pending[:, full * G:]
+            res[:, :rest.shape[1]] = rest
 
     def read(self, layer: int) -> CacheView:
-        return CacheView({name: buf[:, :self._end] for name, buf in self.tokens[layer].items()},  # (B, S, ...)
-                         self._mask)
+        """Slots 0 .. end - 1 of every per-token tensor, (B, S, *shape), dequantized to the model's dtype."""
+        fmt, end, stored = self.format, self._end, self.tokens[layer]
+        G = fmt.token_group
+        out = {}
+        for name, parts in self.layout[layer].items():
+            if self.residual is None:
+                out[name] = fmt.decode(name, {part: stored[part][:, :end] for part in parts}, self.ndim[layer][name])
+                continue
+            # int4: the full groups, dequantized, then the residual tokens as they are
+            full = [fmt.decode(name, {part: stored[part][:, :end // G] for part in parts}, self.ndim[layer][name])
+                    ] if end >= G else []
+            out[name] = torch.cat(full + [self.residual[layer][name][:, :end % G]], 1)  # (B, end, *shape)
+        return CacheView(out, self._mask)
 
     def state(self, layer: int) -> dict[str, torch.Tensor]:
         return self.states[layer]

@@ -17,6 +17,16 @@ bytes per sequence, whatever its length, beside the per-token bytes of the atten
 The formulas are
 checked against the bytes of real `NaiveKVCache` and `PagedKVPool` tensors by
 tests/inference/test_memory.py; notes/kv-cache.md uses them.
+
+Quantized K/V (`--kv-dtype int8|fp8|int4`) cost their codes plus their scales (and zeros), which
+`bytes_per_token` in inference/quantized_kv.py adds up (checked against real caches by
+tests/inference/test_quantized_kv.py):
+    python -m inference.memory --preset llama-3.2-1b --kv-dtype int8
+    int8, fp8: 2 x n_layers x n_kv_heads x (head_dim x 1 + 2) bytes (an fp16 scale per token and head)
+    int4 (KIVI, a key group per block of --block-size tokens): codes of head_dim / 2 bytes for K and V,
+        V's scale and zero per token and head, K's per channel and block; plus, per sequence, a block of
+        full-precision tokens in --dtype (the residual). The naive line is a `NaiveKVCache` whose
+        group_size is --block-size.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import torch
 from architectures import registry
 from architectures.common.cache import KVSpec, bytes_per_sequence, bytes_per_token
 from architectures.common.errors import ArgumentParser, command_line
+from inference.quantized_kv import PLAIN, QUANTIZED, kv_format, residual_bytes_per_sequence
+from inference.quantized_kv import bytes_per_token as quantized_bytes_per_token
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
@@ -100,6 +112,9 @@ def main(argv=None) -> dict:
     p.add_argument("--mean-len", type=int, default=None, help="tokens a sequence really holds; None: --seq-len")
     p.add_argument("--block-size", type=int, default=16, help="token slots per block of the paged cache")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="number format of the cached K/V")
+    p.add_argument("--kv-dtype", default=None, choices=list(PLAIN) + list(QUANTIZED),
+                   help="quantized K/V storage (int8, fp8, int4: scales included); the model computes in --dtype. "
+                        "Default: K/V stored in --dtype")
     a = p.parse_args(argv)
     for flag, value in (("--seq-len", a.seq_len), ("--batch", a.batch), ("--block-size", a.block_size)):
         if value < 1:
@@ -109,6 +124,10 @@ def main(argv=None) -> dict:
         raise ValueError(f"--mean-len must be in [1, --seq-len={a.seq_len}], got {mean}")
     cfg = registry.package(a.family).preset(a.preset)
     specs = cache_specs(a.family, cfg)
+    if a.kv_dtype is not None and a.kv_dtype not in QUANTIZED:  # a plain --kv-dtype is --dtype for the cache
+        a.dtype, a.kv_dtype = a.kv_dtype, None
+    if a.kv_dtype is not None:
+        return _quantized(a, specs, mean)
     nbytes = DTYPE_BYTES[a.dtype]
     per_token = kv_bytes_per_token(specs, nbytes)
     per_seq = bytes_per_sequence(specs, nbytes)  # fixed-size state, one per sequence (both caches hold it)
@@ -134,6 +153,51 @@ def main(argv=None) -> dict:
           f"total_bytes={paged + tables} total_gib={_gib(paged + tables)}")
     return {"bytes_per_token": per_token, "bytes_per_sequence": per_seq, "naive_bytes": naive,
             "paged_bytes": paged + tables}
+
+
+def quantized_kv_bytes(specs: list, kv_dtype: str, compute: str = "bf16", block_size: int = 16) -> dict:
+    """What quantized K/V storage costs: bytes per token (codes, scales and zeros; int4's per-block key scales
+    shared by block_size tokens) and, for int4, the full-precision residual each sequence keeps (a block of
+    tokens in the `compute` dtype). The arithmetic is `bytes_per_token` of inference/quantized_kv.py."""
+    fmt = kv_format(kv_dtype, PLAIN[compute], "cpu", block_size if kv_dtype == "int4" else None)  # a layout only
+    per_token = quantized_bytes_per_token(specs, fmt)
+    return {"bytes_per_token": int(per_token) if per_token == int(per_token) else per_token,
+            "residual_bytes_per_sequence": residual_bytes_per_sequence(specs, fmt), "token_group": fmt.token_group}
+
+
+def _quantized(a, specs: list, mean: int) -> dict:
+    """`main` for a quantized --kv-dtype: the same lines, with scales counted and the plain cost beside."""
+    if a.dtype not in PLAIN:
+        raise ValueError(f"--dtype {a.dtype} is the dtype the model computes in (and an int4 residual is kept "
+                         f"in); with --kv-dtype {a.kv_dtype} give one of {', '.join(PLAIN)}")
+    q = quantized_kv_bytes(specs, a.kv_dtype, a.dtype, a.block_size)
+    per_token, residual = q["bytes_per_token"], q["residual_bytes_per_sequence"]
+    per_seq = bytes_per_sequence(specs, DTYPE_BYTES[a.dtype]) + residual  # state, and int4's residual
+    plain = kv_bytes_per_token(specs, DTYPE_BYTES[a.dtype])
+    naive = math.ceil(a.batch * a.seq_len * per_token) + a.batch * per_seq
+    blocks = a.batch * -(-mean // a.block_size)
+    paged = math.ceil(blocks * a.block_size * per_token) + a.batch * per_seq
+    tables = block_table_bytes([mean] * a.batch, a.block_size)
+    how = {"int8": "int8 codes + an fp16 scale per token and KV head",
+           "fp8": "fp8 e4m3 codes + an fp16 scale per token and KV head",
+           "int4": f"int4 KIVI: packed codes + fp16 scale and zero per token and head (V) and per channel over "
+                   f"groups of {q['token_group']} tokens = --block-size (K)"}[a.kv_dtype]
+    print(f"{a.preset}: {describe(specs)}, {how} = {per_token} bytes = {per_token / 1024:.2f} KiB per token "
+          f"({plain / per_token:.2f}x fewer than {plain} bytes in {a.dtype})")
+    if residual:
+        print(f"{a.preset}: each sequence keeps its newest tokens, up to {q['token_group']}, in {a.dtype} until their "
+              f"group fills: {residual} bytes = {residual / 2**20:.2f} MiB per sequence")
+    state = f" (+ {a.batch} x {per_seq} bytes per sequence)" if per_seq else ""
+    print(f"naive: {a.batch} sequences x {a.seq_len} reserved slots{state} = {_gib(naive)} GiB")
+    print(f"paged: {a.batch} sequences x ceil({mean}/{a.block_size}) blocks x {a.block_size} slots{state} = "
+          f"{_gib(paged)} GiB (+ {tables} bytes of block tables)")
+    common = (f"preset={a.preset} dtype={a.dtype} kv_dtype={a.kv_dtype} batch={a.batch} seq_len={a.seq_len} "
+              f"mean_len={mean} block_size={a.block_size}")
+    for cache, total in (("naive", naive), ("paged", paged + tables)):
+        print(f"memory cache={cache} {common} bytes_per_token={per_token} bytes_per_sequence={per_seq} "
+              f"plain_bytes_per_token={plain} total_bytes={total} total_gib={_gib(total)}")
+    return {"bytes_per_token": per_token, "bytes_per_sequence": per_seq, "naive_bytes": naive,
+            "paged_bytes": paged + tables, "plain_bytes_per_token": plain}
 
 
 if __name__ == "__main__":

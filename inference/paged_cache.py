@@ -28,6 +28,13 @@ with no tensors whose `pack` gives each sequence a row (B, Tmax), right-padded, 
 
 Block `num_blocks` of the pool (one past the blocks the block manager hands out) is scratch:
 padding rows of a CUDA-graph batch write there, so they never touch a sequence's blocks.
+
+Quantized K/V (`kv_dtype`, inference/quantized_kv.py): the blocks hold codes and their scales
+(int8, fp8: k, k_scale, v, v_scale, each (num_blocks + 1, bs, K, ...)); `write` quantizes, the
+gather dequantizes what it gathered, and the Triton decode kernel reads codes and scales in place.
+int4 (KIVI) quantizes a block's keys per channel over its bs tokens, so a block is quantized when it
+fills; until then its tokens wait in full precision in the sequence's *residual*, a per-sequence slot
+like a Mamba state (the scheduler's state slot), which `read` lays over the block it belongs to.
 """
 
 from __future__ import annotations
@@ -38,26 +45,35 @@ from dataclasses import dataclass
 
 import torch
 
-from architectures.common.cache import CacheSpec, CacheView, bytes_per_sequence, bytes_per_token
+from architectures.common.cache import CacheSpec, CacheView, bytes_per_sequence
 from inference.paged_attention import attention_mask, gather_blocks, paged_attention_reference
+from inference.quantized_kv import (KVFormat, bytes_per_group, check_int4_shapes, kv_format,
+                                    residual_bytes_per_sequence)
 
 
 class PagedKVPool:
     """The blocks of every layer, allocated once, shaped by what each layer declares it keeps.
 
     Layers with equal specs share one stacked tensor per stored name: for Llama 3, K and V of all
-    L layers are two (L, num_blocks + 1, block_size, K, d) tensors. A layer that keeps nothing per
+    L layers are two (L, num_blocks + 1, block_size, K, d) tensors (quantized: the codes, and beside
+    them k_scale and v_scale of (L, num_blocks + 1, block_size, K, 1)). A layer that keeps nothing per
     token (no spec, or only per-sequence state) gets no blocks. A layer that keeps a per-sequence
-    state gets {name: (num_state_slots, *shape)}: one slot per running sequence.
+    state gets {name: (num_state_slots, *shape)}: one slot per running sequence; with int4 every
+    layer with blocks also gets a residual {name: (num_state_slots, block_size, *shape)}.
     """
 
     def __init__(self, specs: list[CacheSpec | None], num_blocks: int, block_size: int, dtype=torch.float32,
-                 device="cpu", num_state_slots: int = 0):
+                 device="cpu", num_state_slots: int = 0, kv_dtype: str | None = None):
+        self.format = fmt = self.block_format(kv_dtype, dtype, device, block_size)
+        check_int4_shapes(specs, fmt)
         stateful = [i for i, s in enumerate(specs) if s is not None and s.per_sequence]
         if stateful and num_state_slots < 1:
             raise ValueError(f"layers {stateful} keep a per-sequence state ({type(specs[stateful[0]]).__name__}): "
                              f"give the pool num_state_slots >= 1, one per sequence that may run at once")
-        self.num_state_slots = num_state_slots if stateful else 0
+        if fmt.residual and num_state_slots < 1:
+            raise ValueError("kv_dtype='int4' keeps each sequence's unfilled block in full precision: give the pool "
+                             "num_state_slots >= 1, one per sequence that may run at once")
+        self.num_state_slots = num_state_slots if stateful or fmt.residual else 0
         self.states: dict[int, dict[str, torch.Tensor]] = {  # layer -> {name: (num_state_slots, *shape)}
             i: {name: torch.zeros(num_state_slots, *shape, dtype=dtype, device=device)
                 for name, shape in specs[i].per_sequence.items()} for i in stateful}
@@ -67,43 +83,74 @@ class PagedKVPool:
         for i, spec in enumerate(specs):
             if spec is not None and spec.per_token:
                 groups.setdefault(spec, []).append(i)
-        self.stacks: list[dict[str, torch.Tensor]] = []  # per group: {name: (layers, num_blocks + 1, bs, *shape)}
+        per_block = block_size // fmt.token_group  # quantization groups per block: bs, or 1 for int4
+        self.stacks: list[dict[str, torch.Tensor]] = []  # per group: {part: (layers, num_blocks + 1, per_block, *part)}
+        self.shapes: dict[int, dict[str, tuple[int, ...]]] = {}  # layer -> {name: per-token shape}
         self._where: dict[int, tuple[int, int]] = {}  # layer -> (group, index within the group)
         for g, (spec, layers) in enumerate(groups.items()):
-            self.stacks.append({name: torch.zeros(len(layers), num_blocks + 1, block_size, *shape, dtype=dtype,
-                                                  device=device) for name, shape in spec.per_token.items()})
+            self.stacks.append({part: torch.zeros(len(layers), num_blocks + 1, per_block, *shape, dtype=dt,
+                                                  device=device)
+                                for name, full in spec.per_token.items()
+                                for part, (shape, dt) in fmt.group_parts(name, full).items()})
             self._where.update({layer: (g, j) for j, layer in enumerate(layers)})
+            self.shapes.update({layer: dict(spec.per_token) for layer in layers})
+        # int4: layer -> {name: (num_state_slots, block_size, *shape)}, the full-precision tokens of each
+        # sequence's last, unfilled block
+        self.residual: dict[int, dict[str, torch.Tensor]] = {
+            i: {name: torch.zeros(num_state_slots, block_size, *shape, dtype=dtype, device=device)
+                for name, shape in shapes.items()} for i, shapes in self.shapes.items()} if fmt.residual else {}
         self.device = torch.device(device)
 
+    @staticmethod
+    def block_format(kv_dtype: str | None, dtype: torch.dtype, device, block_size: int) -> KVFormat:
+        """The pool's storage format: int4 quantizes one key group per block, so its group is the block."""
+        return kv_format(kv_dtype, dtype, device, block_size if kv_dtype == "int4" else None)
+
     @classmethod
-    def for_model(cls, model, num_blocks: int, block_size: int, num_state_slots: int = 0) -> "PagedKVPool":
+    def for_model(cls, model, num_blocks: int, block_size: int, num_state_slots: int = 0,
+                  kv_dtype: str | None = None) -> "PagedKVPool":
         p = next(model.parameters())
-        return cls(model.cache_specs(), num_blocks, block_size, p.dtype, p.device, num_state_slots)
+        return cls(model.cache_specs(), num_blocks, block_size, p.dtype, p.device, num_state_slots, kv_dtype)
 
     @staticmethod
-    def bytes_per_block(model, block_size: int) -> int:
-        """Bytes one block costs over all layers: block_size x the model's bytes per cached token."""
-        return block_size * bytes_per_token(model.cache_specs(), next(model.parameters()).element_size())
+    def bytes_per_block(model, block_size: int, kv_dtype: str | None = None) -> int:
+        """Bytes one block costs over all layers: block_size x the model's bytes per cached token, scales included."""
+        p = next(model.parameters())
+        fmt = PagedKVPool.block_format(kv_dtype, p.dtype, p.device, block_size)
+        return block_size // fmt.token_group * bytes_per_group(model.cache_specs(), fmt)
 
     @staticmethod
     def bytes_per_state_slot(model) -> int:
         """Bytes one sequence's fixed-size state costs over all layers, whatever its length (0 for attention-only)."""
         return bytes_per_sequence(model.cache_specs(), next(model.parameters()).element_size())
 
+    @staticmethod
+    def bytes_per_residual_slot(model, block_size: int, kv_dtype: str | None = None) -> int:
+        """int4: bytes of one sequence's residual, block_size tokens in full precision (0 for other formats)."""
+        p = next(model.parameters())
+        fmt = PagedKVPool.block_format(kv_dtype, p.dtype, p.device, block_size)
+        return residual_bytes_per_sequence(model.cache_specs(), fmt)
+
     def nbytes(self) -> int:
-        """Blocks and state slots."""
-        return sum(t.numel() * t.element_size() for t in self.tensors() + self.state_tensors())
+        """Blocks, state slots and residual slots."""
+        tensors = self.tensors() + self.state_tensors() + self.residual_tensors()
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every per-sequence state tensor, slot index in dimension 0."""
         return [t for layer in self.states.values() for t in layer.values()]
 
+    def residual_tensors(self) -> list[torch.Tensor]:
+        """int4: every residual tensor, slot index in dimension 0 (none for other formats)."""
+        return [t for layer in self.residual.values() for t in layer.values()]
+
     def copy_states(self, copies: list[tuple[int, int]]) -> None:
-        """Slot dst becomes a copy of slot src in every stateful layer (a forked sequence starts from its parent's)."""
+        """Slot dst becomes a copy of slot src in every stateful layer, and of the residual (a forked sequence
+        starts from its parent's)."""
         if copies:
             src = torch.tensor([s for s, _ in copies], device=self.device)
             dst = torch.tensor([d for _, d in copies], device=self.device)
-            for t in self.state_tensors():
+            for t in self.state_tensors() + self.residual_tensors():
                 t[dst] = t[src]
 
     def tensors(self) -> list[torch.Tensor]:
@@ -111,7 +158,8 @@ class PagedKVPool:
         return [t for stack in self.stacks for t in stack.values()]
 
     def layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """The stored tensors of one layer: {name: (num_blocks + 1, block_size, *shape)}; {} if it keeps none."""
+        """The stored tensors of one layer: {part: (num_blocks + 1, block_size, *part)} ({name: (num_blocks + 1,
+        block_size, *shape)} for plain storage; the middle dimension is 1 for int4); {} if it keeps none."""
         if layer not in self._where:
             return {}
         g, j = self._where[layer]
@@ -124,6 +172,13 @@ class PagedKVPool:
             dst = torch.tensor([d for _, d in copies], device=self.device)
             for t in self.tensors():
                 t[:, dst] = t[:, src]
+
+
+def _index_copy(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[index[i]] = src[i]. fp8 codes are copied as their bytes: torch's CPU index_copy_ has no fp8 kernel."""
+    if dst.element_size() == 1 and dst.dtype != torch.int8:
+        dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+    dst.index_copy_(0, index, src)
 
 
 @dataclass
@@ -246,6 +301,8 @@ class PagedBatch:
     Triton kernel of inference/triton_paged_attention.py, which reads K/V in place; other steps
     (prefills, mixed) gather;
     "reference": a `kernel` that runs `paged_attention_reference`, the slow oracle, for tests.
+    Quantized blocks are dequantized by the gather and by the reference as they read them, and by
+    the kernel in its loop; int4 steps always gather (the kernel reads per-token scales only).
     """
 
     def __init__(self, pool: PagedKVPool, meta: StepMetadata, attention: str = "gather",
@@ -257,13 +314,15 @@ class PagedBatch:
         self.pool, self.meta, self.attention, self.seqs = pool, meta, attention, seqs
         # Tmax == 1: every sequence brings exactly one token, a decode-only step (known from a shape,
         # so deciding costs no host synchronisation and a CUDA graph captures one branch).
-        self.decode_kernel = attention == "triton" and meta.q_index.shape[1] == 1
+        self.decode_kernel = attention == "triton" and meta.q_index.shape[1] == 1 and pool.format.kernel_reads
         self.mask = self.context_lens = None
         self.state_mask = None  # (B, Tmax, Tmax) bool: the state layers' view of which packed tokens are real
         self.gathered: dict[int, dict[str, torch.Tensor]] = {}  # layer -> the states handed out this pass
-        if pool.states:
+        self._groups = None  # int4: the step's index tensors for writing blocks and residuals (`_group_index`)
+        if pool.states or pool.residual:
             if seqs is None or any(s.state_slot < 0 for s in seqs):
-                raise ValueError("a model with per-sequence state needs every scheduled sequence's state slot (seqs)")
+                what = "per-sequence state" if pool.states else "an int4 cache (its residual)"
+                raise ValueError(f"a model with {what} needs every scheduled sequence's state slot (seqs)")
             self.slots = torch.tensor([s.state_slot for s in seqs], device=meta.input_ids.device)  # (B,)
             self.fresh = torch.tensor([s.start == 0 for s in seqs], device=meta.input_ids.device)  # (B,)
 
@@ -278,8 +337,7 @@ class PagedBatch:
         elif self.attention != "reference":  # the gather path (a "triton" step that is not decode-only too)
             # The additive mask SDPA would otherwise rebuild from a boolean one in every layer.
             allowed = attention_mask(self.meta.q_pos, self.meta.block_tables.shape[1] * self.pool.block_size)
-            dtype = next(iter(self.pool.tensors()), torch.empty(0)).dtype
-            self.mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            self.mask = torch.zeros(allowed.shape, dtype=self.pool.format.compute_dtype, device=allowed.device)
             self.mask.masked_fill_(~allowed, float("-inf"))  # (B, Tmax, S): 0 where visible, -inf elsewhere
         return self.meta.positions
 
@@ -288,13 +346,21 @@ class PagedBatch:
 
     def write(self, layer: int, **new: torch.Tensor) -> None:
         # each new tensor: (1, N, *shape), token n goes to flat slot slot_mapping[n] (block * bs + offset)
-        stored = self.pool.layer(layer)
+        if self.pool.residual:
+            return self._write_groups(layer, new)
+        stored, fmt, shapes = self.pool.layer(layer), self.pool.format, self.pool.shapes[layer]
         for name, t in new.items():
-            cache = stored[name]  # (num_blocks + 1, bs, *shape)
-            cache.view(-1, *cache.shape[2:]).index_copy_(0, self.meta.slot_mapping, t[0])
+            for part, codes in fmt.encode(name, t[0], len(shapes[name])).items():  # plain: {name: t[0]}
+                cache = stored[part]  # (num_blocks + 1, bs, *part)
+                _index_copy(cache.view(-1, *cache.shape[2:]), self.meta.slot_mapping, codes)
+
+    def _parts(self, layer: int) -> dict[str, list[str]]:
+        """{name: its stored parts} of one layer: {"k": ["k", "k_scale"], ...} (plain: {"k": ["k"], ...})."""
+        fmt = self.pool.format
+        return {name: list(fmt.group_parts(name, shape)) for name, shape in self.pool.shapes[layer].items()}
 
     def read(self, layer: int) -> CacheView:
-        stored, m = self.pool.layer(layer), self.meta
+        stored, m, fmt = self.pool.layer(layer), self.meta, self.pool.format
         if layer in self.pool.states:
             return self._state_view()
         if self.decode_kernel:  # N == B: query b is sequence b's one new token
@@ -302,21 +368,104 @@ class PagedBatch:
 
             def kernel(q, scale):  # q: (1, B, H, d) -> (1, B, H, dv)
                 return paged_decode_attention(q[0], stored["k"], stored["v"], m.block_tables, self.context_lens,
-                                              scale=scale)[None]
+                                              scale=scale, k_scale=stored.get("k_scale"),
+                                              v_scale=stored.get("v_scale"))[None]
             return CacheView(kernel=kernel)
         if self.attention == "reference":
+            kv = self._dequantized_pool(layer) if fmt.quantized else stored
+
             def kernel(q, scale):
-                return paged_attention_reference(q[0], stored["k"], stored["v"], [s.block_table for s in self.seqs],
+                return paged_attention_reference(q[0], kv["k"], kv["v"], [s.block_table for s in self.seqs],
                                                  [s.end for s in self.seqs], [s.end - s.start for s in self.seqs],
                                                  scale=scale)[None]
             return CacheView(kernel=kernel)
         B, Tmax = m.q_index.shape
+        tensors = {}
+        for name, parts in self._parts(layer).items():
+            gathered = {part: gather_blocks(stored[part], m.block_tables) for part in parts}  # (B, S / G, *part)
+            tensors[name] = fmt.decode(name, gathered, len(self.pool.shapes[layer][name]))  # (B, S, *shape)
+            if self.pool.residual:
+                tensors[name] = self._lay_residual(tensors[name], self.pool.residual[layer][name])
         return CacheView(
-            tensors={name: gather_blocks(t, m.block_tables) for name, t in stored.items()},  # (B, S, *shape)
+            tensors=tensors,
             mask=self.mask,
             pack=lambda x: x[0][m.q_index],  # (1, N, ...) -> (B, Tmax, ...)
             unpack=lambda y: y.reshape(B * Tmax, *y.shape[2:])[m.out_index][None],  # -> (1, N, ...)
         )
+
+    def _dequantized_pool(self, layer: int) -> dict[str, torch.Tensor]:
+        """The reference's view: every block of the layer dequantized, {name: (num_blocks + 1, bs, *shape)}, with
+        each scheduled sequence's residual (int4) in the block it belongs to."""
+        stored, fmt, bs = self.pool.layer(layer), self.pool.format, self.pool.block_size
+        out = {name: fmt.decode(name, {part: stored[part] for part in parts}, len(self.pool.shapes[layer][name]))
+               for name, parts in self._parts(layer).items()}
+        for name, res in self.pool.residual.get(layer, {}).items():
+            for s in self.seqs:
+                if s.end % bs:
+                    out[name][s.block_table[s.end // bs]] = res[s.state_slot]
+        return out
+
+    # ---- int4: blocks fill in full precision, then are quantized whole ----------------------------
+
+    def _group_index(self) -> dict[str, torch.Tensor]:
+        """Index tensors shared by every layer's int4 write and read, built on the host once per step.
+
+        Sequence b computes positions start .. end - 1; its residual holds positions g0 * bs .. start - 1,
+        g0 = start // bs. Its work row, W blocks long, holds positions g0 * bs on: the residual, then the new
+        tokens. Its first `full` blocks are complete after the step and are quantized into their blocks;
+        block `full` of the row, partial or empty, becomes the new residual."""
+        if self._groups is None:
+            bs, dev = self.pool.block_size, self.meta.input_ids.device
+            start = torch.tensor([s.start for s in self.seqs])  # (B,)
+            end = torch.tensor([s.end for s in self.seqs])
+            first = torch.cumsum(end - start, 0) - (end - start)  # packed index of each sequence's first new token
+            g0, r0 = start // bs, start % bs
+            full = end // bs - g0  # (B,) blocks of the row that are complete
+            W = int(full.max()) + 1
+            w = torch.arange(W * bs)  # (W * bs,) slot of the work row
+            from_residual = w[None] < r0[:, None]  # (B, W * bs)
+            new_index = (first[:, None] + w[None] - r0[:, None]).clamp(0, int(end.sum() - start.sum()) - 1)
+            j = torch.arange(W)
+            nb = max(len(s.block_table) for s in self.seqs)
+            tables = torch.tensor([s.block_table + [self.pool.scratch_block] * (nb - len(s.block_table))
+                                   for s in self.seqs])  # (B, nb)
+            block = tables.gather(1, (g0[:, None] + j[None]).clamp(max=nb - 1))  # (B, W)
+            block = torch.where(j[None] < full[:, None], block, self.pool.scratch_block)  # incomplete: to scratch
+            partial = end % bs != 0
+            self._groups = {name: t.to(dev) for name, t in dict(
+                from_residual=from_residual, new_index=new_index, block=block.reshape(-1),
+                residual_src=full[:, None] * bs + torch.arange(bs)[None],  # (B, bs): row slots of the new residual
+                last_block=(end // bs).clamp(max=nb - 1), partial=partial).items()}
+        return self._groups
+
+    def _write_groups(self, layer: int, new: dict[str, torch.Tensor]) -> None:
+        ix, fmt, bs = self._group_index(), self.pool.format, self.pool.block_size
+        stored = self.pool.layer(layer)
+        B = len(self.seqs)
+        for name, t in new.items():
+            residual = self.pool.residual[layer][name]  # (slots, bs, *shape)
+            shape = t.shape[2:]
+            held = residual[self.slots]  # (B, bs, *shape)
+            Wbs = ix["from_residual"].shape[1]
+            from_res = held[:, torch.arange(Wbs, device=t.device).clamp(max=bs - 1)]  # (B, W * bs, *shape)
+            row = torch.where(ix["from_residual"].view(B, Wbs, *[1] * len(shape)), from_res, t[0][ix["new_index"]])
+            for part, codes in fmt.encode(name, row, len(shape)).items():  # each (B, W, *part)
+                cache = stored[part]  # (num_blocks + 1, 1, *part)
+                _index_copy(cache.view(-1, *cache.shape[2:]), ix["block"], codes.flatten(0, 1))
+            rows = torch.arange(B, device=t.device)[:, None]
+            residual.index_copy_(0, self.slots, row[rows, ix["residual_src"]])
+
+    def _lay_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x: (B, S, *shape) the gathered blocks, dequantized; each sequence whose last block is unfilled gets
+        that block's tokens from its residual."""
+        ix, bs = self._group_index(), self.pool.block_size
+        B = x.shape[0]
+        blocks = x.view(B, -1, bs, *x.shape[2:])  # (B, nb, bs, *shape)
+        rows = torch.arange(B, device=x.device)
+        now = blocks[rows, ix["last_block"]]  # (B, bs, *shape)
+        keep = ix["partial"].view(B, *[1] * (now.dim() - 1))
+        blocks[rows, ix["last_block"]] = torch.where(keep, residual[self.slots], now)
+        return x
 
     def _state_view(self) -> CacheView:
         """For a layer with per-sequence state: no stored tensors, only the layout of the step's tokens.

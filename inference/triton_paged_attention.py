@@ -33,6 +33,15 @@ at about 1.5 TB/s on an H100, under half its peak (notes/paged-attention.md), an
 few long sequences would leave most SMs idle. FlashDecoding (Dao et al., 2023) splits each
 context over several programs and merges their (m, l, acc); this kernel does not, yet.
 
+Quantized caches (int8, fp8; inference/quantized_kv.py) pass `k_scale` and `v_scale`, one scale
+per token and head, and the kernel dequantizes as it reads, with the gather path's formula
+x = code x scale, the scale moved out of the sums where it is a common factor: a key's scale
+multiplies its score, s_t = (q . code_t) x scale_t, and a value's scale its softmax weight,
+acc += (p_t x scale_t) code_t. The codes (integers up to 127, or e4m3 numbers) are exact in bf16,
+fp16 and fp32, so the dot products read them unrounded; the scales cost one multiply per token, not
+per number. tests/inference/test_quantized_kv.py (on a GPU) and inference/bench_quantized_kv.py
+check the kernel's output against the gather path's.
+
 Triton is imported when the kernel is first needed, never at import time: the CPU test suite
 runs where Triton, or a GPU it could compile for, is missing.
 """
@@ -59,8 +68,10 @@ def _triton_importable() -> bool:
     return True
 
 
-def triton_unavailable_reason(device: torch.device | str, head_dim: int) -> str | None:
-    """None if the kernel can run here, else why not (a sentence for an error or a test skip)."""
+def triton_unavailable_reason(device: torch.device | str, head_dim: int,
+                              cache_dtype: torch.dtype | None = None) -> str | None:
+    """None if the kernel can run here (on a cache of `cache_dtype`, if given), else why not (a sentence for an
+    error or a test skip)."""
     if torch.device(device).type != "cuda":
         return f"the Triton paged-attention kernel needs a CUDA GPU, and the model is on {torch.device(device)}"
     if not torch.cuda.is_available():
@@ -69,6 +80,11 @@ def triton_unavailable_reason(device: torch.device | str, head_dim: int) -> str 
         return "the Triton paged-attention kernel needs the `triton` package (pip install triton)"
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"the Triton paged-attention kernel needs head_dim a power of 2 >= 16, got {head_dim}"
+    if cache_dtype is not None and cache_dtype == getattr(torch, "float8_e4m3fn", None):
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):  # Triton converts e4m3 codes on Ada, Hopper and later only
+            return (f"the Triton paged-attention kernel reads fp8 (e4m3) codes on GPUs of compute capability >= 8.9, "
+                    f"and this one has {capability[0]}.{capability[1]}")
     return None
 
 
@@ -79,12 +95,13 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr,
+    def paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr, ks_ptr, vs_ptr,
                             stride_qb, stride_qh, stride_kblk, stride_kslot, stride_khead,
                             stride_vblk, stride_vslot, stride_vhead, stride_tb, stride_ob, stride_oh,
+                            stride_ksblk, stride_ksslot, stride_kshead, stride_vsblk, stride_vsslot, stride_vshead,
                             qk_scale,  # 1/sqrt(d) * log2(e): scores in base 2
                             R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                            TILE: tl.constexpr, PRECISION: tl.constexpr):
+                            TILE: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr):
         b = tl.program_id(0)  # sequence
         kh = tl.program_id(1)  # KV head; it serves query heads kh * R .. kh * R + R - 1
         ctx = tl.load(ctx_ptr + b)  # keys 0 .. ctx-1 are visible (the new token's own key included)
@@ -104,7 +121,12 @@ def _kernel():
             block = tl.load(tables_ptr + b * stride_tb + tok // BS, mask=live, other=0).to(tl.int64)
             k_rows = block * stride_kblk + (tok % BS) * stride_kslot + kh * stride_khead  # (TILE,)
             k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=live[:, None], other=0.0)  # (TILE, D)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (R_PAD, TILE), fp32
+            if QUANT:  # codes -> q's dtype (exactly); each key's scale multiplies its score
+                ks = tl.load(ks_ptr + block * stride_ksblk + (tok % BS) * stride_ksslot + kh * stride_kshead,
+                             mask=live, other=0.0).to(tl.float32)  # (TILE,)
+                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (ks * qk_scale)[None, :]
+            else:
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (R_PAD, TILE), fp32
             s = tl.where(live[None, :], s, float("-inf"))
             # Every tile holds at least one live token (start < ctx), so m_new is finite and the
             # first tile's rescale factor exp2(-inf - m_new) is 0, wiping the zero-initialised state.
@@ -114,8 +136,14 @@ def _kernel():
             l = l * alpha + tl.sum(p, 1)
             v_rows = block * stride_vblk + (tok % BS) * stride_vslot + kh * stride_vhead
             v = tl.load(v_ptr + v_rows[:, None] + dims[None, :], mask=live[:, None], other=0.0)  # (TILE, D)
-            # p in the cache's dtype for the tensor cores (as FlashAttention does), summed in fp32.
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            if QUANT:  # each value's scale multiplies its softmax weight
+                vs = tl.load(vs_ptr + block * stride_vsblk + (tok % BS) * stride_vsslot + kh * stride_vshead,
+                             mask=live, other=0.0).to(tl.float32)  # (TILE,)
+                acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype),
+                                                    input_precision=PRECISION)
+            else:
+                # p in the cache's dtype for the tensor cores (as FlashAttention does), summed in fp32.
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
         out = acc / l[:, None]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :],
@@ -126,12 +154,15 @@ def _kernel():
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                            tile: int = TILE_TOKENS, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """One query per sequence against its paged K/V. q: (B, H, d); caches: (num_blocks, bs, K, d)
     with the last dimension contiguous; block_tables: (B, nb) integer, entries past a sequence's
     last block are never read; context_lens: (B,) integer >= 1, the keys each query sees
     (positions 0 .. ctx-1; in a decode step the new token's own key is the last); scale: the
     softmax scale of the scores, 1/sqrt(d) if None. Returns (B, H, d).
+    k_scale, v_scale: for int8 or fp8 caches, (num_blocks, bs, K, 1) scales (any float dtype): the
+    cache then holds codes, dequantized as code x scale; None for plain caches.
     tile, num_warps, num_stages: launch settings (inference/bench_paged_decode.py sweeps them).
     """
     B, H, d = q.shape
@@ -146,16 +177,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     reason = triton_unavailable_reason(q.device, d)
     if reason:
         raise RuntimeError(reason + "; use inference.paged_attention.paged_attention instead")
+    quant = k_scale is not None
+    if quant != (v_scale is not None):
+        raise ValueError("give both k_scale and v_scale (a quantized cache) or neither (a plain one)")
+    if quant and (k_scale.shape != (*k_cache.shape[:3], 1) or v_scale.shape != (*v_cache.shape[:3], 1)):
+        raise ValueError(f"scales must be (num_blocks, bs, K, 1), one per token and head; got {tuple(k_scale.shape)} "
+                         f"and {tuple(v_scale.shape)} for caches {tuple(k_cache.shape)}")
+    if not quant and k_cache.dtype != q.dtype:
+        raise ValueError(f"a {k_cache.dtype} cache needs its scales (k_scale, v_scale), or a cache of q's dtype "
+                         f"{q.dtype}")
+    ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unused pointers when not quantized
     r = H // K
     out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
     # Matters for fp32 caches only (the tests' exact-token settings): true fp32 products, not
     # TF32's 10-bit mantissa. bf16 and fp16 operands go to the tensor cores as they are.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _kernel()[(B, K)](
-        q, k_cache, v_cache, block_tables, context_lens, out,
+        q, k_cache, v_cache, block_tables, context_lens, out, ks, vs,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), math.log2(math.e) * (1 / math.sqrt(d) if scale is None else scale),
+        out.stride(0), out.stride(1), ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1),
+        vs.stride(2), math.log2(math.e) * (1 / math.sqrt(d) if scale is None else scale),
         R=r, R_PAD=max(16, 1 << (r - 1).bit_length()), D=d, BS=bs, TILE=tile,
-        PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+        PRECISION=precision, QUANT=quant, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -83,3 +83,18 @@ def tiny_train_run(corpus, tmp_path, capsys):
         assert "---- sample ----" in printed
         return out, summary, printed
     return run
+
+
+@pytest.fixture(scope="session")
+def chat_base(tmp_path_factory):
+    """A checkpoint directory to fine-tune: a tiny random Llama 3 with a zoo BPE tokenizer (which
+    reserves <|user|> and <|assistant|>), as the quick start would leave one."""
+    from architectures.llama3 import save_pretrained
+    from training.tokenizer import Tokenizer
+
+    out = tmp_path_factory.mktemp("chat_base")
+    tokenizer = Tokenizer.train(SMALL_CORPUS + "What is 12 + 30? 0123456789 - Who says:", 300)
+    torch.manual_seed(0)
+    save_pretrained(Llama3(tiny_config(vocab_size=tokenizer.vocab_size, initializer_range=0.02)), out)
+    tokenizer.save(out / "tokenizer.json")
+    return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import os
@@ -145,8 +146,9 @@ def build_parser(prog: str, family: str, recipes: dict[str, Recipe], preset: str
     parser.add_argument("--resume", action="store_true",
                         help="continue the checkpoint in --out exactly (same settings, corpus and tokenizer)")
     taken = {"preset", "out", "resume"}
-    for part, title in (("model", f"model ({type(recipe.model).__name__})"), ("train", "training loop (TrainConfig)"),
-                        ("data", "data (DataConfig)")):
+    # A method's recipe may put its own options in the first group (SFTConfig) and its data in the third.
+    for part, title in (("model", f"{getattr(recipe.model, 'GROUP', 'model')} ({type(recipe.model).__name__})"),
+                        ("train", "training loop (TrainConfig)"), ("data", f"data ({type(recipe.data).__name__})")):
         cfg = getattr(recipe, part)
         group = parser.add_argument_group(title)
         hints, meanings = typing.get_type_hints(type(cfg)), field_meanings(type(cfg))
@@ -208,12 +210,12 @@ def parse(argv: list[str] | None, recipes: dict[str, Recipe], family: str, prog:
     train_cfg, model_cfg, data_cfg = recipe.train, recipe.model, recipe.data
     validate(train_cfg, int(os.environ.get("WORLD_SIZE", "1")))
     resolve_device(train_cfg.device)
-    if train_cfg.block_size > model_cfg.max_position_embeddings:
+    if train_cfg.block_size > getattr(model_cfg, "max_position_embeddings", train_cfg.block_size):
         raise ValueError(f"--block-size {train_cfg.block_size} exceeds the model's max_position_embeddings="
                          f"{model_cfg.max_position_embeddings}; lower --block-size or raise --max-position-embeddings")
-    if data_cfg.tokenizer not in KINDS:
+    if isinstance(data_cfg, DataConfig) and data_cfg.tokenizer not in KINDS:
         raise ValueError(f"--tokenizer {data_cfg.tokenizer!r} is not one of {KINDS}")
-    if data_cfg.tokenizer == "bpe" and data_cfg.bpe_vocab_size < MIN_BPE_VOCAB:
+    if isinstance(data_cfg, DataConfig) and data_cfg.tokenizer == "bpe" and data_cfg.bpe_vocab_size < MIN_BPE_VOCAB:
         raise ValueError(f"--bpe-vocab-size {data_cfg.bpe_vocab_size} is too small: byte-level BPE needs the 256 bytes "
                          f"and 5 special tokens, at least {MIN_BPE_VOCAB}")
     out = Path(ns["out"])
@@ -304,6 +306,30 @@ def load_data(data_cfg: DataConfig, saved_record: dict | None = None, out: Path 
 
 # ---------------------------------------------------------------------------- model, checkpoint, report
 
+# Where the quick start leaves each preset's Llama 3 (`python -m architectures.llama3.train --preset P`).
+QUICK_START = {"tiny": ("runs/llama3-tiny", "tiny"), "shakespeare": ("runs/llama3-shakespeare", "shakespeare")}
+
+
+def pretrained_dir(given: str, flag: str, preset: str, why_tokenizer: str) -> Path:
+    """The checkpoint a method starts from: `given` (checked to hold config.json and tokenizer.json),
+    or, when empty, the quick start's for this preset, trained now if it is missing."""
+    if given:
+        path = Path(given)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{flag} {path} has no config.json; pass a zoo or Hugging Face checkpoint directory")
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{flag} {path} has no tokenizer.json; {why_tokenizer}")
+        return path
+    out, quick_preset = QUICK_START.get(preset, QUICK_START["tiny"])
+    path = Path(out)
+    if not (path / "config.json").is_file():
+        from architectures.llama3.train import main as pretrain
+
+        say(f"{flag.lstrip('-')}: {path} does not exist yet, so the quick start trains it first "
+            f"(python -m architectures.llama3.train --preset {quick_preset} --out {path})")
+        pretrain(["--preset", quick_preset, "--out", str(path)])
+    return path
+
 
 def build_model(model_cls: type, model_cfg, train_cfg: TrainConfig, tokenizer: Tokenizer) -> torch.nn.Module:
     """The model of `model_cfg` with the tokenizer's vocabulary, initialised from the run's seed."""
@@ -378,6 +404,11 @@ def run(family: str, recipes: dict[str, Recipe], model_cls=None, save_pretrained
     say(f"model: {family} {args.preset}, {sum(p.numel() for p in model.parameters()):,} parameters; "
         f"training {train_cfg.max_steps} steps into {args.out}" + (" (resumed)" if args.resume else ""))
     t_prep = time.perf_counter() - t_start
+    if train_cfg.loss_chunk:
+        if "chunk_size" not in inspect.signature(loss_fn).parameters:
+            raise ValueError(f"--loss-chunk: {family}'s loss ({loss_fn.__name__}) applies the output head itself; "
+                             f"train it with --loss-chunk 0")
+        loss_fn = functools.partial(loss_fn, chunk_size=train_cfg.loss_chunk)
     result = train(
         model, loss_fn, data.batches(train_cfg.block_size), train_cfg, args.out,
         save_model=checkpoint_saver(save_pretrained, data.tokenizer), resume=args.resume,

@@ -88,11 +88,12 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: "ddp" (replicate the model) or "fsdp" (FSDP2: shard it)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% more compute
     profile: bool = False  # write a torch profiler trace of a few steps to OUT/profile.json
+    loss_chunk: int = 0  # tokens per chunk of the output head + cross-entropy, never holding all logits at once (0: all at once)
 
 
 # Fields that may differ when a run is resumed: they do not change what has been computed so far.
 RESUMABLE_CHANGES = {"max_steps", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
-                     "device", "compile", "parallel", "activation_checkpointing", "profile"}
+                     "device", "compile", "parallel", "activation_checkpointing", "profile", "loss_chunk"}
 
 
 def validate(cfg: TrainConfig, world_size: int) -> None:
@@ -104,6 +105,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                           ("grad_clip", "0: no clipping")):
         if getattr(cfg, name) < 0:
             raise ValueError(f"TrainConfig.{name} must be >= 0 ({meaning}), got {getattr(cfg, name)}")
+    if cfg.loss_chunk < 0:
+        raise ValueError(f"TrainConfig.loss_chunk must be >= 0 (0: the whole head at once), got {cfg.loss_chunk}")
     if cfg.batch_size % (world_size * cfg.grad_accum_steps):
         raise ValueError(
             f"batch_size={cfg.batch_size} is not divisible by world_size x grad_accum_steps = "

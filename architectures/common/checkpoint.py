@@ -128,6 +128,18 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
                 tensor.copy_(state[name])
 
 
+def materialize(model, device):
+    """A model built on the meta device, allocated (uninitialised) on `device`, with the buffers derived
+    from its config recomputed (`reset_buffers`) and a tied head re-made: ready for load_state_dict."""
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+    model.tie_weights()
+    return model
+
+
 def build_and_load(cfg, model_cls, path: str | Path, dtype: torch.dtype, device,
                    convert: Callable[[dict], dict] = lambda state: state) -> torch.nn.Module:
     """Build `model_cls(cfg)` without initialising it and fill it with the tensors in `path`.
@@ -139,12 +151,7 @@ def build_and_load(cfg, model_cls, path: str | Path, dtype: torch.dtype, device,
     # that own them (`reset_buffers`), and a tied head is re-made by hand.
     with torch.device("meta"):
         model = model_cls(cfg)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "reset_buffers"):
-                module.reset_buffers()
-    model.tie_weights()
+    model = materialize(model, device)
     load_state_dict_strict(model, convert(load_weights(path)), where=str(path))
     return model.to(dtype=dtype).eval()
 

@@ -212,8 +212,12 @@ class CausalLM(nn.Module):
         """(..., D) hidden states -> (..., V) logits: pass only the positions that need them."""
         return self.lm_head(hidden)
 
-    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
-        return self.compute_logits(self.hidden_states(input_ids, cache))  # (B, T, V)
+    def forward(self, input_ids: torch.Tensor, cache=None, *, hidden_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V); with hidden_only, the final hidden states (B, T, D) instead, for a loss that
+        applies the head itself (a chunked cross-entropy) while the call still goes through forward,
+        where DDP and FSDP hook in."""
+        h = self.hidden_states(input_ids, cache)
+        return h if hidden_only else self.compute_logits(h)  # (B, T, D) or (B, T, V)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameters, counting a tied embedding/head matrix once."""

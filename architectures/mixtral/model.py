@@ -204,8 +204,9 @@ class Mixtral(CausalLM):
         self.check_routers()
         return h
 
-    def forward(self, input_ids: torch.Tensor, cache=None, output_router_logits: bool = False):
-        logits = super().forward(input_ids, cache)  # (B, T, V)
+    def forward(self, input_ids: torch.Tensor, cache=None, output_router_logits: bool = False, *,
+                hidden_only: bool = False):
+        logits = super().forward(input_ids, cache, hidden_only=hidden_only)  # (B, T, V), or (B, T, D)
         if not output_router_logits:
             return logits
         return logits, tuple(layer.mlp.router_logits for layer in self.model.layers)

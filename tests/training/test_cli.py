@@ -196,10 +196,11 @@ def test_run_passes_the_on_step_hook_to_the_loop(corpus, tmp_path):
     assert steps == [1, 2, 3]
 
 
-def test_overriding_the_width_derives_head_dim_again_unless_it_is_set():
+def test_overriding_the_width_derives_head_dim_again_unless_it_is_set(tmp_path):
     from training.cli import parse
     from architectures.llama3.train import RECIPES
 
-    assert parse(["--hidden-size", "64"], RECIPES, "llama3").recipe.model.head_dim == 16  # tiny: 4 heads
-    assert parse(["--hidden-size", "64", "--head-dim", "32"], RECIPES, "llama3").recipe.model.head_dim == 32
-    assert parse([], RECIPES, "llama3").recipe.model.head_dim == 32
+    out = ["--out", str(tmp_path / "run")]  # not the default runs/llama3-tiny, which may hold a real run
+    assert parse(["--hidden-size", "64"] + out, RECIPES, "llama3").recipe.model.head_dim == 16  # tiny: 4 heads
+    assert parse(["--hidden-size", "64", "--head-dim", "32"] + out, RECIPES, "llama3").recipe.model.head_dim == 32
+    assert parse(out, RECIPES, "llama3").recipe.model.head_dim == 32

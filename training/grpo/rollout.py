@@ -1,0 +1,106 @@
+"""GRPO's batch: groups of completions sampled by the zoo's engine, scored by a verifiable reward.
+
+One rollout: draw P prompts, sample G completions of each with `LLMEngine` (SamplingParams(n=G):
+the prompt's K/V is computed once and shared by its G completions through the engine's prefix
+blocks), score every completion with the reward function, normalise rewards within each group
+(`group_advantages`), and record, for every completion token, its log-probability under the policy
+that sampled it (old_logps) and under the frozen reference (ref_logps). The loop then takes
+`updates_per_rollout` optimizer steps on the same rollout (the ratio pi / pi_old moves away from 1
+after the first, which is what the clipping is for) before the next one is drawn.
+
+The reward is verifiable: `arithmetic_reward` gives 1 for the exact answer, plus a small format
+term for a reply that is a bare integer (the shape of an answer, right or wrong).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from training.chat import ChatFormat
+from training.grpo.loss import check_rewards, group_advantages
+from training.lm import IGNORE_INDEX
+
+INTEGER = re.compile(r"-?\d+")
+
+
+def arithmetic_reward(replies: list[str], answers: list[str], format_weight: float = 0.1) -> torch.Tensor:
+    """1 for the exact answer, + format_weight for a reply that is a bare integer: (N,)."""
+    return torch.tensor([float(r == a) + format_weight * bool(INTEGER.fullmatch(r)) for r, a in zip(replies, answers)])
+
+
+def token_logps(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[t] | ids[:t+1]) at every position, 0 where targets is -100: (N, T), fp32."""
+    logits = model(ids).float()  # (N, T, V)
+    safe = targets.clamp_min(0)
+    logps = torch.gather(F.log_softmax(logits, -1), -1, safe[..., None])[..., 0]
+    return logps * (targets != IGNORE_INDEX)
+
+
+class Rollouts:
+    """The loop's `sample_batch`: a new rollout every `updates_per_rollout` training steps."""
+
+    def __init__(self, model, reference_logps, fmt: ChatFormat, examples: dict, group_size: int,
+                 updates_per_rollout: int, temperature: float, max_new_tokens: int, reward_fn=arithmetic_reward):
+        group_advantages(torch.zeros(group_size), group_size)  # a group size < 2 fails here, before any sampling
+        if updates_per_rollout < 1:
+            raise ValueError(f"updates_per_rollout must be >= 1, got {updates_per_rollout}")
+        self.model, self.reference_logps, self.fmt = model, reference_logps, fmt
+        self.examples = examples  # split -> Examples
+        self.G, self.mu = group_size, updates_per_rollout
+        self.temperature, self.max_new_tokens, self.reward_fn = temperature, max_new_tokens, reward_fn
+        self.calls, self.current = 0, None
+
+    def __call__(self, split: str, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if n % self.G:
+            raise ValueError(f"the batch of {n} completions does not divide into groups of {self.G}; "
+                             f"make --batch-size a multiple of --group-size")
+        if split != "train":
+            return self.rollout(split, n, generator)
+        if self.current is None or self.calls % self.mu == 0:
+            self.current = self.rollout(split, n, generator)
+        self.calls += 1
+        return self.current
+
+    @torch.no_grad()
+    def rollout(self, split: str, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        from inference.engine import EngineConfig, LLMEngine
+        from inference.sampling import SamplingParams
+
+        pool = self.examples[split]
+        picked = [pool[int(i)] for i in torch.randint(len(pool), (n // self.G,), generator=generator)]
+        prompts = [self.fmt.prompt(list(e.prompt)) for e in picked]
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        longest = max(map(len, prompts)) + self.max_new_tokens
+        engine = LLMEngine(self.model, EngineConfig(num_blocks=(n * (longest // 16 + 2)) + 8, max_model_len=longest))
+        params = SamplingParams(n=self.G, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
+                                seed=seed, stop_token_ids=self.fmt.stop_ids)
+        outputs = engine.generate(prompts, params)
+        rows, answers, replies, lengths = [], [], [], []
+        for e, prompt, out in zip(picked, prompts, outputs):
+            for completion in out.completions:
+                rows.append((prompt, completion))
+                answers.append(e.answer)
+                replies.append(self.fmt.tokenizer.decode([t for t in completion if t not in self.fmt.stop_ids]).strip())
+                lengths.append(len(completion))
+        rewards = check_rewards(self.reward_fn(replies, answers), len(rows))
+        width = max(len(p) + len(c) for p, c in rows) - 1
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (p, c) in enumerate(rows):
+            seq = torch.tensor(p + c)
+            ids[i, :len(seq) - 1] = seq[:-1]
+            targets[i, len(p) - 1:len(seq) - 1] = seq[len(p):]  # the completion's tokens, predicted from the position before
+        ids, targets = ids.to(device), targets.to(device)
+        old = token_logps(self.model, ids, targets)
+        ref = self.reference_logps(ids, targets)
+        self.model.train(was_training)
+        correct = torch.tensor([float(r == a) for r, a in zip(replies, answers)])
+        return {"input_ids": ids, "targets": targets, "old_logps": old, "ref_logps": ref,
+                "advantages": group_advantages(rewards, self.G).to(device), "reward": rewards.to(device),
+                "correct": correct.to(device), "length": torch.tensor(lengths, dtype=torch.float32, device=device)}
