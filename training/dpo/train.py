@@ -65,7 +65,7 @@ class PreferenceDataConfig:
 RECIPES = {
     "tiny": Recipe(
         model=DPOConfig(),
-        train=TrainConfig(max_steps=150, batch_size=32, block_size=64, lr=2e-4, min_lr=2e-5, warmup_steps=10,
+        train=TrainConfig(max_steps=150, batch_size=32, block_size=64, lr=5e-5, min_lr=5e-6, warmup_steps=10,
                           weight_decay=0.0, eval_interval=50, eval_batches=4, log_interval=10),
         data=PreferenceDataConfig(),
     ),

@@ -47,7 +47,7 @@ class GRPOConfig:
 
     base: str = ""  # the SFT checkpoint to start from ("": runs/sft-PRESET, made first if missing)
     group_size: int = 8  # completions sampled per prompt (G): their mean reward is each one's baseline
-    updates_per_rollout: int = 2  # optimizer steps on each rollout before sampling the next
+    updates_per_rollout: int = 1  # optimizer steps on each rollout before sampling the next
     temperature: float = 1.0  # sampling temperature of the rollouts
     clip_eps: float = 0.2  # the ratio pi / pi_old is clipped to [1 - clip_eps, 1 + clip_eps]
     kl_coef: float = 0.04  # weight of the k3 KL penalty to the reference
@@ -67,8 +67,8 @@ class RLDataConfig:
 RECIPES = {
     "tiny": Recipe(
         model=GRPOConfig(),
-        train=TrainConfig(max_steps=120, batch_size=128, block_size=64, lr=3e-5, min_lr=3e-6, warmup_steps=5,
-                          weight_decay=0.0, grad_clip=1.0, eval_interval=120, eval_batches=1, log_interval=5),
+        train=TrainConfig(max_steps=200, batch_size=128, block_size=64, lr=1e-4, min_lr=1e-5, warmup_steps=5,
+                          weight_decay=0.0, grad_clip=1.0, eval_interval=200, eval_batches=1, log_interval=5),
         data=RLDataConfig(),
     ),
     "shakespeare": Recipe(

@@ -49,7 +49,7 @@ def lora_recipe(recipe: Recipe, **train_changes) -> Recipe:
 # The same data and steps as full SFT, so the two compare step for step; adapters take a larger
 # learning rate (they start at zero and move a low-rank slice of the weights).
 RECIPES = {
-    "tiny": lora_recipe(sft.RECIPES["tiny"], lr=1e-2, min_lr=5e-4),
+    "tiny": lora_recipe(sft.RECIPES["tiny"], lr=2e-3, min_lr=1e-4),
     "shakespeare": lora_recipe(sft.RECIPES["shakespeare"], lr=2e-3, min_lr=2e-4),
 }
 
@@ -67,6 +67,11 @@ def main(argv=None) -> dict:
     args = parse(argv, RECIPES, "lora", prog="python -m training.lora.train")
     t_start = time.perf_counter()
     method = args.recipe.model
+    method.lora().validate()  # a bad rank or target list fails now, not after the data is prepared
+    if method.quantize != "none":
+        from inference.quantization import WEIGHT_FORMATS, check_format
+
+        check_format(method.quantize, WEIGHT_FORMATS)
     p = sft.prepare(args)
     if method.quantize != "none":
         from inference.quantized_linear import quantize

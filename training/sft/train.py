@@ -63,8 +63,8 @@ class ChatDataConfig:
 RECIPES = {
     "tiny": Recipe(
         model=SFTConfig(),
-        train=TrainConfig(max_steps=1200, batch_size=16, block_size=128, lr=2e-3, min_lr=1e-4, warmup_steps=30,
-                          weight_decay=0.0, eval_interval=100, eval_batches=5, log_interval=25),
+        train=TrainConfig(max_steps=1000, batch_size=20, block_size=128, lr=3e-3, min_lr=1e-4, warmup_steps=30,
+                          weight_decay=0.0, eval_interval=250, eval_batches=5, log_interval=25),
         data=ChatDataConfig(),
     ),
     "shakespeare": Recipe(
@@ -120,13 +120,15 @@ def prepare(args: Args) -> Prepared:
                          f"{model.config.max_position_embeddings}; lower --block-size")
     eval_sets = {}
     if data_cfg.dataset == "builtin":
-        corpus = get_corpus("tinyshakespeare")
         sizes = {"arithmetic": data_cfg.arithmetic_examples, "speaker": data_cfg.speaker_examples}
-        if corpus.is_fallback:  # no play to ask about: the arithmetic task alone
+        corpus = get_corpus("tinyshakespeare") if sizes["speaker"] else None  # the play the speaker task asks about
+        if corpus is not None and corpus.is_fallback:  # no play to ask about: the arithmetic task alone
             say("data: Tiny Shakespeare is not available, so the built-in set is the arithmetic task alone")
             sizes["speaker"] = 0
-        train_set = [e for name, n in sizes.items() if n for e in task_examples(name, "train", n, corpus.text, data_cfg.arithmetic_digits)]
-        held = {name: task_examples(name, "test", data_cfg.eval_examples + data_cfg.val_conversations // 2, corpus.text,
+        text = corpus.text if corpus is not None else ""
+        train_set = [e for name, n in sizes.items() if n
+                     for e in task_examples(name, "train", n, text, data_cfg.arithmetic_digits)]
+        held = {name: task_examples(name, "test", data_cfg.eval_examples + data_cfg.val_conversations // 2, text,
                                     data_cfg.arithmetic_digits)
                 for name, n in sizes.items() if n}
         # The held-out questions are split in two: the first ones are scored, the rest give the loop's validation loss.
