@@ -35,3 +35,24 @@ def test_lora_rank_below_one_is_a_one_line_error(chat_base, tmp_path, command_er
 
     line = command_error(main, ["--base", str(chat_base), "--out", str(tmp_path / "o"), "--r", "0"] + TINY)
     assert "rank r must be an integer >= 1" in line
+
+
+@pytest.mark.parametrize("mode", ["special", "all"])
+def test_token_rows_experiment_trains_the_chosen_embedding_rows_only(chat_base, tmp_path, monkeypatch, mode):
+    from training.lora.token_rows_experiment import main
+
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+    before = from_pretrained(chat_base).model.embed_tokens.weight
+    import training.sft.train as sft
+
+    seen = {}
+    real_fit = sft.fit
+
+    def fit(p, args, save):  # keep the trained model to compare its embedding with the base's
+        seen["model"] = p.model
+        return real_fit(p, args, save)
+    monkeypatch.setattr(sft, "fit", fit)
+    main([mode, "--preset", "tiny", "--base", str(chat_base), "--out", str(tmp_path / "x")] + TINY)
+    changed = (seen["model"].model.embed_tokens.weight.detach() != before).any(dim=1)
+    assert changed[[0, 1, 3, 4]].all()  # bos, eos, user, assistant (padding sits where no loss reaches it)
+    assert changed[5:].any() == (mode == "all")
