@@ -49,6 +49,7 @@ class DPOConfig:
     beta: float = 0.1  # strength of the KL constraint: the implicit reward is beta * log(pi / pi_ref)
     loss_type: str = "sigmoid"  # "sigmoid" (DPO), "ipo" or "hinge"
     label_smoothing: float = 0.0  # conservative DPO: the assumed probability that a label is flipped
+    rpo_alpha: float = 0.0  # weight of the chosen reply's NLL added to the loss (RPO), which keeps the right answer likely
     lora: bool = False  # train LoRA adapters only; the reference is the same model with adapters off
     lora_r: int = 16  # adapter rank with --lora
 
@@ -82,8 +83,13 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def dpo_step(model, batch: dict, frozen=None, *, beta: float, loss_type: str, label_smoothing: float):
-    """The loop's loss: both replies of each pair through the policy and the reference in one pass each."""
+def dpo_step(model, batch: dict, frozen=None, *, beta: float, loss_type: str, label_smoothing: float,
+             rpo_alpha: float = 0.0):
+    """The loop's loss: both replies of each pair through the policy and the reference in one pass each.
+
+    With rpo_alpha > 0, plus rpo_alpha x the mean NLL per token of the chosen replies, as TRL's
+    rpo_alpha adds it ("Iterative Reasoning Preference Optimization", Pang et al. 2024,
+    arXiv:2404.19733): the sigmoid loss alone can widen the margin by lowering both replies."""
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2n, T)
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     n = batch["chosen_input_ids"].shape[0]
@@ -98,7 +104,13 @@ def dpo_step(model, batch: dict, frozen=None, *, beta: float, loss_type: str, la
                 ref = sequence_logps(model(ids), labels)
     losses, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=beta, loss_type=loss_type,
                                         label_smoothing=label_smoothing)
-    return losses.mean(), dpo_metrics(chosen, rejected)
+    metrics = dpo_metrics(chosen, rejected)
+    loss = losses.mean()
+    if rpo_alpha:
+        nll = -logps[:n].sum() / (batch["chosen_labels"] != -100).sum().clamp_min(1)
+        loss = loss + rpo_alpha * nll
+        metrics["nll_loss"] = nll.detach()
+    return loss, metrics
 
 
 @torch.no_grad()
@@ -169,7 +181,7 @@ def main(argv=None) -> dict:
     else:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     step = functools.partial(dpo_step, beta=method.beta, loss_type=method.loss_type,
-                             label_smoothing=method.label_smoothing)
+                             label_smoothing=method.label_smoothing, rpo_alpha=method.rpo_alpha)
     em_before = tasks.exact_match(model, fmt, test_examples, data_cfg.max_new_tokens)
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters from {base}; DPO ({method.loss_type}, "
         f"beta {method.beta}) for {cfg.max_steps} steps into {args.out}")

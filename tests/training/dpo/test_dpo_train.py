@@ -10,7 +10,7 @@ TINY = ["--max-steps", "2", "--batch-size", "4", "--eval-interval", "2", "--eval
         "--test-pairs", "4", "--log-interval", "1"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora", "true", "--loss-type", "ipo"]])
+@pytest.mark.parametrize("extra", [[], ["--lora", "true", "--loss-type", "ipo"], ["--rpo-alpha", "1.0"]])
 def test_dpo_train_logs_trl_rewards_and_reports_preference_accuracy(chat_base, tmp_path, monkeypatch, capsys, extra):
     from training.dpo.train import main
 
@@ -69,3 +69,26 @@ def test_sequence_log_probs_of_a_pair_count_only_the_reply(chat_base):
     (chosen, rejected), = encode_pairs([Pair(({"role": "user", "content": "What is 1 + 1?"},), "2", "13")], fmt, 64)
     assert sum(chosen.trained) == len(fmt.tokenizer.encode("2")) + 1  # the reply and its end-of-turn token
     assert sum(rejected.trained) == len(fmt.tokenizer.encode("13")) + 1
+
+
+def test_rpo_adds_the_chosen_replies_mean_nll_to_the_dpo_loss(chat_base):
+    import torch
+
+    from architectures.llama3 import from_pretrained
+    from training.chat import ZooChat
+    from training.dpo.data import collate
+    from training.dpo.train import dpo_step
+    from training.tokenizer import Tokenizer
+
+    model = from_pretrained(chat_base)
+    fmt = ZooChat(Tokenizer.from_file(chat_base))
+    pairs = encode_pairs([Pair(({"role": "user", "content": f"What is {i} + 1?"},), str(i + 1), str(i + 2))
+                          for i in range(3)], fmt, 64)
+    batch = collate(pairs, 64, 2)
+    frozen = {"reference": from_pretrained(chat_base)}
+    plain, _ = dpo_step(model, batch, frozen, beta=0.1, loss_type="sigmoid", label_smoothing=0.0)
+    rpo, metrics = dpo_step(model, batch, frozen, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.5)
+    logits = model(batch["chosen_input_ids"])
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["chosen_labels"].flatten())  # mean over tokens
+    torch.testing.assert_close(metrics["nll_loss"], nll, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rpo, plain + 0.5 * nll, rtol=1e-5, atol=1e-6)
