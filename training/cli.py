@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import functools
 import inspect
 import io
 import os
@@ -404,11 +403,6 @@ def run(family: str, recipes: dict[str, Recipe], model_cls=None, save_pretrained
     say(f"model: {family} {args.preset}, {sum(p.numel() for p in model.parameters()):,} parameters; "
         f"training {train_cfg.max_steps} steps into {args.out}" + (" (resumed)" if args.resume else ""))
     t_prep = time.perf_counter() - t_start
-    if train_cfg.loss_chunk:
-        if "chunk_size" not in inspect.signature(loss_fn).parameters:
-            raise ValueError(f"--loss-chunk: {family}'s loss ({loss_fn.__name__}) applies the output head itself; "
-                             f"train it with --loss-chunk 0")
-        loss_fn = functools.partial(loss_fn, chunk_size=train_cfg.loss_chunk)
     result = train(
         model, loss_fn, data.batches(train_cfg.block_size), train_cfg, args.out,
         save_model=checkpoint_saver(save_pretrained, data.tokenizer), resume=args.resume,

@@ -114,11 +114,6 @@ def speaker(text: str, split: str, n: int, seed: int = 0, num_speakers: int = 8)
     return [Example("speaker", ({"role": "user", "content": q},), s) for q, s in pool[:n]]
 
 
-def instruction_set(split: str, text: str, n_arithmetic: int, n_speaker: int, seed: int = 0) -> dict[str, list[Example]]:
-    """Both task families of a split, by task name."""
-    return {"arithmetic": arithmetic(split, n_arithmetic, seed), "speaker": speaker(text, split, n_speaker, seed)}
-
-
 @torch.no_grad()
 def replies(model, fmt: ChatFormat, prompts: list, max_new_tokens: int = 8, batch_size: int = 64,
             temperature: float = 0.0, seed: int = 0) -> list[str]:

@@ -26,6 +26,8 @@ The hooks a method plugs in, all keyword arguments of `train`:
   It is in no optimizer and no checkpoint. With `frozen` given, the loop calls
   `loss_fn(model, batch, frozen)`: the third argument maps each name to its prepared model,
   which the loss calls under torch.no_grad().
+- `TrainConfig.loss_chunk`: a loss that takes a `chunk_size` keyword (`lm_loss`, `sft_loss`) is
+  called with it, and computes the output head and cross-entropy that many tokens at a time.
 - Normalising by supervised tokens: a loss whose rows hold different numbers of targets (SFT
   masks the prompt with -100) returns the SUM of its per-token losses and puts how many tokens
   it summed in its metrics under "num_tokens" (`NUM_TOKENS`). The loop then divides the step's
@@ -40,6 +42,8 @@ the targets of the batch (y of an (x, y) batch).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import math
 import sys
@@ -287,6 +291,11 @@ def train(
             checkpointing.start_fresh(out)
         dd.barrier()
     last_checkpoint = start_step if resume else None
+    if cfg.loss_chunk:
+        if "chunk_size" not in inspect.signature(loss_fn).parameters:
+            raise ValueError(f"loss_chunk={cfg.loss_chunk}: the loss {getattr(loss_fn, '__name__', loss_fn)!r} applies "
+                             f"the output head itself and takes no chunk_size; train it with loss_chunk 0")
+        loss_fn = functools.partial(loss_fn, chunk_size=cfg.loss_chunk)
     # Compiling the loss function compiles the model inside it too, and lets the compiler fuse
     # the output head, the fp32 upcast and the cross-entropy instead of materialising fp32 logits.
     step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn

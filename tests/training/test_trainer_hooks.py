@@ -219,3 +219,31 @@ def test_a_loss_that_counts_tokens_for_some_micro_batches_only_is_refused():
 
     with pytest.raises(ValueError, match="reported 'num_tokens' for some micro-batches of step 1"):
         train(tiny_model(), inconsistent, masked_batch, config(max_steps=1, grad_accum_steps=2), None)
+
+
+# ---------------------------------------------------------------------------- loss_chunk
+
+
+def test_loss_chunk_reaches_the_loss_and_trains_as_the_plain_loss_does():
+    seen = []
+
+    def chunked(model, batch, chunk_size=0):
+        seen.append(chunk_size)
+        return lm_loss(model, batch, chunk_size=chunk_size)
+
+    plain, split = tiny_model(), tiny_model()
+    train(plain, lm_loss, sample_batch, config(max_steps=2))
+    train(split, chunked, sample_batch, config(max_steps=2, loss_chunk=7))
+    assert seen and set(seen) == {7}  # every call, training and evaluation, got the chunk size
+    # AdamW divides by the root of the squared gradient, so fp32 rounding in a near-zero gradient can
+    # move an element by ~1e-6; a step taken differently would move it by ~lr = 3e-3.
+    for a, b in zip(plain.parameters(), split.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_chunk_with_a_loss_that_takes_no_chunk_size_is_refused():
+    def whole_head(model, batch):
+        return lm_loss(model, batch)
+
+    with pytest.raises(ValueError, match="takes no chunk_size; train it with loss_chunk 0"):
+        train(tiny_model(), whole_head, sample_batch, config(max_steps=1, loss_chunk=8))

@@ -18,7 +18,6 @@ arithmetic questions, and the KL from the reference.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import time
@@ -28,15 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from architectures import registry
-from architectures.common.checkpoint import atomic_write_json
 from architectures.common.errors import command_line
 from training import tasks
 from training.chat import chat_format
-from training.cli import Recipe, checkpoint_saver, parse, say
-from training.device import device_label, resolve_device
+from training.cli import Recipe, parse, say
+from training.device import resolve_device
 from training.dpo.data import PairBatches, arithmetic_pairs, collate, encode_pairs, load_pairs
 from training.dpo.loss import LOSS_TYPES, dpo_loss, dpo_metrics, sequence_logps
-from training.sft.train import sft_checkpoint
+from training.sft.train import method_saver, policy_and_reference, sft_checkpoint, write_summary
 from training.tokenizer import Tokenizer
 from training.trainer import TrainConfig, train
 
@@ -171,28 +169,14 @@ def main(argv=None) -> dict:
     test_enc = encode_pairs(test_pairs, fmt, cfg.block_size)
     batches = PairBatches(train_enc, test_enc, cfg.block_size, pad)
 
-    reference = None
-    if method.lora:
-        from training.lora import LoRAConfig, apply_lora
-
-        apply_lora(model, LoRAConfig(r=method.lora_r, alpha=2 * method.lora_r,
-                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                     "down_proj"]))
-    else:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    reference = policy_and_reference(model, method.lora, method.lora_r)
     step = functools.partial(dpo_step, beta=method.beta, loss_type=method.loss_type,
                              label_smoothing=method.label_smoothing, rpo_alpha=method.rpo_alpha)
     em_before = tasks.exact_match(model, fmt, test_examples, data_cfg.max_new_tokens)
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters from {base}; DPO ({method.loss_type}, "
         f"beta {method.beta}) for {cfg.max_steps} steps into {args.out}")
-    package = registry.package(registry.family_of(model))
-    if method.lora:
-        from training.lora.train import adapter_saver
-
-        save = adapter_saver(tokenizer, str(base), None)
-    else:
-        save = checkpoint_saver(package.save_pretrained, tokenizer)
-    result = train(model, step, batches, cfg, args.out, save_model=save, resume=args.resume,
+    result = train(model, step, batches, cfg, args.out, save_model=method_saver(model, tokenizer, base, method.lora),
+                   resume=args.resume,
                    frozen={"reference": reference} if reference is not None else None,
                    config_record={"method": dataclasses.asdict(method), "data": dataclasses.asdict(data_cfg),
                                   "base": str(base)}, loss_label=f"train loss (dpo {method.loss_type})")
@@ -205,12 +189,8 @@ def main(argv=None) -> dict:
     say(f"held-out exact match, arithmetic: {em_before:.1%} (the SFT model) -> {em_after:.1%} after DPO "
         f"({len(test_examples)} questions)")
     summary = {"base": str(base), "preset": args.preset, "steps": result.step, **after,
-               "exact_match_before": em_before, "exact_match_after": em_after, "train_s": result.elapsed_s,
-               "total_s": time.perf_counter() - t_start, "device": device_label(device)}
-    atomic_write_json(args.out / "summary.json", summary)
-    say(f"---- checkpoint, metrics.jsonl and loss.png in {args.out}; {summary['total_s']:.0f} s in all "
-        f"({summary['device']}) ----")
-    return summary
+               "exact_match_before": em_before, "exact_match_after": em_after, "train_s": result.elapsed_s}
+    return write_summary(args.out, summary, t_start, device, "checkpoint, metrics.jsonl and loss.png")
 
 
 if __name__ == "__main__":

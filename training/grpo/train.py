@@ -17,26 +17,23 @@ so its batches after a resume are not bit-identical to an uninterrupted run's.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
 import time
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from architectures import registry
-from architectures.common.checkpoint import atomic_write_json
 from architectures.common.errors import command_line
 from training import tasks
 from training.chat import chat_format
-from training.cli import Recipe, checkpoint_saver, parse, say
-from training.device import device_label, resolve_device
+from training.cli import Recipe, parse, say
+from training.device import resolve_device
 from training.grpo.loss import grpo_loss
 from training.grpo.rollout import Rollouts, arithmetic_reward, token_logps
-from training.sft.train import sft_checkpoint
+from training.sft.train import method_saver, policy_and_reference, sft_checkpoint, write_summary
 from training.tokenizer import Tokenizer
 from training.trainer import TrainConfig, train
 
@@ -132,22 +129,15 @@ def main(argv=None) -> dict:
     fmt = chat_format(tokenizer)
     examples = {"train": tasks.arithmetic("train", data_cfg.train_prompts, seed=2, max_digits=data_cfg.arithmetic_digits),
                 "val": tasks.arithmetic("test", data_cfg.eval_examples, max_digits=data_cfg.arithmetic_digits)}
-    reference = None
-    if method.lora:
-        from training.lora import LoRAConfig, apply_lora, disable_adapters
+    reference = policy_and_reference(model, method.lora, method.lora_r)
 
-        apply_lora(model, LoRAConfig(r=method.lora_r, alpha=2 * method.lora_r,
-                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                     "down_proj"]))
-
-        def reference_logps(ids, targets):
-            with disable_adapters(model):
-                return token_logps(model, ids, targets)
-    else:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-
-        def reference_logps(ids, targets):
+    def reference_logps(ids, targets):
+        if reference is not None:
             return token_logps(reference, ids, targets)
+        from training.lora import disable_adapters
+
+        with disable_adapters(model):
+            return token_logps(model, ids, targets)
     rollouts = Rollouts(model, reference_logps, fmt, examples, method.group_size, method.updates_per_rollout,
                         method.temperature, data_cfg.max_new_tokens,
                         functools.partial(arithmetic_reward, format_weight=method.format_reward))
@@ -156,13 +146,8 @@ def main(argv=None) -> dict:
         f"{method.group_size}, {cfg.batch_size // method.group_size} prompts per rollout, {method.updates_per_rollout} "
         f"updates per rollout, {cfg.max_steps} steps into {args.out}")
     step = functools.partial(grpo_step, clip_eps=method.clip_eps, kl_coef=method.kl_coef)
-    if method.lora:
-        from training.lora.train import adapter_saver
-
-        save = adapter_saver(tokenizer, str(base), None)
-    else:
-        save = checkpoint_saver(registry.package(registry.family_of(model)).save_pretrained, tokenizer)
-    result = train(model, step, rollouts, cfg, args.out, save_model=save, resume=args.resume,
+    result = train(model, step, rollouts, cfg, args.out, save_model=method_saver(model, tokenizer, base, method.lora),
+                   resume=args.resume,
                    config_record={"method": dataclasses.asdict(method), "data": dataclasses.asdict(data_cfg),
                                   "base": str(base)}, loss_label="train loss (grpo)")
     after = tasks.exact_match(model, fmt, examples["val"], data_cfg.max_new_tokens)
@@ -170,12 +155,8 @@ def main(argv=None) -> dict:
     say(f"held-out exact match, arithmetic: {before:.1%} (the SFT model) -> {after:.1%} after GRPO "
         f"({len(examples['val'])} questions, greedy); reward curve in {args.out / 'grpo.png'}")
     summary = {"base": str(base), "preset": args.preset, "steps": result.step, "exact_match_before": before,
-               "exact_match_after": after, "train_s": result.elapsed_s, "total_s": time.perf_counter() - t_start,
-               "device": device_label(device)}
-    atomic_write_json(args.out / "summary.json", summary)
-    say(f"---- checkpoint, metrics.jsonl, loss.png and grpo.png in {args.out}; {summary['total_s']:.0f} s in all "
-        f"({summary['device']}) ----")
-    return summary
+               "exact_match_after": after, "train_s": result.elapsed_s}
+    return write_summary(args.out, summary, t_start, device, "checkpoint, metrics.jsonl, loss.png and grpo.png")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 import torch
 
 from architectures.llama3 import Llama3, preset
-from training.lora import LoRAConfig, apply_lora, trainable_parameters
+from training.lora import ALL_PROJECTIONS, LoRAConfig, apply_lora, trainable_parameters
 from training.sft.loss import sft_loss
 
 CONFIGS = [  # name, lora, loss chunk, base storage, activation checkpointing
@@ -67,8 +67,7 @@ def run(name: str, lora: bool, chunk: int, base: str, checkpointed: bool, cfg, d
         model.to(torch.bfloat16)
         quantize(model, "nf4", group_size=64)
     if lora:
-        apply_lora(model, LoRAConfig(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                      "gate_proj", "up_proj", "down_proj"]))
+        apply_lora(model, LoRAConfig(r=16, alpha=32, target_modules=ALL_PROJECTIONS))
         for p in model.parameters():  # adapters train in fp32 whatever the base's storage
             if p.requires_grad:
                 p.data = p.data.float()

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Every projection of a Llama-style block: attention and the SwiGLU feed-forward.
+ALL_PROJECTIONS = ATTENTION_PROJECTIONS + ["gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass

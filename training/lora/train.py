@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from architectures.common.errors import command_line
 from training.cli import Recipe, parse, say
-from training.lora import LoRAConfig, apply_lora, save_adapter, trainable_parameters
+from training.lora import ALL_PROJECTIONS, LoRAConfig, apply_lora, save_adapter, trainable_parameters
 from training.sft import train as sft
 
 
@@ -30,7 +30,7 @@ class LoRASFTConfig(sft.SFTConfig):
     r: int = 8  # rank of each adapter's update B A
     alpha: float = 16.0  # the update is scaled by alpha / r (alpha / sqrt(r) with --use-rslora)
     lora_dropout: float = 0.0  # dropout on the adapter's input
-    target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated module-name suffixes to adapt
+    target_modules: str = ",".join(ALL_PROJECTIONS)  # comma-separated module-name suffixes to adapt
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     use_dora: bool = False  # DoRA: also learn each output row's magnitude
     quantize: str = "none"  # "nf4", "int8" or "int4": quantize the frozen base first (QLoRA with nf4)
@@ -54,7 +54,7 @@ RECIPES = {
 }
 
 
-def adapter_saver(tokenizer, base: str, config: LoRAConfig):
+def adapter_saver(tokenizer, base: str):
     """The loop's `save_model`: the adapter in PEFT's format, and the tokenizer beside it."""
     def save_model(model, directory, state_dict=None) -> None:
         save_adapter(model, directory, base_model_name_or_path=base)
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     say(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%}): adapters r={method.r} on "
         f"{method.target_modules}" + (" with DoRA magnitudes" if method.use_dora else ""))
     before = sft.score(p, args.recipe.data.max_new_tokens) if not args.resume else {k: float("nan") for k in p.eval_sets}
-    result = sft.fit(p, args, adapter_saver(p.tokenizer, str(p.base), method.lora()))
+    result = sft.fit(p, args, adapter_saver(p.tokenizer, str(p.base)))
     return sft.report(p, args, before, result, t_start,
                       extra={"trainable_parameters": trainable, "total_parameters": total})
 

@@ -19,8 +19,8 @@ between `prepare` and `fit`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +105,36 @@ def sft_checkpoint(preset: str, base: str = "") -> Path:
     return path
 
 
+def policy_and_reference(model: torch.nn.Module, lora: bool, r: int) -> torch.nn.Module | None:
+    """For a method that keeps the policy near where it started (DPO, GRPO): the frozen reference, a
+    copy of the starting model; or, with `lora`, adapters on every projection and no copy (None): the
+    same model with its adapters switched off (`disable_adapters`) is then the reference."""
+    if lora:
+        from training.lora import ALL_PROJECTIONS, LoRAConfig, apply_lora
+
+        apply_lora(model, LoRAConfig(r=r, alpha=2 * r, target_modules=ALL_PROJECTIONS))
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def method_saver(model: torch.nn.Module, tokenizer: Tokenizer, base: Path, lora: bool):
+    """The loop's `save_model`: the adapter in PEFT's format with `lora`, else the whole model in its
+    family's format; the tokenizer beside either."""
+    if lora:
+        from training.lora.train import adapter_saver
+
+        return adapter_saver(tokenizer, str(base))
+    return checkpoint_saver(registry.package(registry.family_of(model)).save_pretrained, tokenizer)
+
+
+def write_summary(out: Path, summary: dict, t_start: float, device, written: str) -> dict:
+    """summary.json with the total time and the device, and the run's last line."""
+    summary = {**summary, "total_s": time.perf_counter() - t_start, "device": device_label(device)}
+    atomic_write_json(out / "summary.json", summary)
+    say(f"---- {written} in {out}; {summary['total_s']:.0f} s in all ({summary['device']}) ----")
+    return summary
+
+
 def prepare(args: Args) -> Prepared:
     """Load the base model and its tokenizer, render the conversations, pick the held-out sets."""
     cfg, data_cfg = args.recipe.train, args.recipe.data
@@ -158,8 +188,6 @@ def score(p: Prepared, max_new_tokens: int) -> dict[str, float]:
 def fit(p: Prepared, args: Args, save_model, loss_fn=sft_loss):
     """The shared loop on the packed conversations."""
     cfg = args.recipe.train
-    if cfg.loss_chunk:
-        loss_fn = functools.partial(loss_fn, chunk_size=cfg.loss_chunk)
     return train(p.model, loss_fn, p.batches, cfg, args.out, save_model=save_model, config_record=p.record,
                  resume=args.resume, loss_label="train loss (assistant tokens)")
 
@@ -174,12 +202,8 @@ def report(p: Prepared, args: Args, before: dict, result, t_start: float, extra:
         reply = tasks.replies(p.model, p.fmt, [e.prompt], args.recipe.data.max_new_tokens)[0]
         say(f"  {e.prompt[-1]['content']!r} -> {reply!r} (expected {e.answer!r})")
     summary = {"base": str(p.base), "preset": args.preset, "steps": result.step, "val_loss": result.val_loss,
-               "exact_match_before": before, "exact_match_after": after, "train_s": result.elapsed_s,
-               "total_s": time.perf_counter() - t_start, "device": device_label(device), **(extra or {})}
-    atomic_write_json(args.out / "summary.json", summary)
-    say(f"---- checkpoint, metrics.jsonl and loss.png in {args.out}; {summary['total_s']:.0f} s in all "
-        f"({summary['device']}) ----")
-    return summary
+               "exact_match_before": before, "exact_match_after": after, "train_s": result.elapsed_s, **(extra or {})}
+    return write_summary(args.out, summary, t_start, device, "checkpoint, metrics.jsonl and loss.png")
 
 
 @command_line
@@ -190,8 +214,7 @@ def main(argv=None) -> dict:
     before = score(p, args.recipe.data.max_new_tokens) if not args.resume else {k: float("nan") for k in p.eval_sets}
     say(f"model: {sum(x.numel() for x in p.model.parameters()):,} parameters from {p.base}; "
         f"fine-tuning {args.recipe.train.max_steps} steps into {args.out}")
-    package = registry.package(registry.family_of(p.model))
-    result = fit(p, args, checkpoint_saver(package.save_pretrained, p.tokenizer))
+    result = fit(p, args, method_saver(p.model, p.tokenizer, p.base, lora=False))
     return report(p, args, before, result, t_start)
 
 

@@ -37,8 +37,7 @@ def test_response_only_labels_token_by_token(tokenizer):
     kept = [(i, t) for i, t in enumerate(labels) if t != -100]
     want = [(i - 1, ids[i]) for i in range(1, len(ids)) if trained[i]]
     assert kept == want
-    assert tokenizer.decode([t for _, t in kept]) == "42<|eos|>-1<|eos|>" or [t for _, t in kept] == \
-        enc("42") + [eos] + enc("-1") + [eos]
+    assert [t for _, t in kept] == enc("42") + [eos] + enc("-1") + [eos]
 
 
 LLAMA3_TEMPLATE = (  # the chat template published with Meta's Llama 3 instruct checkpoints
