@@ -2,17 +2,25 @@
 
     python -m inference.bench_paged_decode            # the defaults, on the GPU
     python -m inference.bench_paged_decode --sweep    # every (tile, warps, stages) setting
+    python -m inference.bench_paged_decode --shape deepseek-v3 --batch 32 --context 8192 [--sweep]
 
 The batch is a mid-run decode step of `python -m inference.benchmark`'s workload: 64 sequences
 whose contexts are a prompt of U[32, 512] tokens plus 128 generated ones, the attention shape of
 Llama-3.2-1B (H=32 query heads, K=8 KV heads, d=64), blocks of 16 scattered at random over the
 pool, bf16. The kernel is checked against `paged_attention` before it is timed. Prints one
-`bench` line per measurement: microseconds per call (CUDA events over --iters calls) and the
+`bench` line per measurement: microseconds per call (CUDA events over --iters replays of a CUDA
+graph of one call, as the engine replays its decode steps; --no-graphs: eager calls) and the
 K/V bytes the step must read divided by that time, against the H100 SXM's 3.35 TB/s.
+
+--shape deepseek-v3 times multi-head latent attention's absorbed decode instead: 128 query heads over
+one cached latent row per token of 576 numbers (c_kv 512 + the RoPE key 64), the values being the
+row's first 512 (`paged_latent_decode_attention`), against the same gather path the engine runs
+without the kernel. --context fixes every sequence's context (0: the workload's mixture).
 """
 
 from __future__ import annotations
 
+import argparse
 import random
 
 import torch
@@ -20,12 +28,19 @@ import torch
 from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
 from inference.paged_attention import attention_mask, paged_attention
 from inference.paged_cache import ScheduledSeq, build_metadata
-from inference.triton_paged_attention import TILE_TOKENS, paged_decode_attention
+from inference.triton_paged_attention import paged_decode_attention, paged_latent_decode_attention
 
 
-def microseconds(fn, iters: int) -> float:
+def microseconds(fn, iters: int, graph: bool = True) -> float:
+    """GPU time per call. graph: capture one call in a CUDA graph and time its replays, as the engine
+    replays its decode steps, so that the host's Python and launch costs are left out."""
     fn()  # compile, warm the caches
     torch.cuda.synchronize()
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            fn()
+        fn = captured.replay
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
@@ -43,48 +58,78 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=200, help="calls timed per measurement")
     p.add_argument("--sweep", action="store_true", help="time every tile in (32, 64, 128) x warps x stages")
     p.add_argument("--seed", type=int, default=0, help="seeds the context lengths, the block layout and the tensors")
+    p.add_argument("--shape", choices=("llama-3.2-1b", "deepseek-v3"), default="llama-3.2-1b",
+                   help="attention shape: GQA 32/8 heads of 64, or MLA's latent (128 heads, rows of 576)")
+    p.add_argument("--context", type=int, default=0, help="every sequence's context; 0: prompt U[32, 512] + generated")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="time replays of a CUDA graph of one call (the GPU's time); --no-graphs: eager calls, "
+                        "host overhead included")
     args = p.parse_args(argv)
     for flag, value, least in (("--batch", args.batch, 1), ("--generated", args.generated, 0),
-                               ("--iters", args.iters, 1)):
+                               ("--iters", args.iters, 1), ("--context", args.context, 0)):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     if not torch.cuda.is_available():
         raise UserRuntimeError(f"this benchmark times GPU kernels and needs a CUDA GPU; this torch "
                                f"({torch.__version__}) sees none")
-    H, K, d, bs, dev = 32, 8, 64, 16, "cuda"
+    latent = args.shape == "deepseek-v3"
+    # (H query heads, K KV heads, key width, value width); MLA: one latent "head" read by all 128
+    H, K, d, dv = (128, 1, 576, 512) if latent else (32, 8, 64, 64)
+    bs, dev = 16, "cuda"
     g = random.Random(args.seed)
-    contexts = [g.randint(32, 512) + args.generated for _ in range(args.batch)]
+    contexts = [args.context or g.randint(32, 512) + args.generated for _ in range(args.batch)]
     num_blocks = sum(-(-c // bs) for c in contexts)
     free = list(range(num_blocks))
     g.shuffle(free)  # physical blocks in no particular order, as after a long run
     seqs = [ScheduledSeq([free.pop() for _ in range(-(-c // bs))], c - 1, c) for c in contexts]
     torch.manual_seed(args.seed)
-    k_cache = torch.randn(num_blocks + 1, bs, K, d, device=dev, dtype=torch.bfloat16)  # + the scratch block
-    v_cache = torch.randn_like(k_cache)
     q = torch.randn(args.batch, H, d, device=dev, dtype=torch.bfloat16)
     meta = build_metadata(seqs, [0] * args.batch, bs, num_blocks, dev)
     mask = attention_mask(meta.q_pos, meta.block_tables.shape[1] * bs)
     context_lens = meta.positions[0] + 1
+    if latent:
+        rows = torch.randn(num_blocks + 1, bs, d, device=dev, dtype=torch.bfloat16)  # + the scratch block
+        k_cache, v_cache = rows[:, :, None], rows[:, :, None, :dv]  # views: keys are rows, values their prefix
+        scale = 192 ** -0.5  # DeepSeek-V3's q.k width, 128 + 64
+
+        def kernel(**launch):
+            return paged_latent_decode_attention(q, rows, dv, meta.block_tables, context_lens, scale=scale, **launch)
+        kv_bytes = sum(contexts) * d * rows.element_size()  # each live row read once
+        settings = [dict(tile=t, num_warps=w, heads_per_program=h, splits=n)
+                    for t in (16, 32, 64) for w in (4, 8) for h in (16, 32, 64) for n in (None, 1)] if args.sweep \
+            else [dict()]
+    else:
+        k_cache = torch.randn(num_blocks + 1, bs, K, d, device=dev, dtype=torch.bfloat16)  # + the scratch block
+        v_cache = torch.randn_like(k_cache)
+        scale = None
+
+        def kernel(**launch):
+            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, context_lens, **launch)
+        kv_bytes = sum(contexts) * K * d * 2 * k_cache.element_size()  # K and V of every live token, read once
+        settings = [dict(tile=t, num_warps=w, num_stages=s, splits=n) for t in (32, 64, 128) for w in (2, 4, 8)
+                    for s in (1, 2, 3) for n in (1, None)] if args.sweep else [dict(), dict(splits=None)]
 
     def gather():
-        return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.q_index, meta.out_index, mask)
+        return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.q_index, meta.out_index, mask, scale)
 
-    torch.testing.assert_close(paged_decode_attention(q, k_cache, v_cache, meta.block_tables, context_lens),
-                               gather(), rtol=0, atol=2e-2)
-    kv_bytes = sum(contexts) * K * d * 2 * k_cache.element_size()  # K and V of every live token, read once
-    where = f"gpu={torch.cuda.get_device_name().replace(' ', '_')} torch={torch.__version__} batch={args.batch} " \
-            f"kv_mb={kv_bytes / 1e6:.1f}"
+    torch.testing.assert_close(kernel(), gather(), rtol=0, atol=2e-2)
+    where = f"gpu={torch.cuda.get_device_name().replace(' ', '_')} torch={torch.__version__} shape={args.shape} " \
+            f"batch={args.batch} context={args.context or 'mixed'} kv_mb={kv_bytes / 1e6:.1f}"
 
     def report(name: str, us: float) -> None:
         print(f"bench kernel={name} {where} us={us:.1f} kv_tb_per_s={kv_bytes / us / 1e6:.2f}", flush=True)
 
-    report("gather", microseconds(gather, args.iters))
-    settings = [(t, w, s) for t in (32, 64, 128) for w in (2, 4, 8) for s in (1, 2, 3)] if args.sweep \
-        else [(TILE_TOKENS, 4, 2)]
-    for tile, warps, stages in settings:
-        us = microseconds(lambda: paged_decode_attention(q, k_cache, v_cache, meta.block_tables, context_lens,
-                                                         tile=tile, num_warps=warps, num_stages=stages), args.iters)
-        report(f"triton tile={tile} warps={warps} stages={stages}", us)
+    report("gather", microseconds(gather, args.iters, args.graphs))
+    for launch in settings:
+        try:
+            torch.testing.assert_close(kernel(**launch), gather(), rtol=0, atol=2e-2)
+            us = microseconds(lambda: kernel(**launch), args.iters, args.graphs)
+        except AssertionError:
+            raise
+        except Exception as e:  # a setting the compiler refuses (too much shared memory): say so, go on
+            print(f"bench kernel=triton {launch} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        report("triton " + " ".join(f"{k}={v}" for k, v in launch.items()), us)
 
 
 if __name__ == "__main__":

@@ -43,14 +43,14 @@ from typing import Iterator
 
 import torch
 
-from architectures.common.cache import KVSpec
+from architectures.common.cache import KVSpec, LatentSpec
 from inference.block_manager import BlockManager, StateSlots
 from inference.cuda_graphs import DecodeGraphs
 from inference.paged_cache import PagedBatch, PagedKVPool, build_metadata
 from inference.quantized_kv import valid_kv_dtypes
 from inference.sampling import SamplingParams, check_prompt_ids, eos_ids, sample_next
 from inference.scheduler import Scheduler, Sequence
-from inference.triton_paged_attention import triton_unavailable_reason
+from inference.triton_paged_attention import key_split, triton_unavailable_reason
 
 
 @dataclass
@@ -166,22 +166,35 @@ class LLMEngine:
         choices = ("auto", "triton", "gather", "reference")
         if choice not in choices:
             raise ValueError(f"attention must be one of {', '.join(choices)}, got {choice!r}")
-        specs = [s for s in self.model.cache_specs() if s is not None]
-        kv = [s for s in specs if isinstance(s, KVSpec) and s.per_token["k"] == s.per_token["v"]]
-        fmt = self.kv_format
-        if len(kv) != len(specs):
-            why_not = "the Triton decode kernel reads K and V of equal widths, and some layers cache something else"
-        elif not fmt.kernel_reads:
-            why_not = (f"the Triton decode kernel reads plain caches of the model's dtype and int8/fp8 ones, not "
-                       f"kv_dtype={fmt.name!r}")
-        else:
-            why_not = next(filter(None, (triton_unavailable_reason(self.device, s.head_dim, fmt.storage_dtype)
-                                         for s in kv)), None)
+        specs = [s for s in self.model.cache_specs() if s is not None and s.per_token]
+        why_not = next(filter(None, (self._kernel_unavailable_reason(s) for s in specs)), None)
         if choice == "triton" and why_not:
             raise ValueError(f"attention='triton': {why_not}; use attention='gather' (or 'auto')")
         if choice == "auto":
             return "gather" if why_not else "triton"
         return choice
+
+    def _kernel_unavailable_reason(self, spec) -> str | None:
+        """None if the Triton decode kernel can read what this layer caches, else why not."""
+        fmt = self.kv_format
+        if not fmt.kernel_reads:
+            return (f"the Triton decode kernel reads plain caches of the model's dtype and int8/fp8 ones, not "
+                    f"kv_dtype={fmt.name!r}")
+        if isinstance(spec, KVSpec):
+            value = spec.v_head_dim or spec.head_dim
+            if fmt.quantized and value != spec.head_dim:
+                return "the Triton decode kernel reads quantized K and V of equal widths only"
+            return triton_unavailable_reason(self.device, spec.head_dim, fmt.storage_dtype, value)
+        if isinstance(spec, LatentSpec) and spec.value_width is not None:
+            if fmt.quantized:
+                return f"the Triton decode kernel reads plain latent caches, not kv_dtype={fmt.name!r}"
+            split = key_split(spec.width)
+            if split is not None and split[0] != spec.value_width:
+                return (f"the Triton decode kernel takes a latent's values from its first power-of-2 part ({split[0]} "
+                        f"numbers of {spec.width}), and this one declares {spec.value_width}")
+            return triton_unavailable_reason(self.device, spec.width, None, spec.value_width)
+        return (f"the Triton decode kernel reads K/V or a latent whose value width is declared, and a layer caches "
+                f"{type(spec).__name__}")
 
     def _default_num_blocks(self) -> int:
         if self.device.type != "cuda":

@@ -79,6 +79,7 @@ class PagedKVPool:
                 for name, shape in specs[i].per_sequence.items()} for i in stateful}
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_block = num_blocks
+        self.specs = list(specs)  # layer -> its declaration (a decode kernel reads a latent by its value width)
         groups: dict[CacheSpec, list[int]] = {}
         for i, spec in enumerate(specs):
             if spec is not None and spec.per_token:
@@ -365,6 +366,15 @@ class PagedBatch:
             return self._state_view()
         if self.decode_kernel:  # N == B: query b is sequence b's one new token
             from inference.triton_paged_attention import paged_decode_attention  # imports triton: GPU only
+
+            if "latent" in stored:  # MLA: every head attends over the one latent row, its values a prefix of it
+                from inference.triton_paged_attention import paged_latent_decode_attention
+                value_width = self.pool.specs[layer].value_width
+
+                def kernel(q, scale):  # q: (1, B, H, d_c + d_r) -> (1, B, H, d_c)
+                    return paged_latent_decode_attention(q[0], stored["latent"], value_width, m.block_tables,
+                                                         self.context_lens, scale=scale)[None]
+                return CacheView(kernel=kernel)
 
             def kernel(q, scale):  # q: (1, B, H, d) -> (1, B, H, dv)
                 return paged_decode_attention(q[0], stored["k"], stored["v"], m.block_tables, self.context_lens,

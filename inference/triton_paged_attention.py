@@ -30,8 +30,16 @@ Scores use exp2 with log2(e) folded into the scale (one multiply less per score)
 No host synchronisation and fixed launch shapes, so it is captured in the engine's CUDA graphs.
 One program walks a whole context: 64 sequences x 8 KV heads make 512 programs, which read K/V
 at about 1.5 TB/s on an H100, under half its peak (notes/paged-attention.md), and a batch of a
-few long sequences would leave most SMs idle. FlashDecoding (Dao et al., 2023) splits each
-context over several programs and merges their (m, l, acc); this kernel does not, yet.
+few long sequences would leave most SMs idle. With `splits` > 1 each context is cut into parts,
+one program per part, and the parts' (acc, m, l) are merged afterwards (`_merge_splits`), as
+FlashDecoding does (Dao et al., 2023); the default, 1, writes the output directly.
+
+Multi-head latent attention (DeepSeek-V3) reads its latent cache with the same kernel
+(`paged_latent_decode_attention`): one KV head whose key is the whole cached row [c_kv ; k^R]
+(576 numbers, walked as a dot over the first 512 and a second over the last 64, since tl.arange
+needs powers of 2) and whose value is the row's first 512 numbers, taken from the key tile
+already loaded (`values_in_keys`). With 128 query heads on one KV head a program serves 64 of
+them (`heads_per_program`), and the context is split to fill the GPU (`default_splits`).
 
 Quantized caches (int8, fp8; inference/quantized_kv.py) pass `k_scale` and `v_scale`, one scale
 per token and head, and the kernel dequantizes as it reads, with the gather path's formula
@@ -68,18 +76,37 @@ def _triton_importable() -> bool:
     return True
 
 
+def _power_of_two(n: int) -> bool:
+    return n >= 16 and not n & (n - 1)
+
+
+def key_split(key_dim: int) -> tuple[int, int] | None:
+    """A key width as the kernel walks it: (D, D_EXTRA), D the largest power of 2 <= key_dim and D_EXTRA the
+    rest, 0 or itself a power of 2 >= 16 (tl.arange and tl.dot need powers of 2); None if it cannot be split.
+    64 -> (64, 0); MLA's latent key 576 = 512 + 64 -> (512, 64)."""
+    if key_dim < 16:
+        return None
+    main = 1 << (key_dim.bit_length() - 1)
+    extra = key_dim - main
+    return (main, extra) if extra == 0 or _power_of_two(extra) else None
+
+
 def triton_unavailable_reason(device: torch.device | str, head_dim: int,
-                              cache_dtype: torch.dtype | None = None) -> str | None:
-    """None if the kernel can run here (on a cache of `cache_dtype`, if given), else why not (a sentence for an
-    error or a test skip)."""
+                              cache_dtype: torch.dtype | None = None, value_dim: int | None = None) -> str | None:
+    """None if the kernel can run here (on a cache of `cache_dtype`, if given; keys of `head_dim` and values of
+    `value_dim` numbers, head_dim if None), else why not (a sentence for an error or a test skip)."""
     if torch.device(device).type != "cuda":
         return f"the Triton paged-attention kernel needs a CUDA GPU, and the model is on {torch.device(device)}"
     if not torch.cuda.is_available():
         return "the Triton paged-attention kernel needs a CUDA GPU, and torch sees none"
     if not _triton_importable():
         return "the Triton paged-attention kernel needs the `triton` package (pip install triton)"
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        return f"the Triton paged-attention kernel needs head_dim a power of 2 >= 16, got {head_dim}"
+    if key_split(head_dim) is None:
+        return (f"the Triton paged-attention kernel needs a key width that is a power of 2 >= 16, or one plus "
+                f"another (576 = 512 + 64), got {head_dim}")
+    value_dim = head_dim if value_dim is None else value_dim
+    if not _power_of_two(value_dim):
+        return f"the Triton paged-attention kernel needs a value width that is a power of 2 >= 16, got {value_dim}"
     if cache_dtype is not None and cache_dtype == getattr(torch, "float8_e4m3fn", None):
         capability = torch.cuda.get_device_capability(device)
         if capability < (8, 9):  # Triton converts e4m3 codes on Ada, Hopper and later only
@@ -95,28 +122,40 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr, ks_ptr, vs_ptr,
+    def paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr, m_ptr, l_ptr, ks_ptr, vs_ptr,
                             stride_qb, stride_qh, stride_kblk, stride_kslot, stride_khead,
-                            stride_vblk, stride_vslot, stride_vhead, stride_tb, stride_ob, stride_oh,
+                            stride_vblk, stride_vslot, stride_vhead, stride_tb,
+                            stride_ob, stride_oh, stride_os, stride_mb, stride_mh,
                             stride_ksblk, stride_ksslot, stride_kshead, stride_vsblk, stride_vsslot, stride_vshead,
-                            qk_scale,  # 1/sqrt(d) * log2(e): scores in base 2
-                            R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                            TILE: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr):
+                            qk_scale,  # softmax scale * log2(e): scores in base 2
+                            split_len,  # keys per split of the context (a multiple of TILE)
+                            R: tl.constexpr, R_BLOCK: tl.constexpr, D: tl.constexpr, D_EXTRA: tl.constexpr,
+                            DV: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
+                            QUANT: tl.constexpr, V_IS_K: tl.constexpr, SPLIT: tl.constexpr):
         b = tl.program_id(0)  # sequence
-        kh = tl.program_id(1)  # KV head; it serves query heads kh * R .. kh * R + R - 1
+        kh = tl.program_id(1) // tl.cdiv(R, R_BLOCK)  # KV head
+        hb = tl.program_id(1) % tl.cdiv(R, R_BLOCK)  # which block of R_BLOCK of its r query heads
+        split = tl.program_id(2)  # which part of the context
         ctx = tl.load(ctx_ptr + b)  # keys 0 .. ctx-1 are visible (the new token's own key included)
-        rows = tl.arange(0, R_PAD)
-        dims = tl.arange(0, D)
+        rows = hb * R_BLOCK + tl.arange(0, R_BLOCK)
+        row_ok = rows < R
         heads = kh * R + rows
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                    mask=rows[:, None] < R, other=0.0)  # (R_PAD, D); padding rows are zeros, never stored
+        dims = tl.arange(0, D)
+        vdims = tl.arange(0, DV)
+        q_rows = b * stride_qb + heads[:, None] * stride_qh
+        q = tl.load(q_ptr + q_rows + dims[None, :], mask=row_ok[:, None], other=0.0)  # (R_BLOCK, D); padding rows: 0
+        if D_EXTRA > 0:  # the key's last D_EXTRA numbers (MLA: the shared RoPE key), a second, smaller dot
+            xdims = D + tl.arange(0, D_EXTRA)
+            q_x = tl.load(q_ptr + q_rows + xdims[None, :], mask=row_ok[:, None], other=0.0)  # (R_BLOCK, D_EXTRA)
 
-        m = tl.full((R_PAD,), float("-inf"), tl.float32)  # running max of the scores, per query row
-        l = tl.zeros((R_PAD,), tl.float32)  # running sum of exp2(s - m)
-        acc = tl.zeros((R_PAD, D), tl.float32)  # running sum of exp2(s - m) * v
-        for start in range(0, ctx, TILE):
+        m = tl.full((R_BLOCK,), float("-inf"), tl.float32)  # running max of the scores, per query row
+        l = tl.zeros((R_BLOCK,), tl.float32)  # running sum of exp2(s - m)
+        acc = tl.zeros((R_BLOCK, DV), tl.float32)  # running sum of exp2(s - m) * v
+        lo = split * split_len
+        hi = tl.minimum(ctx, lo + split_len)
+        for start in range(lo, hi, TILE):
             tok = start + tl.arange(0, TILE)  # (TILE,) logical positions
-            live = tok < ctx
+            live = tok < hi
             # The block table: logical block t // bs -> physical block; slot t % bs inside it.
             block = tl.load(tables_ptr + b * stride_tb + tok // BS, mask=live, other=0).to(tl.int64)
             k_rows = block * stride_kblk + (tok % BS) * stride_kslot + kh * stride_khead  # (TILE,)
@@ -126,16 +165,23 @@ def _kernel():
                              mask=live, other=0.0).to(tl.float32)  # (TILE,)
                 s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (ks * qk_scale)[None, :]
             else:
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (R_PAD, TILE), fp32
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (R_BLOCK, TILE), fp32
+                if D_EXTRA > 0:
+                    k_x = tl.load(k_ptr + k_rows[:, None] + xdims[None, :], mask=live[:, None], other=0.0)
+                    s += tl.dot(q_x, tl.trans(k_x), input_precision=PRECISION)
+                s = s * qk_scale
             s = tl.where(live[None, :], s, float("-inf"))
-            # Every tile holds at least one live token (start < ctx), so m_new is finite and the
+            # Every tile holds at least one live token (start < hi), so m_new is finite and the
             # first tile's rescale factor exp2(-inf - m_new) is 0, wiping the zero-initialised state.
             m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)  # (R_PAD,) how much the old state shrinks
-            p = tl.exp2(s - m_new[:, None])  # (R_PAD, TILE)
+            alpha = tl.exp2(m - m_new)  # (R_BLOCK,) how much the old state shrinks
+            p = tl.exp2(s - m_new[:, None])  # (R_BLOCK, TILE)
             l = l * alpha + tl.sum(p, 1)
-            v_rows = block * stride_vblk + (tok % BS) * stride_vslot + kh * stride_vhead
-            v = tl.load(v_ptr + v_rows[:, None] + dims[None, :], mask=live[:, None], other=0.0)  # (TILE, D)
+            if V_IS_K:  # MLA: the value is the key's first DV numbers (c_kv), already loaded
+                v = k
+            else:
+                v_rows = block * stride_vblk + (tok % BS) * stride_vslot + kh * stride_vhead
+                v = tl.load(v_ptr + v_rows[:, None] + vdims[None, :], mask=live[:, None], other=0.0)  # (TILE, DV)
             if QUANT:  # each value's scale multiplies its softmax weight
                 vs = tl.load(vs_ptr + block * stride_vsblk + (tok % BS) * stride_vsslot + kh * stride_vshead,
                              mask=live, other=0.0).to(tl.float32)  # (TILE,)
@@ -145,59 +191,138 @@ def _kernel():
                 # p in the cache's dtype for the tensor cores (as FlashAttention does), summed in fp32.
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-        out = acc / l[:, None]
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < R)
+        o_rows = b * stride_ob + heads[:, None] * stride_oh
+        if SPLIT:  # this part's unnormalised (acc, m, l); `_merge_splits` combines the parts
+            tl.store(out_ptr + o_rows + split * stride_os + vdims[None, :], acc, mask=row_ok[:, None])
+            ml = b * stride_mb + heads * stride_mh + split
+            tl.store(m_ptr + ml, m, mask=row_ok)
+            tl.store(l_ptr + ml, l, mask=row_ok)
+        else:
+            out = acc / l[:, None]
+            tl.store(out_ptr + o_rows + vdims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     return paged_decode_kernel
+
+
+def _merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FlashDecoding's merge. Part j of a context left acc_j = sum exp2(s - m_j) v and l_j = sum exp2(s - m_j):
+    rescale every part to the common max M = max_j m_j, then out = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) l_j.
+    acc: (B, H, splits, dv); m, l: (B, H, splits); a part past the context has m = -inf and l = 0, weight 0."""
+    w = torch.exp2(m - m.amax(-1, keepdim=True))  # (B, H, splits); part 0 always holds keys, so M is finite
+    return ((w[..., None] * acc).sum(2) / (w * l).sum(-1, keepdim=True)).to(dtype)  # (B, H, dv)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_splits(batch: int, programs_per_seq: int, max_context: int, tile: int, device) -> int:
+    """How many parts to cut each context into so that the launch fills the GPU: about two programs per SM,
+    each walking at least 4 tiles. Decided from shapes only (no host synchronisation)."""
+    sms = _multiprocessors(torch.device(device))
+    programs = batch * programs_per_seq
+    if programs >= sms:
+        return 1
+    return max(1, min(2 * sms // programs, max_context // (4 * tile)))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float | None = None,
                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                           tile: int = TILE_TOKENS, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    """One query per sequence against its paged K/V. q: (B, H, d); caches: (num_blocks, bs, K, d)
-    with the last dimension contiguous; block_tables: (B, nb) integer, entries past a sequence's
-    last block are never read; context_lens: (B,) integer >= 1, the keys each query sees
-    (positions 0 .. ctx-1; in a decode step the new token's own key is the last); scale: the
-    softmax scale of the scores, 1/sqrt(d) if None. Returns (B, H, d).
+                           tile: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+                           heads_per_program: int | None = None, splits: int | None = 1,
+                           values_in_keys: bool = False) -> torch.Tensor:
+    """One query per sequence against its paged K/V. q: (B, H, dk); k_cache: (num_blocks, bs, K, dk),
+    v_cache: (num_blocks, bs, K, dv), each with the last dimension contiguous; block_tables: (B, nb)
+    integer, entries past a sequence's last block are never read; context_lens: (B,) integer >= 1, the
+    keys each query sees (positions 0 .. ctx-1; in a decode step the new token's own key is the last);
+    scale: the softmax scale of the scores, 1/sqrt(dk) if None. Returns (B, H, dv).
     k_scale, v_scale: for int8 or fp8 caches, (num_blocks, bs, K, 1) scales (any float dtype): the
     cache then holds codes, dequantized as code x scale; None for plain caches.
-    tile, num_warps, num_stages: launch settings (inference/bench_paged_decode.py sweeps them).
+    values_in_keys: v_cache is a view of k_cache's first dv numbers (MLA's latent), so the kernel reads
+    each key row once and uses its prefix as the value; see `paged_latent_decode_attention`.
+    Launch settings (inference/bench_paged_decode.py sweeps them): tile keys per loop iteration (64);
+    num_warps (4, or 8 for keys wider than 256 numbers); heads_per_program query heads of one KV head per
+    program (all r, at most 64); splits parts per context, FlashDecoding (None: enough to fill the GPU,
+    `default_splits`; 1: one program walks the whole context, the output written directly). The defaults
+    for MLA's 576-wide rows are the fastest of the 36 settings `--shape deepseek-v3 --sweep` timed on an H100.
     """
-    B, H, d = q.shape
+    B, H, dk = q.shape
     _, bs, K, _ = k_cache.shape
+    dv = v_cache.shape[-1]
     if H % K:
         raise ValueError(f"{H} query heads do not divide into {K} KV heads")
+    if k_cache.shape[-1] != dk:
+        raise ValueError(f"q has {dk} numbers per head and k_cache {k_cache.shape[-1]}: they must match")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need a contiguous last dimension (head_dim)")
     if block_tables.shape[0] != B or context_lens.shape != (B,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
                          f"must have one row per query, {B}")
-    reason = triton_unavailable_reason(q.device, d)
+    reason = triton_unavailable_reason(q.device, dk, value_dim=dv)
     if reason:
         raise RuntimeError(reason + "; use inference.paged_attention.paged_attention instead")
+    D, D_extra = key_split(dk)
     quant = k_scale is not None
     if quant != (v_scale is not None):
         raise ValueError("give both k_scale and v_scale (a quantized cache) or neither (a plain one)")
     if quant and (k_scale.shape != (*k_cache.shape[:3], 1) or v_scale.shape != (*v_cache.shape[:3], 1)):
         raise ValueError(f"scales must be (num_blocks, bs, K, 1), one per token and head; got {tuple(k_scale.shape)} "
                          f"and {tuple(v_scale.shape)} for caches {tuple(k_cache.shape)}")
+    if quant and (D_extra or dv != dk):
+        raise ValueError("the kernel reads quantized caches whose keys and values are one power-of-2 width")
     if not quant and k_cache.dtype != q.dtype:
         raise ValueError(f"a {k_cache.dtype} cache needs its scales (k_scale, v_scale), or a cache of q's dtype "
                          f"{q.dtype}")
+    if values_in_keys and (dv != D or v_cache.data_ptr() != k_cache.data_ptr()):
+        raise ValueError(f"values_in_keys: v_cache must be k_cache[..., :{D}] (the key's first power-of-2 part)")
     ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unused pointers when not quantized
     r = H // K
-    out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
+    tile = tile or TILE_TOKENS
+    num_warps = num_warps or (8 if dk > 256 else 4)
+    r_block = heads_per_program or min(max(16, 1 << (r - 1).bit_length()), 64)
+    r_block = max(16, r_block)  # tl.dot needs at least 16 rows; padding rows are zeros, never stored
+    head_blocks = -(-r // r_block)
+    max_context = block_tables.shape[1] * bs
+    splits = default_splits(B, K * head_blocks, max_context, tile, q.device) if splits is None else splits
+    split_len = -(-max_context // (splits * tile)) * tile  # a multiple of the tile
+    splits = -(-max_context // split_len)
+    if splits > 1:  # fp32 partial results per part, merged afterwards
+        out = torch.empty(B, H, splits, dv, dtype=torch.float32, device=q.device)
+        m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        out_strides, ml_strides = (out.stride(0), out.stride(1), out.stride(2)), (m.stride(0), m.stride(1))
+    else:
+        out = torch.empty(B, H, dv, dtype=q.dtype, device=q.device)
+        m = l = out  # unused
+        out_strides, ml_strides = (out.stride(0), out.stride(1), 0), (0, 0)
     # Matters for fp32 caches only (the tests' exact-token settings): true fp32 products, not
     # TF32's 10-bit mantissa. bf16 and fp16 operands go to the tensor cores as they are.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _kernel()[(B, K)](
-        q, k_cache, v_cache, block_tables, context_lens, out, ks, vs,
+    _kernel()[(B, K * head_blocks, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, m, l, ks, vs,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1),
-        vs.stride(2), math.log2(math.e) * (1 / math.sqrt(d) if scale is None else scale),
-        R=r, R_PAD=max(16, 1 << (r - 1).bit_length()), D=d, BS=bs, TILE=tile,
-        PRECISION=precision, QUANT=quant, num_warps=num_warps, num_stages=num_stages)
-    return out
+        *out_strides, *ml_strides, ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1),
+        vs.stride(2), math.log2(math.e) * (1 / math.sqrt(dk) if scale is None else scale), split_len,
+        R=r, R_BLOCK=r_block, D=D, D_EXTRA=D_extra, DV=dv, BS=bs, TILE=tile,
+        PRECISION=precision, QUANT=quant, V_IS_K=values_in_keys, SPLIT=splits > 1,
+        num_warps=num_warps, num_stages=num_stages)
+    return _merge_splits(out, m, l, q.dtype) if splits > 1 else out
+
+
+def paged_latent_decode_attention(q: torch.Tensor, latent_cache: torch.Tensor, value_dim: int,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
+                                  **launch) -> torch.Tensor:
+    """Multi-head latent attention's absorbed decode step over a paged latent cache, read in place.
+
+    q: (B, H, w) absorbed queries [W_UK^T q^C ; q^R]; latent_cache: (num_blocks, bs, w), each row
+    [c_kv ; k^R]; every head's key is the whole row and its value the row's first value_dim numbers (c_kv):
+    multi-query attention with one KV head, keys w = d_c + d_r wide (576 for DeepSeek-V3) and values
+    d_c (512). Returns (B, H, value_dim), each head's output in the latent space (W_UV comes after).
+    Splits each context over several programs by default, since one KV head leaves few programs per step."""
+    rows = latent_cache[:, :, None, :]  # (num_blocks, bs, 1, w): one KV head
+    launch.setdefault("splits", None)
+    return paged_decode_attention(q, rows, rows[..., :value_dim], block_tables, context_lens, scale=scale,
+                                  values_in_keys=True, **launch)

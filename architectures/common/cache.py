@@ -47,6 +47,9 @@ class KVSpec:
 class LatentSpec:
     """One latent vector of `width` numbers per token, shared by every head."""
     width: int
+    # The row's first value_width numbers are every head's value and the whole row its key (MLA's absorbed
+    # form: [c_kv ; k^R] and c_kv), so a decode kernel can attend over the latent directly; None: not so.
+    value_width: int | None = None
 
     @property
     def per_token(self) -> dict[str, tuple[int, ...]]:

@@ -21,6 +21,7 @@ moe     One DeepSeekMoE layer, forward + backward (V2-Lite's 64 routed experts o
         DeepSeek-V3's sigmoid routing limited to 4 of 8 groups): ours (`DeepseekMoE`) vs transformers'
         `DeepseekV3MoE` with the same weights, with its experts_implementation grouped_mm and eager. Outputs
         and input gradients are compared first; the implementations take turns within each timed iteration.
+        --compile adds torch.compile of ours and of transformers' grouped_mm block, as `--compile` training runs.
 Every measurement is one line `bench part=... key=value ...`; `vs_X` is X's time over this line's time.
 """
 
@@ -194,6 +195,9 @@ def bench_moe(args, shape, device, dtype, where) -> list[dict]:
         block = transformers_moe(cfg, name, device).to(dtype)
         block.load_state_dict(ours.state_dict())  # transformers' names and layout are ours
         impls[f"hf_{name}"] = block
+    if args.compile:  # each compiled as a training step with --compile would run it
+        impls["ours_compiled"] = torch.compile(ours)
+        impls["hf_grouped_mm_compiled"] = torch.compile(impls["hf_grouped_mm"])
 
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(1, args.tokens, D, generator=g).to(device, dtype).requires_grad_()
@@ -207,7 +211,7 @@ def bench_moe(args, shape, device, dtype, where) -> list[dict]:
     common = dict(device=where, dtype=args.dtype_name, shape=shape, tokens=args.tokens, hidden=D,
                   moe_ffn=cfg.moe_intermediate_size, experts=E, top_k=cfg.num_experts_per_tok,
                   shared=cfg.n_shared_experts, groups=cfg.n_group, topk_groups=cfg.topk_group)
-    for name in ("hf_grouped_mm", "hf_eager"):
+    for name in [n for n in impls if n != "ours"]:
         errs = [((a - b).norm() / b.norm()).item() for a, b in zip(got["ours"], got[name])]
         ok = max(errs) <= TOLERANCE[dtype]
         print(line(part="moe", check="output_and_input_grad", impl="ours", baseline=name, out_rel_err=errs[0],
@@ -215,7 +219,7 @@ def bench_moe(args, shape, device, dtype, where) -> list[dict]:
         if not ok:
             raise RuntimeError(f"our DeepSeekMoE and transformers' ({name}) disagree: relative errors {errs}")
 
-    params = [p for fn in impls.values() for p in fn.parameters()]
+    params = list({id(p): p for fn in impls.values() for p in fn.parameters()}.values())
     times = time_round_robin(impls, x, grad, params, args.warmup, args.iters, device)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     results = []
@@ -237,6 +241,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU always uses them): seconds, for tests")
+    p.add_argument("--compile", action="store_true",
+                   help="moe: also time torch.compile of ours and of transformers' grouped_mm block")
     for flag, what in (("layers", "decode: model layers"), ("batch", "decode: sequences"),
                        ("context", "decode: cached tokens per sequence"), ("steps", "decode: timed steps per round"),
                        ("rounds", "decode: rounds of steps per form, whose median is reported"),

@@ -43,7 +43,7 @@ LATENT_NORM_EPS = 1e-6
 
 class MultiHeadLatentAttention(nn.Module):
     """MLA: caches c_kv (d_c) and the shared RoPE key (d_r) per token, one row of d_c + d_r numbers
-    instead of 2 * H * d_h; declared as `LatentSpec(kv_lora_rank + qk_rope_head_dim)`."""
+    instead of 2 * H * d_h; declared as `LatentSpec(kv_lora_rank + qk_rope_head_dim, value_width=kv_lora_rank)`."""
 
     # With a cache, steps whose sequences bring more than one query each (prefills) decompress the
     # latents into per-head K/V, which costs fewer FLOPs for long prompts; decode steps attend in
@@ -73,7 +73,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(H * self.d_v, D, bias=bias)
 
     def cache_spec(self) -> LatentSpec:
-        return LatentSpec(self.d_c + self.d_r)
+        return LatentSpec(self.d_c + self.d_r, value_width=self.d_c)
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on the d_r rotary channels: adjacent pairs in DeepSeek's checkpoints, halves otherwise."""
@@ -99,12 +99,9 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             cache.write(self.layer_idx, latent=torch.cat([c_kv, k_rope[:, :, 0]], dim=-1))  # (B, T, d_c + d_r)
             view = cache.read(self.layer_idx)
-            if view.kernel is not None:
-                raise ValueError("multi-head latent attention reads its latent cache with the gather path; "
-                                 "a K/V decode kernel cannot attend over it (use attention='gather')")
-            lat = view.tensors["latent"]  # (Bq, S, d_c + d_r)
+            lat = view.tensors.get("latent")  # (Bq, S, d_c + d_r); None when a kernel reads the cache in place
             queries_per_seq = view.mask.shape[-2] if view.mask is not None else 1
-            if self.decompress_prefill and queries_per_seq > 1:
+            if view.kernel is None and self.decompress_prefill and queries_per_seq > 1:
                 out = self.attend_explicit(q_nope, q_rope, lat[..., :self.d_c], lat[..., self.d_c:], view)
             else:
                 out = self.attend_absorbed(q_nope, q_rope, lat, view)
@@ -134,9 +131,12 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk, w_uv = self.up_projections()  # (H, d_n, d_c), (H, d_v, d_c)
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # (B, T, H, d_c)
         q_abs = torch.cat([q_lat, q_rope], dim=-1)  # (B, T, H, d_c + d_r)
-        key = lat[:, :, None]  # (Bq, S, 1, d_c + d_r)
-        value = lat[:, :, None, :self.d_c]  # (Bq, S, 1, d_c)
-        o_lat = view.unpack(grouped_attention(view.pack(q_abs), key, value, view.mask, self.scale))  # (B, T, H, d_c)
+        if view.kernel is not None:  # the paged engine's decode kernel reads the latent rows where they lie
+            o_lat = view.kernel(q_abs, self.scale)  # (B, T, H, d_c)
+        else:
+            key = lat[:, :, None]  # (Bq, S, 1, d_c + d_r)
+            value = lat[:, :, None, :self.d_c]  # (Bq, S, 1, d_c)
+            o_lat = view.unpack(grouped_attention(view.pack(q_abs), key, value, view.mask, self.scale))  # (B, T, H, d_c)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, d_v)
 
 

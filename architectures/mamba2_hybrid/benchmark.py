@@ -9,6 +9,10 @@ every implementation computes in fp32 inside and returns y (b, l, h, p) in fp32.
   sequential        `ssd_sequential`, token by token: the reference, and the baseline of every ratio
   chunked           `ssd_chunked`, Listing 1 of arXiv:2405.21060 in plain PyTorch (einsums -> matmuls)
   chunked-compiled  torch.compile of `ssd_chunked`, by default on CUDA only (--compile / --no-compile)
+  chunked-bf16-compiled  the same compiled, with the four big products' operands in bf16 (`matmul_dtype`):
+                    the mamba_ssm kernel's precision split, on the tensor cores (bf16 inputs only)
+  mamba-ssm         state-spaces/mamba's Triton kernel `mamba_chunk_scan_combined`, where `mamba_ssm` imports
+                    (its Triton ops need no build: put the package's source on PYTHONPATH); y in x's dtype
   hf-chunked        transformers' `mamba2_chunk_scan`, its PyTorch path (never the mamba_ssm kernel). It
                     contracts by broadcasting into (b, T/Q, Q, Q, h, n) fp32 products, 86 GB at the GPU defaults,
                     so it runs on slices of heads of the same tensors (`head_slices`), each slice's product
@@ -38,7 +42,19 @@ from architectures.mamba2_hybrid.flops import ssd_flops
 from architectures.mamba2_hybrid.ssd import ssd_chunked, ssd_sequential
 from training.device import compute_dtype, device_label, resolve_device
 
-IMPLS = ("sequential", "chunked", "chunked-compiled", "hf-chunked")
+IMPLS = ("sequential", "chunked", "chunked-compiled", "chunked-bf16-compiled", "mamba-ssm", "hf-chunked")
+# Agreement with the recurrence required before timing, relative to |y|: fp32 inside differs by summation
+# order only; bf16 operands (or a bf16 output) round to 8 bits of mantissa, 4e-3 per rounding.
+TOLERANCE = {"chunked-bf16-compiled": 2e-2, "mamba-ssm": 2e-2}
+
+
+def mamba_ssm_scan():
+    """state-spaces/mamba's fused chunked scan, or None with the reason it does not import."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as e:  # ImportError, or a Triton/CUDA mismatch raised while its modules load
+        return None, f"{type(e).__name__}: {e}".splitlines()[0]
+    return mamba_chunk_scan_combined, None
 # GPU: one layer of the mamba2-2.7b preset; CPU: Mamba2HybridConfig's defaults (the tiny layer), T still 4096.
 DEFAULTS = {"cuda": dict(batch=2, seq_len=4096, heads=80, head_dim=64, state=128, chunk=256, warmup=3, iters=10),
             "cpu": dict(batch=1, seq_len=4096, heads=8, head_dim=32, state=32, chunk=64, warmup=1, iters=3)}
@@ -163,7 +179,8 @@ def main(argv=None) -> list[dict]:
         raise ValueError(f"--heads {args.heads} is not divisible by --groups {args.groups}: each group of heads "
                          f"shares one B and one C")
     compile_it = device.type == "cuda" if args.compile is None else args.compile
-    wanted = args.impls.split(",") if args.impls else [i for i in IMPLS if compile_it or i != "chunked-compiled"]
+    wanted = args.impls.split(",") if args.impls else [
+        i for i in IMPLS if (compile_it or "compiled" not in i) and (device.type == "cuda" or i != "mamba-ssm")]
     unknown = [name for name in wanted if name not in IMPLS]
     if unknown:
         raise ValueError(f"unknown --impls {unknown[0]!r}; choose from {', '.join(IMPLS)}")
@@ -174,6 +191,16 @@ def main(argv=None) -> list[dict]:
     if "chunked-compiled" in wanted:
         compiled = torch.compile(ssd_chunked)
         fns["chunked-compiled"] = lambda *t: compiled(*t, Q)[0]
+    if "chunked-bf16-compiled" in wanted:
+        compiled_bf16 = torch.compile(ssd_chunked)
+        fns["chunked-bf16-compiled"] = lambda *t: compiled_bf16(*t, Q, matmul_dtype=torch.bfloat16)[0]
+    if "mamba-ssm" in wanted:
+        scan, why = mamba_ssm_scan()
+        if scan is None:
+            print(f"bench_skip impl=mamba-ssm reason={why!r}", flush=True)
+            wanted.remove("mamba-ssm")
+        else:  # its y comes in x's dtype; .float() so that every implementation hands back the same thing
+            fns["mamba-ssm"] = lambda x, dt, A, B, C: scan(x, dt, A, B, C, Q).float()
     slices = None
     if "hf-chunked" in wanted:
         budget = torch.cuda.get_device_properties(device).total_memory // 8 if device.type == "cuda" else 2 ** 30
@@ -187,13 +214,13 @@ def main(argv=None) -> list[dict]:
 
     where = device_label(device).replace(" ", "_").replace("(", "").replace(")", "")
     sizes = f"dtype={args.dtype} batch={b} seq_len={T} heads={h} head_dim={P} state={n} groups={g} chunk={Q}"
-    with single_block_scans() if "chunked-compiled" in fns else contextlib.nullcontext():
+    with single_block_scans() if any("compiled" in name for name in fns) else contextlib.nullcontext():
         reference = fns["sequential"](*inputs).detach()
         scale = reference.abs().max().item()
-        for name, fn in list(fns.items())[1:]:  # fp32 arithmetic in every implementation, on the same inputs
+        for name, fn in list(fns.items())[1:]:  # on the same inputs
             err = (fn(*inputs).detach() - reference).abs().max().item()
             print(f"bench_check impl={name} vs=sequential max_abs_diff={err:.2e} max_abs_y={scale:.2e}", flush=True)
-            if not err <= 1e-3 * max(scale, 1.0):
+            if not err <= TOLERANCE.get(name, 1e-3) * max(scale, 1.0):
                 raise RuntimeError(f"{name} differs from the recurrence by {err:.2e} (|y| <= {scale:.2e}): a bug")
         del reference
         times = time_round_robin(fns, inputs, grad if args.backward else None, args.warmup, args.iters,
@@ -204,7 +231,7 @@ def main(argv=None) -> list[dict]:
     for name, s in seconds.items():
         extra = "" if name == "sequential" else f" tflops={flops / s / 1e12:.3f}"
         extra += f" head_slices={slices}" if name == "hf-chunked" else ""
-        ratios = " ".join(f"vs_{o.replace('-', '_')}={seconds[o] / s:.2f}" for o in ("sequential", "hf-chunked")
+        ratios = " ".join(f"vs_{o.replace('-', '_')}={seconds[o] / s:.2f}" for o in ("sequential", "hf-chunked", "mamba-ssm")
                           if o in seconds and o != name)
         print(f"bench impl={name} device={where} {sizes} pass={'fwd+bwd' if args.backward else 'fwd'} "
               f"iters={len(times[name])} ms={s * 1e3:.2f} tokens_per_s={b * T / s:.0f}{extra} {ratios}".rstrip(),

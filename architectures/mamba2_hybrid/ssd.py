@@ -76,15 +76,20 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return S.masked_fill(~below, float("-inf"))
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, matmul_dtype: torch.dtype | None = None):
     """The chunked SSD algorithm (Listing 1 of the paper) -> (y (b, l, h, p), final state (b, h, p, n)).
 
     T need not be a multiple of Q: the tail is padded with dt = 0 (decay 1, no input), which
-    leaves the outputs of real tokens and the final state unchanged."""
+    leaves the outputs of real tokens and the final state unchanged.
+    matmul_dtype: None, every product in the compute dtype (fp32, or fp64 in tests); torch.bfloat16, the
+    operands of the four big products in bf16 (summed in fp32 inside the matmul, rounded to bf16 after)
+    while the log-decays, their sums and exponentials stay fp32: the precision split of the mamba_ssm
+    Triton kernel, and tensor-core speed on a GPU. y then carries bf16's rounding (about 4e-3 relative)."""
     b, l, h, p = x.shape
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = _compute_dtype(x)
+    mm = matmul_dtype or dtype  # the operands' type in the four big products
     x, dt, A = x.to(dtype), dt.to(dtype), A.to(dtype)
     B, C = _heads(B, h).to(dtype), _heads(C, h).to(dtype)  # (b, l, h, n)
     n, Q = B.shape[-1], chunk_size
@@ -96,16 +101,17 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
     dt = dt.reshape(b, c, Q, h)
     a = (dt * A).permute(0, 3, 1, 2)  # (b, h, c, Q): log-decays log a_t = dt_t A
     a_cum = torch.cumsum(a, dim=-1)  # (b, h, c, Q): log of the decay from the chunk's start to token t
-    xdt = x * dt[..., None]  # (b, c, Q, h, p): dt_s x_s, the input of step s
+    xdt = (x * dt[..., None]).to(mm)  # (b, c, Q, h, p): dt_s x_s, the input of step s
 
     # 1. Diagonal blocks: within a chunk, y_t = sum_{s <= t} (C_t . B_s) L[t, s] dt_s x_s ("attention").
     L = torch.exp(segsum(a))  # (b, h, c, Q, Q)
-    scores = torch.einsum("bcthn,bcshn->bhcts", C, B) * L  # (b, h, c, Q, Q): M's diagonal blocks
-    y_diag = torch.einsum("bhcts,bcshp->bcthp", scores, xdt)
+    scores = torch.einsum("bcthn,bcshn->bhcts", C.to(mm), B.to(mm)).to(dtype) * L  # (b, h, c, Q, Q): M's diagonal blocks
+    y_diag = torch.einsum("bhcts,bcshp->bcthp", scores.to(mm), xdt)
 
     # 2. The state each chunk leaves, starting from zero: sum_s (decay from s to the chunk's end) dt_s x_s B_s^T.
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, Q)
-    states = torch.einsum("bcshn,bhcs,bcshp->bchpn", B, decay_to_end, xdt)  # (b, c, h, p, n)
+    B_decayed = B * decay_to_end.permute(0, 2, 3, 1)[..., None]  # (b, c, Q, h, n)
+    states = torch.einsum("bcshn,bcshp->bchpn", B_decayed.to(mm), xdt).to(dtype)  # (b, c, h, p, n)
 
     # 3. Inter-chunk recurrence: H_c = (decay over chunk c) H_{c-1} + states_c, from the initial state.
     #    Written as one product with the (c+1) x (c+1) segsum matrix of the chunks' total decays.
@@ -116,11 +122,11 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)  # state at the end of chunk z - 1
     entering, final = states[:, :-1], states[:, -1]  # (b, c, h, p, n) the state entering each chunk; (b, h, p, n)
 
-    # 4. State -> output: the state entering the chunk, decayed to token t, read by C_t.
-    decay_from_start = torch.exp(a_cum)  # (b, h, c, Q)
-    y_off = torch.einsum("bcthn,bchpn,bhct->bcthp", C, entering, decay_from_start)
+    # 4. State -> output: the state entering the chunk, read by C_t, decayed to token t.
+    decay_from_start = torch.exp(a_cum).permute(0, 2, 3, 1)[..., None]  # (b, c, Q, h, 1)
+    y_off = torch.einsum("bcthn,bchpn->bcthp", C.to(mm), entering.to(mm)).to(dtype) * decay_from_start
 
-    y = (y_diag + y_off).reshape(b, c * Q, h, p)[:, :l]
+    y = (y_diag.to(dtype) + y_off).reshape(b, c * Q, h, p)[:, :l]
     return y, final
 
 

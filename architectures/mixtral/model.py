@@ -69,6 +69,27 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.
     return gmm(x, w.transpose(1, 2), offs=ends.to(torch.int32))  # (E, in, out) view, no copy
 
 
+class _PermuteRows(torch.autograd.Function):
+    """out = y[perm] for a permutation perm: a gather forward and, since each row goes to exactly one
+    place, a gather by the inverse permutation backward (autograd's default for y[idx] would scatter-add
+    with a sort, as it must for indices that repeat)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(perm)
+        return y[perm]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (perm,) = ctx.saved_tensors
+        return grad[torch.argsort(perm)], None
+
+
+def permute_rows(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """y[perm] along dim 0, for perm a permutation of range(len(y))."""
+    return _PermuteRows.apply(y, perm)
+
+
 class MixtralExperts(nn.Module):
     """E SwiGLU experts stored as stacked tensors, so they can run as one grouped GEMM.
 
@@ -109,12 +130,12 @@ class MixtralExperts(nn.Module):
             # CPU: one matmul chain per expert on its contiguous slice (the sizes cost one host read).
             sizes = torch.bincount(experts_sorted, minlength=self.num_experts).tolist()
             y = torch.cat([self.expert(e, xe) for e, xe in enumerate(xs.split(sizes))])  # (M, D)
-        y = y * top_w.reshape(-1)[order, None].to(y.dtype)  # (M, D) weighted by the router
-        # 3. Un-sort (a scatter by the permutation) and add each token's k expert outputs, in fp32
-        # even from bf16 rows. A fixed-order sum, not index_add_: atomic adds on a GPU would make
-        # training non-deterministic.
-        unsorted = torch.empty_like(y).index_copy_(0, order, y)  # (M, D), row j*k+s = token j's s-th expert
-        return unsorted.view(N, k, -1).sum(dim=1, dtype=torch.float32).to(out_dtype)  # (N, D)
+        # 3. Un-sort, then each token's router-weighted sum of its k expert outputs as one batched
+        # product (N, 1, k) @ (N, k, D), accumulated in fp32 inside the matmul even from bf16 rows.
+        # Fixed-order sums, not index_add_: atomic adds on a GPU would make training non-deterministic.
+        unsorted = permute_rows(y, torch.argsort(order))  # (M, D), row j*k+s = token j's s-th expert
+        weights = top_w.view(N, 1, k).to(y.dtype)  # (N, 1, k)
+        return torch.bmm(weights, unsorted.view(N, k, -1)).view(N, -1).to(out_dtype)  # (N, D)
 
 
 class SparseMoE(nn.Module):

@@ -243,3 +243,83 @@ def test_prefill_in_a_triton_engine_runs_the_masked_gather_path(model, prompts):
         expected = torch.stack([model(torch.tensor([prompts[1][:7]]))[0, -1], model(torch.tensor([prompts[2][:10]]))[0, -1]])
     torch.testing.assert_close(logits["triton"], logits["gather"], rtol=0, atol=0)
     torch.testing.assert_close(logits["gather"], expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [2, 5, None], ids=["2-parts", "5-parts", "auto"])
+def test_triton_kernel_with_the_context_split_matches_reference(splits):
+    """FlashDecoding: each context cut into parts walked by separate programs, merged afterwards; parts
+    that fall past a short sequence's context hold nothing and must weigh nothing in the merge."""
+    g = random.Random(2)
+    contexts = [1, 15, 64, 65, 300, 599] + [g.randint(1, 600) for _ in range(6)]
+    q, k_cache, v_cache, seqs, meta = random_decode_batch(32, 8, contexts, seed=2)
+    out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.positions[0] + 1, splits=splits)
+    expected = run_reference(q.cpu().float(), k_cache.cpu().float(), v_cache.cpu().float(), seqs)
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=0, atol=2e-2)
+
+
+def latent_reference(q, rows, value_dim, seqs, scale, bs):
+    """MLA's absorbed decode written out: every head's key is the whole cached row, its value the row's first
+    value_dim numbers; one sequence at a time, the table walked slot by slot, fp32."""
+    out = []
+    for b, s in enumerate(seqs):
+        keys = torch.stack([rows[s.block_table[p // bs], p % bs] for p in range(s.end)]).float()  # (ctx, w)
+        p = (q[b].float() @ keys.T * scale).softmax(-1)  # (H, ctx)
+        out.append(p @ keys[:, :value_dim])  # (H, value_dim)
+    return torch.stack(out)
+
+
+@needs_triton
+@pytest.mark.parametrize("H,d_c,d_r", [(4, 32, 16), (128, 512, 64)], ids=["tiny-48", "deepseek-v3-576"])
+@pytest.mark.parametrize("splits", [1, None], ids=["whole", "split"])
+def test_triton_latent_kernel_matches_absorbed_attention_written_out(H, d_c, d_r, splits):
+    from inference.triton_paged_attention import paged_latent_decode_attention
+
+    bs, w = 16, d_c + d_r
+    contexts = [1, 16, 33, 200, 517]
+    num_blocks = sum(-(-c // bs) for c in contexts)
+    free = list(range(num_blocks))
+    random.Random(0).shuffle(free)
+    seqs = [ScheduledSeq([free.pop() for _ in range(-(-c // bs))], c - 1, c) for c in contexts]
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(num_blocks + 1, bs, w, generator=g)  # + the scratch block
+    rows[-1] = float("nan")  # the scratch block that pads the tables: never read
+    q = torch.randn(len(seqs), H, w, generator=g)
+    meta = build_metadata(seqs, [0] * len(seqs), bs, rows.shape[0] - 1, "cuda")
+    scale = 0.1
+    out = paged_latent_decode_attention(q.cuda().bfloat16(), rows.cuda().bfloat16(), d_c, meta.block_tables,
+                                        meta.positions[0] + 1, scale=scale, splits=splits)
+    expected = latent_reference(q.bfloat16().float(), rows.nan_to_num(0.0).bfloat16().float(), d_c, seqs, scale, bs)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=0, atol=2e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_engine_serves_latent_attention_with_the_triton_kernel_on_gpu(cuda_graphs):
+    """DeepSeek-V3's absorbed decode through the kernel gives the gather path's greedy tokens (fp32), with
+    prefills, arrivals mid-run and CUDA graphs; its latent rows are 32 + 16 wide, values the first 32.
+    Dense feed-forwards only: in fp32 the MoE takes its per-expert loop, which reads sizes on the host and
+    so cannot be captured in a graph."""
+    from architectures.deepseek_v3 import DeepseekV3, DeepseekV3Config
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(vocab_size=1000, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+                           qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                           first_k_dense_replace=2, max_position_embeddings=1024, initializer_range=0.2)
+    model = DeepseekV3(cfg).cuda().eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 40, 77, 130, 16, 300)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=30)
+    gather = LLMEngine(model, EngineConfig(num_blocks=256, attention="gather")).generate(prompts, params)
+    engine = LLMEngine(model, EngineConfig(num_blocks=256, attention="triton", cuda_graphs=cuda_graphs))
+    assert engine.attention == "triton"
+    ids = [engine.add_request(p, params) for p in prompts[:3]]
+    for _ in range(3):
+        engine.step()
+    ids += [engine.add_request(p, params) for p in prompts[3:]]
+    for _ in engine.stream():
+        pass
+    assert [engine.output(i).completions for i in ids] == [o.completions for o in gather]
+    assert not cuda_graphs or engine.graphs.graphs, "the decode steps must have run from CUDA graphs"

@@ -34,7 +34,7 @@ def model():
 
 def test_each_layer_caches_one_latent_row_of_d_c_plus_d_r(model):
     cfg = model.config
-    assert model.cache_specs() == [LatentSpec(24 + 8)] * 2
+    assert model.cache_specs() == [LatentSpec(24 + 8, value_width=24)] * 2
     # Per token and layer: 32 numbers, where full attention would keep K and V: 2 * H * (d_n + d_r) = 192.
     assert bytes_per_token(model.cache_specs(), 4) == 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
 
@@ -44,7 +44,7 @@ def test_deepseek_v3_caches_576_numbers_per_token_and_layer():
     H * (d_n + d_r) + H * d_v = 128 * 192 + 128 * 128 = 40,960 (notes/deepseek-v3.md)."""
     with torch.device("meta"):
         attn = MultiHeadLatentAttention(preset("deepseek-v3"), 0)
-    assert attn.cache_spec() == LatentSpec(576)
+    assert attn.cache_spec() == LatentSpec(576, value_width=512)  # values: c_kv, the row's first 512
 
 
 def test_the_cache_holds_the_normalised_latent_and_the_rotated_shared_key(model):

@@ -54,8 +54,12 @@ def test_flops_formula_matches_counted_matmuls():
     model = DeepseekV3(cfg)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randint(0, 64, (B, T))).sum().backward()
-    full_attention = counter.get_total_flops() - 6 * matmul_weights(cfg) * B * T
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    # The router-weighted sum of a token's k expert outputs is a (1 x k) @ (k x D) product in each MoE layer:
+    # 2kD per token forward, x3 with the backward; not a weight matmul, and left out of the formula.
+    moe_layers = L - cfg.first_k_dense_replace
+    weighting = 3 * moe_layers * 2 * cfg.num_experts_per_tok * cfg.hidden_size * B * T
+    full_attention = counter.get_total_flops() - 6 * matmul_weights(cfg) * B * T - weighting
     assert full_attention == 3 * L * 2 * B * H * T * T * (cfg.qk_head_dim + cfg.v_head_dim)
     causal_attention = full_attention * (T + 1) / (2 * T)
     assert flops_per_token(cfg, T) * B * T == pytest.approx(6 * matmul_weights(cfg) * B * T + causal_attention)

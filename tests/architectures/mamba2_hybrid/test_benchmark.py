@@ -72,7 +72,7 @@ def test_gpu_defaults_call_transformers_on_slices_that_fit_an_80gb_card():
     (["--seq-len", "0"], "error: --seq-len must be >= 1, got 0"),
     (["--chunk", "0"], "error: --chunk must be >= 1, got 0"),
     (["--impls", "chunked,fast"], "error: unknown --impls 'fast'; choose from sequential, chunked, "
-                                  "chunked-compiled, hf-chunked"),
+                                  "chunked-compiled, chunked-bf16-compiled, mamba-ssm, hf-chunked"),
     (["--heads", "6", "--groups", "4"], "error: --heads 6 is not divisible by --groups 4"),
     (["--dtype", "fp16"], "error: argument --dtype: invalid choice"),
 ])

@@ -106,3 +106,21 @@ def test_chunk_size_below_one_is_refused():
     x, dt, A, B, C, _ = inputs()
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         ssd_chunked(x, dt, A, B, C, 0)
+
+
+def test_bf16_matmul_operands_stay_within_bf16_rounding_of_the_fp32_scan():
+    """matmul_dtype=bf16 rounds only the operands of the big products (the decays stay fp32), so y stays
+    within a few bf16 roundings (4e-3 relative each) of the fp32 result, at T not a multiple of Q."""
+    g = torch.Generator().manual_seed(0)
+    b, T, h, p, n = 2, 100, 4, 8, 16
+    x = torch.randn(b, T, h, p, generator=g)
+    dt = torch.rand(b, T, h, generator=g) * 0.5
+    A = -torch.rand(h, generator=g) - 0.5
+    B, C = torch.randn(b, T, 1, n, generator=g), torch.randn(b, T, 1, n, generator=g)
+    y32, final32 = ssd_chunked(x, dt, A, B, C, 32)
+    y16, final16 = ssd_chunked(x, dt, A, B, C, 32, matmul_dtype=torch.bfloat16)
+    scale = y32.abs().max()
+    assert y16.dtype == torch.float32
+    assert (y16 - y32).abs().max() <= 2e-2 * scale
+    assert (final16 - final32).abs().max() <= 2e-2 * final32.abs().max()
+    assert (y16 - y32).abs().max() > 0, "the bf16 operands must really be used"
