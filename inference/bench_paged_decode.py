@@ -61,6 +61,8 @@ def main(argv=None) -> None:
     p.add_argument("--shape", choices=("llama-3.2-1b", "deepseek-v3"), default="llama-3.2-1b",
                    help="attention shape: GQA 32/8 heads of 64, or MLA's latent (128 heads, rows of 576)")
     p.add_argument("--context", type=int, default=0, help="every sequence's context; 0: prompt U[32, 512] + generated")
+    p.add_argument("--splits", default=None,
+                   help="comma list of split counts to time with the default settings (None: the automatic one)")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="time replays of a CUDA graph of one call (the GPU's time); --no-graphs: eager calls, "
                         "host overhead included")
@@ -108,6 +110,9 @@ def main(argv=None) -> None:
         kv_bytes = sum(contexts) * K * d * 2 * k_cache.element_size()  # K and V of every live token, read once
         settings = [dict(tile=t, num_warps=w, num_stages=s, splits=n) for t in (32, 64, 128) for w in (2, 4, 8)
                     for s in (1, 2, 3) for n in (1, None)] if args.sweep else [dict(), dict(splits=None)]
+
+    if args.splits and not args.sweep:
+        settings = [dict(splits=None if n == "None" else int(n)) for n in args.splits.split(",")]
 
     def gather():
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.q_index, meta.out_index, mask, scale)

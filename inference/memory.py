@@ -18,6 +18,14 @@ The formulas are
 checked against the bytes of real `NaiveKVCache` and `PagedKVPool` tensors by
 tests/inference/test_memory.py; notes/kv-cache.md uses them.
 
+A model whose layers cache a latent (multi-head latent attention) gets two lines of contrast,
+computed for the same layers: its attention with each head's K and V cached decompressed (the
+spec its config declares, `decompressed_kv_spec()`), and grouped-query attention with Llama 3
+70B's grouping (8 KV heads of 128, read from a Llama 3 layer built with that config):
+    python -m inference.memory --family deepseek_v3 --preset deepseek-v3
+    61 layers x 576 latent x 2 bytes = 70,272 bytes per token; per head 61 x 128 x (192 + 128) x 2
+    = 4,997,120 (71.1x); GQA 2 x 61 x 8 x 128 x 2 = 249,856 (3.6x)
+
 Quantized K/V (`--kv-dtype int8|fp8|int4`) cost their codes plus their scales (and zeros), which
 `bytes_per_token` in inference/quantized_kv.py adds up (checked against real caches by
 tests/inference/test_quantized_kv.py):
@@ -36,12 +44,17 @@ import math
 import torch
 
 from architectures import registry
-from architectures.common.cache import KVSpec, bytes_per_sequence, bytes_per_token
+from architectures.common.cache import KVSpec, LatentSpec, bytes_per_sequence, bytes_per_token
 from architectures.common.errors import ArgumentParser, command_line
+from architectures.llama3.config import LlamaConfig
 from inference.quantized_kv import PLAIN, QUANTIZED, kv_format, residual_bytes_per_sequence
 from inference.quantized_kv import bytes_per_token as quantized_bytes_per_token
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+# The attention fields of Llama 3 70B (meta-llama/Meta-Llama-3-70B config.json): 64 query heads of
+# 8192 / 64 = 128 channels sharing 8 KV heads; the grouped-query attention a latent cache is set beside.
+LLAMA_3_70B_ATTENTION = dict(hidden_size=8192, num_attention_heads=64, num_key_value_heads=8)
 
 
 def cache_specs(family: str, cfg) -> list:
@@ -81,6 +94,8 @@ def describe(specs: list) -> str:
     for spec, n in counts.items():
         if isinstance(spec, KVSpec) and spec.v_head_dim in (None, spec.head_dim):
             parts.append(f"2 (K and V) x {n} layers x {spec.num_kv_heads} KV heads x {spec.head_dim} head_dim")
+        elif isinstance(spec, KVSpec):
+            parts.append(f"{n} layers x {spec.num_kv_heads} KV heads x ({spec.head_dim} K + {spec.v_head_dim} V)")
         else:
             widths = " + ".join(f"{name} {math.prod(shape)}" for name, shape in spec.per_token.items())
             parts.append(f"{n} layers x ({widths}) elements")
@@ -96,6 +111,26 @@ def describe_state(specs: list) -> str:
     return " + ".join(f"{n} layers x (" + " + ".join(f"{name} {math.prod(shape)}" for name, shape in
                                                       spec.per_sequence.items()) + ") elements"
                       for spec, n in counts.items()) or "no per-sequence state"
+
+
+def latent_contrasts(specs: list, cfg) -> dict[str, tuple[str, list]]:
+    """For a model whose layers declare a latent cache: {name: (what it is, specs)}, the same model's
+    layers with each latent replaced by (a) the per-head K/V its config says the latent stands for,
+    if the config declares it (`decompressed_kv_spec()`), and (b) Llama 3 70B's grouped-query K/V.
+    {} for a model that caches no latent."""
+    if not any(isinstance(s, LatentSpec) for s in specs):
+        return {}
+
+    def swap(new) -> list:
+        return [new if isinstance(s, LatentSpec) else s for s in specs]
+
+    out = {}
+    if hasattr(cfg, "decompressed_kv_spec"):
+        out["per_head_kv"] = ("if K and V were cached per head (decompressed)", swap(cfg.decompressed_kv_spec()))
+    gqa = cache_specs("llama3", LlamaConfig(**LLAMA_3_70B_ATTENTION, num_hidden_layers=1))[0]
+    out["gqa"] = (f"grouped-query attention of the same depth, Llama 3 70B's grouping ({gqa.num_kv_heads} KV heads "
+                  f"of {gqa.head_dim})", swap(gqa))
+    return out
 
 
 def _gib(n: int) -> str:
@@ -137,6 +172,11 @@ def main(argv=None) -> dict:
     tables = block_table_bytes(lengths, a.block_size)
     print(f"{a.preset}: {describe(specs)} x {nbytes} bytes ({a.dtype}) = {per_token} bytes = "
           f"{per_token / 1024:.1f} KiB per token")
+    contrasts = {}
+    for name, (what, other) in latent_contrasts(specs, cfg).items():
+        contrasts[name] = kv_bytes_per_token(other, nbytes)
+        print(f"  {what}: {describe(other)} x {nbytes} bytes = {contrasts[name]} bytes = "
+              f"{contrasts[name] / 1024:.1f} KiB per token, {contrasts[name] / per_token:.1f}x the latent")
     if per_seq:
         print(f"{a.preset}: {describe_state(specs)} x {nbytes} bytes ({a.dtype}) = {per_seq} bytes = "
               f"{per_seq / 2**20:.1f} MiB per sequence, whatever its length")
@@ -151,8 +191,14 @@ def main(argv=None) -> dict:
           f"total_gib={_gib(naive)}")
     print(f"memory cache=paged {common} bytes_per_token={per_token} bytes_per_sequence={per_seq} "
           f"total_bytes={paged + tables} total_gib={_gib(paged + tables)}")
-    return {"bytes_per_token": per_token, "bytes_per_sequence": per_seq, "naive_bytes": naive,
-            "paged_bytes": paged + tables}
+    for name, n in contrasts.items():
+        print(f"memory contrast={name} preset={a.preset} dtype={a.dtype} bytes_per_token={n} "
+              f"cached_bytes_per_token={per_token} ratio={n / per_token:.2f}")
+    result = {"bytes_per_token": per_token, "bytes_per_sequence": per_seq, "naive_bytes": naive,
+              "paged_bytes": paged + tables}
+    if contrasts:
+        result["contrast_bytes_per_token"] = contrasts
+    return result
 
 
 def quantized_kv_bytes(specs: list, kv_dtype: str, compute: str = "bf16", block_size: int = 16) -> dict:

@@ -379,7 +379,7 @@ class PagedBatch:
             def kernel(q, scale):  # q: (1, B, H, d) -> (1, B, H, dv)
                 return paged_decode_attention(q[0], stored["k"], stored["v"], m.block_tables, self.context_lens,
                                               scale=scale, k_scale=stored.get("k_scale"),
-                                              v_scale=stored.get("v_scale"))[None]
+                                              v_scale=stored.get("v_scale"), splits=None)[None]
             return CacheView(kernel=kernel)
         if self.attention == "reference":
             kv = self._dequantized_pool(layer) if fmt.quantized else stored

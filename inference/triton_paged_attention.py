@@ -218,13 +218,14 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def default_splits(batch: int, programs_per_seq: int, max_context: int, tile: int, device) -> int:
-    """How many parts to cut each context into so that the launch fills the GPU: about two programs per SM,
-    each walking at least 4 tiles. Decided from shapes only (no host synchronisation)."""
+    """How many parts to cut each context into: enough for about two programs per SM (a program walks its
+    tiles one after another, so more programs keep more loads in flight), each part at least 16 tiles,
+    since the merge costs a few small kernels that short contexts do not repay (on an H100, 2 parts of
+    contexts under 640 tokens took 46 us against 30 us whole). Decided from shapes only (no host
+    synchronisation), so a CUDA graph captures one launch shape."""
     sms = _multiprocessors(torch.device(device))
-    programs = batch * programs_per_seq
-    if programs >= sms:
-        return 1
-    return max(1, min(2 * sms // programs, max_context // (4 * tile)))
+    wanted = -(-2 * sms // (batch * programs_per_seq))
+    return max(1, min(wanted, max_context // (16 * tile)))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,10 +1,16 @@
-"""Rotary position embeddings (RoPE) and the three ways the zoo's families set their frequencies.
+"""Rotary position embeddings (RoPE) and the ways the zoo sets their frequencies.
 
 RoPE rotates each pair of channels of q and k by an angle position * theta_i, so that q.k depends
 on positions only through their difference. "RoFormer" (Su et al., 2021, arXiv:2104.09864).
-The frequencies theta_i, side by side:
+The frequencies theta_i, side by side (notes/long-context.md compares them on a trained model):
 
 - default:  theta_i = base^(-2i/d), i < d/2: wavelengths 2*pi/theta_i from 2*pi to about 2*pi*base.
+- position interpolation ("Extending Context Window of Large Language Models via Positional
+  Interpolation", Chen et al., 2023, arXiv:2306.15595; transformers' rope_type "linear"): every
+  theta_i divided by `factor`, so position p turns as position p / factor did.
+- NTK-aware scaling (proposed on Reddit by bloc97, 2023; section 3.1 of the YaRN paper below):
+  the base multiplied by factor^(d/(d-2)): theta_0 stays, the lowest frequency is divided by
+  exactly `factor`, and the ones in between by a geometric progression of factors.
 - Llama 3.1 ("The Llama 3 Herd of Models", 2024, arXiv:2407.21783): keep the high frequencies,
   divide the low ones by `factor`, interpolate smoothly in between (by wavelength).
 - YaRN ("YaRN: Efficient Context Window Extension of Large Language Models", Peng et al., 2023,
@@ -14,8 +20,10 @@ The frequencies theta_i, side by side:
   DeepSeek's attention multiplies its softmax scale by mscale(factor, mscale_all_dim)^2.
 
 Tested against transformers' `_compute_default_rope_parameters`, `_compute_llama3_parameters`
-and `_compute_yarn_parameters` (tests/architectures/deepseek_v3/test_rope.py), and through the
-Llama 3 and DeepSeek-V3 logit tests.
+and `_compute_yarn_parameters` (tests/architectures/deepseek_v3/test_rope.py), its
+`_compute_linear_scaling_rope_parameters` and `_compute_dynamic_ntk_parameters` (at the sequence
+length where its dynamic factor equals ours; tests/architectures/common/test_rope_scaling.py),
+and through the Llama 3 and DeepSeek-V3 logit tests.
 
 Symbols: d rotary dimension (even), i < d/2 the pair index, L the original context length.
 """
@@ -50,6 +58,22 @@ def read_hf_rope(d: dict, supported: tuple[str, ...], where: str, family: str) -
 def default_inverse_frequencies(dim: int, base: float) -> torch.Tensor:
     """theta_i = base^(-2i/d), i < d/2 -> (d/2,) fp32."""
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def linear_inverse_frequencies(dim: int, base: float, factor: float) -> torch.Tensor:
+    """Position interpolation: theta_i / factor for every i, (d/2,) fp32. A context `factor`
+    times the trained one then turns through the angles the model was trained on; the price is
+    that neighbouring positions are `factor` times closer in angle in every dimension."""
+    return default_inverse_frequencies(dim, base) / factor
+
+
+def ntk_inverse_frequencies(dim: int, base: float, factor: float) -> torch.Tensor:
+    """NTK-aware scaling: base' = base * factor^(d/(d-2)), so theta_i' = theta_i * factor^(-2i/(d-2)),
+    (d/2,) fp32. The fastest pair (i = 0) keeps its frequency, the slowest (i = d/2 - 1) is divided
+    by exactly `factor`: interpolation where positions had not turned far, extrapolation where
+    they had. transformers' rope_type "dynamic" recomputes the factor from the sequence length
+    at every call; this is that rule at one fixed factor."""
+    return default_inverse_frequencies(dim, base * factor ** (dim / (dim - 2)))
 
 
 def llama3_inverse_frequencies(dim: int, base: float, factor: float, low_freq_factor: float,
@@ -108,10 +132,15 @@ def yarn_attention_factor(factor: float, mscale: float | None = None, mscale_all
 
 
 def rope_parameters(dim: int, base: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies (d/2,), attention factor) for scaling None, rope_type 'llama3' or 'yarn'."""
+    """(inverse frequencies (d/2,), attention factor) for scaling None or rope_type 'default',
+    'linear' (position interpolation), 'ntk' (NTK-aware, fixed factor), 'llama3' or 'yarn'."""
     if scaling is None or scaling.get("rope_type", "default") == "default":
         return default_inverse_frequencies(dim, base), 1.0
     kind = scaling["rope_type"]
+    if kind == "linear":
+        return linear_inverse_frequencies(dim, base, scaling["factor"]), 1.0
+    if kind == "ntk":
+        return ntk_inverse_frequencies(dim, base, scaling["factor"]), 1.0
     if kind == "llama3":
         return llama3_inverse_frequencies(dim, base, *(scaling[k] for k in LLAMA3_KEYS)), 1.0
     if kind == "yarn":
@@ -120,7 +149,8 @@ def rope_parameters(dim: int, base: float, scaling: dict | None) -> tuple[torch.
                                             scaling.get("truncate", True))
         return inv_freq, yarn_attention_factor(scaling["factor"], scaling.get("mscale"),
                                                scaling.get("mscale_all_dim"), scaling.get("attention_factor"))
-    raise ValueError(f"rope_type {kind!r} is not supported; the zoo implements 'default', 'llama3' and 'yarn'")
+    raise ValueError(f"rope_type {kind!r} is not supported; the zoo implements 'default', 'linear', 'ntk', "
+                     f"'llama3' and 'yarn'")
 
 
 def softmax_scale(head_dim: int, scaling: dict | None) -> float:
@@ -159,7 +189,7 @@ class RotaryEmbedding(nn.Module):
     """Maps absolute positions to the (cos, sin) tables that rotate queries and keys.
 
     dim: the rotated channels per head; base: rope_theta; scaling: None or a rope_scaling dict
-    with its 'rope_type' ('llama3' or 'yarn')."""
+    with its 'rope_type' ('linear', 'ntk', 'llama3' or 'yarn')."""
 
     def __init__(self, dim: int, base: float, scaling: dict | None = None):
         super().__init__()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from architectures.common.cache import KVSpec
 from architectures.common.config import check_model_type, config_from_dict, get_preset
 from architectures.common.rope import YARN_KEYS, read_hf_rope
 
@@ -44,6 +45,7 @@ class DeepseekV3Config:
     routed_scaling_factor: float = 1.0  # multiplies the routed experts' output (DeepSeek-V3: 2.5)
     first_k_dense_replace: int = 1  # the first k layers have a dense SwiGLU instead of the MoE
     routing_bias_update_speed: float = 0.001  # gamma of the auxiliary-loss-free balancing (ours; V3 uses 0.001)
+    seq_aux_loss_alpha: float = 0.0  # alpha of the sequence-wise balance loss, training only (0: off; V3 used 0.0001)
     max_position_embeddings: int = 256  # longest sequence the model accepts
     rms_norm_eps: float = 1e-6  # epsilon of the block norms (the q/kv latent norms use 1e-6, as transformers)
     rope_theta: float = 10000.0  # RoPE base of the rotary channels
@@ -95,6 +97,9 @@ class DeepseekV3Config:
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise ValueError(f"first_k_dense_replace={self.first_k_dense_replace} must be between 0 and "
                              f"num_hidden_layers={self.num_hidden_layers}")
+        if self.seq_aux_loss_alpha < 0:
+            raise ValueError(f"seq_aux_loss_alpha={self.seq_aux_loss_alpha} must be >= 0: it weights a penalty on "
+                             f"unbalanced routing (0 turns the loss off; DeepSeek-V3 used 0.0001)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.rope_scaling is not None:
@@ -121,6 +126,12 @@ class DeepseekV3Config:
     def rope_parameters(self) -> dict | None:
         """rope_scaling with its type, as architectures/common/rope.py reads it."""
         return None if self.rope_scaling is None else dict(self.rope_scaling, rope_type="yarn")
+
+    def decompressed_kv_spec(self) -> KVSpec:
+        """What one layer would cache if its keys and values were kept per head, decompressed: H keys of
+        d_h + d_h^R and H values of d_v per token, where MLA keeps one latent row of d_c + d_h^R
+        (`MultiHeadLatentAttention.cache_spec`). For comparisons only (`python -m inference.memory`)."""
+        return KVSpec(self.num_attention_heads, self.qk_head_dim, self.v_head_dim)
 
     def is_moe(self, layer_idx: int) -> bool:
         """Layers 0 .. first_k_dense_replace - 1 are dense; every later one is a DeepSeekMoE layer."""
@@ -207,7 +218,9 @@ def to_hf_config(cfg: DeepseekV3Config) -> dict:
     """The config.json transformers' DeepseekV3ForCausalLM reads (legacy rope keys, read by v4 and v5).
     num_nextn_predict_layers is 0: our checkpoints carry no multi-token-prediction layer."""
     d = dataclasses.asdict(cfg)
-    d.pop("dropout")  # routing_bias_update_speed stays: transformers ignores it, our loader reads it back
+    # routing_bias_update_speed and seq_aux_loss_alpha stay: transformers keeps keys it does not know as
+    # plain attributes (neither changes the forward), and our loader reads them back.
+    d.pop("dropout")
     if cfg.rope_scaling is not None:
         d["rope_scaling"] = dict(cfg.rope_scaling, type="yarn")
     return {"model_type": HF_MODEL_TYPE, "architectures": [HF_ARCHITECTURE], "hidden_act": "silu",

@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from training.data import load_corpus, prepare_data, split_text
 from training.lm import evaluate_split, lm_loss
 from training.tokenizer import get_tokenizer
 from training.device import resolve_device
+from training.benchmark import interleaved_step_times as step_times_in_turns
 from training.trainer import TrainConfig, train
 
 RUNS = ("dense", "moe_balanced", "moe_balanced_pooled", "moe_no_balance")
@@ -95,35 +95,16 @@ def run_one(run: str, size: str, train_cfg: TrainConfig, data, out: Path) -> dic
 
 
 def interleaved_step_times(runs: list[str], size: str, train_cfg: TrainConfig, data, rounds: int = 5) -> dict:
-    """Median seconds of one training step (forward, backward, AdamW) of each run's model, measured
-    round-robin on one batch: a busy shared machine slows every run alike, unlike the runs' own
-    wall clocks, which were read minutes apart."""
+    """Median seconds of one training step of each run's model, the runs taking turns on one batch
+    (`training.benchmark.interleaved_step_times`)."""
     device = resolve_device(train_cfg.device)
     autocast = torch.bfloat16 if (train_cfg.dtype == "bf16" or (train_cfg.dtype == "auto" and device.type == "cuda")) else None
-    batch = [t.to(device) for t in data.get_batch("train", train_cfg.batch_size, train_cfg.block_size,
-                                                  torch.Generator().manual_seed(0))]
+    batch = data.get_batch("train", train_cfg.batch_size, train_cfg.block_size, torch.Generator().manual_seed(0))
     setups = {}
     for r in runs:
         torch.manual_seed(0)
-        model, loss_fn = make_model(r, size, data.vocab_size)
-        model.to(device).train()
-        setups[r] = (model, loss_fn, torch.optim.AdamW(model.parameters(), lr=1e-4))
-    times: dict[str, list[float]] = {r: [] for r in runs}
-    for i in range(rounds + 1):  # round 0 warms up (allocator, kernels) and is not counted
-        for r, (model, loss_fn, opt) in setups.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                loss, _ = loss_fn(model, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times[r].append(time.perf_counter() - t)
-    return {r: statistics.median(ts) for r, ts in times.items()}
+        setups[r] = make_model(r, size, data.vocab_size)  # (model, loss_fn)
+    return step_times_in_turns(setups, batch, device, autocast, rounds)
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -35,3 +35,19 @@ def test_estimator_for_llama_3_2_1b(capsys):
     assert [dict(kv.split("=") for kv in l.split()[1:])["cache"] for l in lines] == ["naive", "paged"]
     half = main(["--preset", "llama-3.2-1b", "--seq-len", "8192", "--batch", "32", "--mean-len", "4000"])
     assert half["paged_bytes"] == 32 * 250 * 16 * 32768 + 32 * 250 * 4  # ceil(4000 / 16) = 250 blocks each
+
+
+def test_latent_cache_is_set_beside_per_head_kv_and_gqa_of_the_same_depth(capsys):
+    """DeepSeek-V3 caches 576 numbers per token and layer (d_c + d_h^R = 512 + 64) over 61 layers;
+    the contrast lines are the same 61 layers caching each of the 128 heads' decompressed K and V
+    (d_h + d_h^R = 192 and d_v = 128), and GQA with Llama 3 70B's 8 KV heads of 128."""
+    got = main(["--family", "deepseek_v3", "--preset", "deepseek-v3"])
+    assert got["bytes_per_token"] == 576 * 61 * 2 == 70_272
+    assert got["contrast_bytes_per_token"] == {"per_head_kv": 61 * 128 * (192 + 128) * 2,  # 4,997,120
+                                               "gqa": 2 * 61 * 8 * 128 * 2}  # 249,856
+    lines = [dict(kv.split("=") for kv in l.split()[1:]) for l in capsys.readouterr().out.splitlines()
+             if l.startswith("memory contrast=")]
+    assert [(l["contrast"], int(l["bytes_per_token"]), l["ratio"]) for l in lines] == [
+        ("per_head_kv", 4_997_120, "71.11"), ("gqa", 249_856, "3.56")]
+    main(["--preset", "llama-3.2-1b"])  # a model without a latent cache gets no contrast lines
+    assert "contrast" not in capsys.readouterr().out

@@ -50,3 +50,13 @@ def reference(tmp_path):
 def prompts():
     gen = torch.Generator().manual_seed(3)
     return [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 12, 1, 9)]
+
+
+@pytest.fixture
+def one_thread():
+    """The smoke tests run on a CPU that other jobs share: with one thread they do not fight them
+    for the cores (two threads on a busy 2-core machine run several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

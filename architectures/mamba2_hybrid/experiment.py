@@ -1,0 +1,280 @@
+"""Experiment: attention, Mamba-2 and a hybrid at equal parameters AND equal training time on Tiny Shakespeare.
+
+    python -m architectures.mamba2_hybrid.experiment --out runs/mamba2-shakespeare              # 2-core CPU
+    python -m architectures.mamba2_hybrid.experiment --size gpu --out runs/mamba2-shakespeare-gpu
+
+Three models of (nearly) one parameter count, `KINDS`:
+  attention  Llama 3: every layer grouped-query attention (RoPE) + SwiGLU
+  mamba2     a pure Mamba-2: every layer one Mamba-2 mixer (the pattern "MMM...")
+  hybrid     Nemotron-H: Mamba-2, MLP and a few attention layers without position encoding
+Each trains for the same wall-time budget on the same device. Run times read minutes apart on
+a shared machine are not comparable, so each model's step time is measured first with the
+three taking turns on one batch (`interleaved_step_times`, as architectures/mixtral/experiment.py
+does), and each model then gets the number of steps that fits the budget at that step time:
+steps = budget / step time. Everything else is shared: data, tokenizer, batch, seed (hence
+the same batch order: a faster model simply reads further), optimizer, and the schedule's
+shape (warm-up over the first 10% of a run's steps, then cosine decay to min_lr at its last).
+The figure plots validation nats/char against steps x the interleaved step time (training time
+on equal terms), against each run's own clock, and against steps.
+
+This file also holds what the MQAR experiment (mqar.py) shares with it: building a model from
+either family's config, counting parameters, and the interleaved step timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from architectures.common.checkpoint import atomic_write_json
+from architectures.llama3 import Llama3, LlamaConfig
+from architectures.llama3.config import preset as llama_preset
+from architectures.mamba2_hybrid.config import preset as mamba_preset
+from architectures.mamba2_hybrid.model import Mamba2Hybrid
+from training.benchmark import interleaved_step_times as step_times_in_turns
+from training.device import compute_dtype, device_label, resolve_device
+from training.lm import evaluate_split, lm_loss
+from training.trainer import TrainConfig, train
+
+KINDS = ("attention", "mamba2", "hybrid")
+PARAMETER_TOLERANCE = 0.03  # the three models' parameter counts differ by at most 3% of the largest
+
+
+# ---------------------------------------------------------------------------- shared with mqar.py
+
+
+def build_model(cfg) -> nn.Module:
+    """Llama 3 for a `LlamaConfig`, the Mamba-2 / Nemotron-H stack for a `Mamba2HybridConfig`."""
+    return Llama3(cfg) if isinstance(cfg, LlamaConfig) else Mamba2Hybrid(cfg)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total parameters, and those outside the embedding (the head included, as `num_parameters` counts)."""
+    return {"parameters": model.num_parameters(), "non_embedding": model.num_parameters(non_embedding=True)}
+
+
+def parameter_spread(counts: dict[str, int]) -> float:
+    """(largest - smallest) / largest of a {kind: parameters} map: 0.03 is "within 3%"."""
+    return (max(counts.values()) - min(counts.values())) / max(counts.values())
+
+
+def describe(cfg) -> str:
+    """One line of what a config builds, for the logs and results.json."""
+    if isinstance(cfg, LlamaConfig):
+        return (f"Llama 3: {cfg.num_hidden_layers} x (attention {cfg.num_attention_heads}/{cfg.num_key_value_heads} "
+                f"heads of {cfg.head_dim}, RoPE + SwiGLU {cfg.intermediate_size}), D {cfg.hidden_size}")
+    p = cfg.hybrid_override_pattern
+    attention = (f", attention {cfg.num_attention_heads}/{cfg.num_key_value_heads} heads of {cfg.head_dim} "
+                 f"(no RoPE)" if "*" in p else "")
+    mlp = f", MLP {cfg.intermediate_size}" if "-" in p else ""
+    return (f"pattern {p}: Mamba-2 H {cfg.mamba_num_heads} x P {cfg.mamba_head_dim}, state N "
+            f"{cfg.ssm_state_size}, G {cfg.n_groups}{attention}{mlp}, D {cfg.hidden_size}")
+
+
+def interleaved_step_times(models: dict[str, nn.Module], loss_fn: Callable, batch, device: torch.device,
+                           dtype: torch.dtype, rounds: int = 5) -> dict[str, float]:
+    """Median seconds of one training step of each model, the models taking turns on one batch
+    (`training.benchmark.interleaved_step_times`). The models train a few steps, so pass copies."""
+    autocast = dtype if dtype != torch.float32 else None
+    return step_times_in_turns({name: (m, loss_fn) for name, m in models.items()}, batch, device, autocast, rounds)
+
+
+def with_steps(cfg: TrainConfig, steps: int, evals: int) -> TrainConfig:
+    """cfg for a run of `steps` optimizer steps with the schedule's shape kept: warm-up over the first
+    10%, cosine decay to min_lr at the last step, and `evals` evaluations spread over the run."""
+    if steps < 1:
+        raise ValueError(f"a run needs at least one step, got {steps}; raise the time budget or --max-steps")
+    return dataclasses.replace(cfg, max_steps=steps, warmup_steps=max(1, steps // 10),
+                               eval_interval=max(1, steps // evals), log_interval=max(1, min(cfg.log_interval, steps)))
+
+
+# ---------------------------------------------------------------------------- Tiny Shakespeare
+
+SIZES = {
+    # 2-core CPU: the `tiny` presets (D = 128). Llama 3 tiny: 4 x (attention + SwiGLU 384); hybrid: the
+    # Mamba-2 tiny preset "M-M*M-M-" (4 Mamba-2, 1 attention, 3 MLP); Mamba-2: 7 of its Mamba-2 layers.
+    # chunk_size 16 instead of the preset's 64: the same function (ssd.py), faster on a CPU at T = 128.
+    "cpu": dict(preset="tiny", bpe_vocab_size=512, mamba_layers=7, llama_ffn=384, chunk_size=16, budget_s=75.0, evals=6,
+                train=TrainConfig(batch_size=16, block_size=128, lr=2e-3, min_lr=2e-4, eval_batches=4,
+                                  log_interval=10, device="cpu")),
+    # One GPU, bf16 autocast: the `shakespeare` presets (D = 384): hybrid "M-M*M-M-M*M-" (6 Mamba-2,
+    # 2 attention, 4 MLP); Mamba-2: 10 of its Mamba-2 layers; Llama 3: 6 layers, SwiGLU widened from
+    # 1024 to 1088 to meet the others' count. No dropout in any (see `model_configs`).
+    "gpu": dict(preset="shakespeare", bpe_vocab_size=2048, mamba_layers=10, llama_ffn=1088, chunk_size=64, budget_s=60.0,
+                evals=20,
+                train=TrainConfig(batch_size=64, block_size=256, lr=1e-3, min_lr=1e-4, beta2=0.99, eval_batches=20,
+                                  log_interval=20)),
+}
+
+
+def model_configs(size: str, vocab_size: int) -> dict:
+    """{kind: config} from the size's presets, at (nearly) one parameter count (`PARAMETER_TOLERANCE`,
+    tests/architectures/mamba2_hybrid/test_experiment.py). Dropout is 0 in all three: Mamba-2 layers
+    have none in this implementation, so the presets' attention dropout would regularise only the
+    models with attention. At the gpu size a run may go over the corpus many times (Llama 3's
+    `shakespeare` recipe stops at 600 steps of 64 x 256 tokens because it overfits after that,
+    architectures/llama3/train.py), so results.json reports each run at its best evaluation
+    (`BestWeights`) beside its end."""
+    s = SIZES[size]
+    attention = dataclasses.replace(llama_preset(s["preset"]), vocab_size=vocab_size, intermediate_size=s["llama_ffn"],
+                                    dropout=0.0)
+    hybrid = dataclasses.replace(mamba_preset(s["preset"]), vocab_size=vocab_size, chunk_size=s["chunk_size"], dropout=0.0)
+    L = s["mamba_layers"]
+    return {"attention": attention,
+            "mamba2": dataclasses.replace(hybrid, num_hidden_layers=L, hybrid_override_pattern="M" * L),
+            "hybrid": hybrid}
+
+
+class BestWeights:
+    """The `on_log` hook that keeps a CPU copy of the weights at the best validation estimate so far:
+    a run that overfits is then also measured where it stood best (early stopping, after the fact)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.step, self.nats, self.state = model, None, float("inf"), None
+
+    def see(self, entry: dict) -> None:
+        if entry.get("val_nats_per_char", float("inf")) < self.nats:
+            self.step, self.nats = entry["step"], entry["val_nats_per_char"]
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def plot(results: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_budget, by_clock, by_step) = plt.subplots(1, 3, figsize=(18, 4.6), sharey=True)
+    for kind, r in results["models"].items():
+        val = [e for e in read_metrics(out / kind / "metrics.jsonl") if "val_nats_per_char" in e]
+        nats = [e["val_nats_per_char"] for e in val]
+        label = f"{kind} ({r['parameters']:,} params, {r['steps']} steps of {r['step_s_interleaved'] * 1e3:.0f} ms)"
+        by_budget.plot([e["step"] * r["step_s_interleaved"] for e in val], nats, marker=".", label=label)
+        by_clock.plot([e["train_s"] for e in val], nats, marker=".", label=kind)
+        by_step.plot([e["step"] for e in val], nats, marker=".", label=kind)
+    by_budget.set(xlabel="steps x step time measured taking turns (s)", ylabel="validation nats / char",
+                  title="against training time, on equal terms")
+    by_clock.set(xlabel="the run's own clock: training steps, evaluation excluded (s)", title="against wall time, as it ran")
+    by_step.set(xlabel="optimizer step (each run's schedule ends at its own last step)", title="against steps")
+    for ax in (by_budget, by_clock, by_step):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Tiny Shakespeare, {results['budget_s']:.0f} s of training per model: {results['device']}")
+    fig.tight_layout()
+    path = out / "val_loss.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_figure(figure: Path, copy_to: str | None) -> None:
+    if copy_to:
+        Path(copy_to).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(figure, copy_to)
+
+
+def main(argv=None) -> dict:
+    # Imported here, not at the top: mqar.py imports this module and needs neither the corpus nor
+    # the tokenizers package.
+    from training.data import load_corpus, prepare_data, split_text
+    from training.tokenizer import get_tokenizer
+
+    p = argparse.ArgumentParser(prog="python -m architectures.mamba2_hybrid.experiment")
+    p.add_argument("--out", default="runs/mamba2-shakespeare")
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--device", default=None, help="default: cpu for --size cpu, auto (cuda if present) for gpu")
+    p.add_argument("--budget-s", type=float, default=None, help="training seconds per model (default: the size's)")
+    p.add_argument("--dataset", default="tinyshakespeare", help="the corpus (tests pass a small .txt)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the size's)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per sequence (default: the size's)")
+    p.add_argument("--figure", default=None, help="also copy the figure here, e.g. notes/figures/mamba2-shakespeare-cpu.png")
+    p.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's results.json; train nothing")
+    args = p.parse_args(argv)
+    if args.plot_only:
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        save_figure(plot(results, Path(args.out)), args.figure)
+        return results
+    t0 = time.perf_counter()
+    s = SIZES[args.size]
+    train_cfg = dataclasses.replace(s["train"], **{k: v for k, v in (("device", args.device),
+                                                                     ("batch_size", args.batch_size),
+                                                                     ("block_size", args.block_size)) if v})
+    budget = args.budget_s if args.budget_s is not None else s["budget_s"]
+    device = resolve_device(train_cfg.device)
+    dtype = compute_dtype(train_cfg.dtype, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    text = load_corpus(args.dataset)
+    tokenizer = get_tokenizer(split_text(text)[0], "bpe", s["bpe_vocab_size"])
+    data = prepare_data(args.dataset, tokenizer, text=text)
+    configs = model_configs(args.size, data.vocab_size)
+
+    def sample_batch(split: str, n: int, generator: torch.Generator):
+        return data.get_batch(split, n, train_cfg.block_size, generator)
+
+    def fresh(kind: str) -> nn.Module:
+        torch.manual_seed(train_cfg.seed)  # each model's initialisation depends on the seed only
+        return build_model(configs[kind])
+
+    batch = sample_batch("train", train_cfg.batch_size, torch.Generator().manual_seed(0))
+    step_s = interleaved_step_times({k: fresh(k) for k in KINDS}, lm_loss, batch, device, dtype)
+    results = {"command": "python -m architectures.mamba2_hybrid.experiment "
+                          + " ".join(sys.argv[1:] if argv is None else argv),
+               "size": args.size, "device": device_label(device), "dtype": str(dtype).replace("torch.", ""),
+               "dataset": args.dataset, "bpe_vocab_size": data.vocab_size, "budget_s": budget,
+               "train": dataclasses.asdict(train_cfg), "models": {}}
+    for kind in KINDS:
+        steps = max(1, int(budget / step_s[kind]))
+        run_cfg = with_steps(train_cfg, steps, s["evals"])
+        model = fresh(kind)
+        counts = parameter_counts(model)
+        print(f"---- {kind}: {counts['parameters']:,} parameters, {step_s[kind] * 1e3:.0f} ms per step (taking "
+              f"turns) -> {steps} steps in {budget:.0f} s; {describe(configs[kind])}", flush=True)
+        best = BestWeights(model)
+        result = train(model, lm_loss, sample_batch, run_cfg, out / kind,
+                       val_units_per_token=1.0 / data.val_chars_per_token, on_log=best.see)
+        val = evaluate_split(model, data.val, train_cfg.block_size, device=device) / data.val_chars_per_token
+        evals = [e for e in read_metrics(out / kind / "metrics.jsonl") if "val_nats_per_char" in e]
+        at_best = next(e for e in evals if e["step"] == best.step)
+        if best.step != steps:  # an earlier evaluation was better: measure those weights on the whole split too
+            model.load_state_dict(best.state)
+            at_best["whole_split"] = evaluate_split(model, data.val, train_cfg.block_size,
+                                                    device=device) / data.val_chars_per_token
+        else:
+            at_best["whole_split"] = val
+        results["models"][kind] = {**counts, "config": describe(configs[kind]), "steps": steps,
+                                   "step_s_interleaved": step_s[kind], "train_s": evals[-1]["train_s"],
+                                   "elapsed_s": result.elapsed_s, "val_nats_per_char": val,
+                                   "best": {"step": best.step, "train_s": at_best["train_s"],
+                                            "val_estimate": at_best["val_nats_per_char"],
+                                            "val_nats_per_char": at_best["whole_split"]}}
+    results["parameter_spread"] = parameter_spread({k: r["parameters"] for k, r in results["models"].items()})
+    results["wall_s"] = time.perf_counter() - t0
+    save_figure(plot(results, out), args.figure)
+    atomic_write_json(out / "results.json", results)
+    for kind, r in results["models"].items():
+        print(f"shakespeare model={kind} params={r['parameters']} steps={r['steps']} "
+              f"step_ms_interleaved={r['step_s_interleaved'] * 1e3:.1f} train_s={r['train_s']:.1f} "
+              f"val_nats_per_char={r['val_nats_per_char']:.4f} best_step={r['best']['step']} "
+              f"best_val_nats_per_char={r['best']['val_nats_per_char']:.4f}", flush=True)
+    print(f"parameter counts differ by {results['parameter_spread']:.1%} of the largest; wall time "
+          f"{results['wall_s']:.0f} s on {results['device']}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
