@@ -112,7 +112,8 @@ class Router(nn.Module):
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         if self.training:
             self.load += torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).to(self.load.dtype)
-            if cfg.seq_aux_loss_alpha > 0:
+            # getattr: Nemotron-H's MoE layers borrow this router with a config that has no balance loss.
+            if getattr(cfg, "seq_aux_loss_alpha", 0.0) > 0:
                 B, T = seq_shape if seq_shape is not None else (1, x.shape[0])
                 self.routing = scores.view(B, T, -1), idx.view(B, T, -1)  # (B, T, E), (B, T, k)
         return w * cfg.routed_scaling_factor, idx
