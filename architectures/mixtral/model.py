@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.common.decoder import CausalLM
+from architectures.common.silu_mul import silu_and_mul
 from architectures.llama3.model import Attention, RotaryEmbedding
 from architectures.mixtral.config import MixtralConfig
 
@@ -124,8 +125,8 @@ class MixtralExperts(nn.Module):
         if grouped:
             # GPU: the slice boundaries stay on the device, and a grouped GEMM does all experts at once.
             ends = torch.searchsorted(experts_sorted, torch.arange(self.num_experts, device=x.device), right=True)
-            gate, up = grouped_gemm(xs, self.gate_up_proj, ends).chunk(2, dim=-1)  # (M, F) each
-            y = grouped_gemm(F.silu(gate) * up, self.down_proj, ends)  # (M, D)
+            h = silu_and_mul(grouped_gemm(xs, self.gate_up_proj, ends))  # (M, F): silu(gate) * up, one pass
+            y = grouped_gemm(h, self.down_proj, ends)  # (M, D)
         else:
             # CPU: one matmul chain per expert on its contiguous slice (the sizes cost one host read).
             sizes = torch.bincount(experts_sorted, minlength=self.num_experts).tolist()
