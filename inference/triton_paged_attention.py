@@ -61,19 +61,12 @@ import math
 
 import torch
 
+from architectures.common.kernels import triton_importable
+
 # Keys per loop iteration (4 blocks of 16; a power of 2, as tl.arange needs). With the launch
 # defaults (4 warps, 2 stages) it is within 10% of the fastest of the 27 settings that
 # `python -m inference.bench_paged_decode --sweep` times on an H100 (notes/paged-attention.md).
 TILE_TOKENS = 64
-
-
-@functools.cache
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _power_of_two(n: int) -> bool:
@@ -99,7 +92,7 @@ def triton_unavailable_reason(device: torch.device | str, head_dim: int,
         return f"the Triton paged-attention kernel needs a CUDA GPU, and the model is on {torch.device(device)}"
     if not torch.cuda.is_available():
         return "the Triton paged-attention kernel needs a CUDA GPU, and torch sees none"
-    if not _triton_importable():
+    if not triton_importable():
         return "the Triton paged-attention kernel needs the `triton` package (pip install triton)"
     if key_split(head_dim) is None:
         return (f"the Triton paged-attention kernel needs a key width that is a power of 2 >= 16, or one plus "

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.common.decoder import CausalLM
-from architectures.common.silu_mul import silu_and_mul
+from architectures.common.kernels import silu_and_mul
 from architectures.llama3.model import Attention, RotaryEmbedding
 from architectures.mixtral.config import MixtralConfig
 

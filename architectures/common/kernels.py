@@ -1,4 +1,7 @@
-"""SwiGLU's activation on one GEMM's output: [gate ; up] (M, 2F) -> silu(gate) * up (M, F), in one pass.
+"""Triton kernels the families share, and the check that Triton can run here.
+
+`silu_and_mul`: SwiGLU's activation on one GEMM's output, [gate ; up] (M, 2F) -> silu(gate) * up (M, F),
+in one pass.
 
 When one matrix multiply computes both halves (Mixtral's and DeepSeek's stacked experts, whose
 gate_up_proj is [W_gate; W_up]), `gate, up = h.chunk(2, -1)` gives two strided views, and eager
@@ -12,7 +15,7 @@ gradient of [gate ; up] directly. Elsewhere (a CPU, no Triton) it is the plain f
     d u   = d out * silu(g)
 
 Tested against the plain formula, values and gradients, on a GPU
-(tests/architectures/common/test_silu_mul.py). The name is vLLM's for the same fused operation.
+(tests/architectures/common/test_kernels.py). The name is vLLM's for the same fused operation.
 """
 
 from __future__ import annotations
@@ -86,7 +89,9 @@ class _SiluAndMul(torch.autograd.Function):
 
 
 @functools.cache
-def _triton_importable() -> bool:
+def triton_importable() -> bool:
+    """Whether the `triton` package imports (it ships with CUDA builds of torch, not with CPU ones).
+    Kernels are compiled on first use, never at import time, so the CPU suite runs without it."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -97,6 +102,6 @@ def _triton_importable() -> bool:
 def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
     """h (M, 2F) = [gate ; up] -> silu(gate) * up (M, F): one Triton kernel each way on a GPU for a
     contiguous 2-D h, the plain formula anywhere else."""
-    if h.is_cuda and h.dim() == 2 and h.is_contiguous() and _triton_importable():
+    if h.is_cuda and h.dim() == 2 and h.is_contiguous() and triton_importable():
         return _SiluAndMul.apply(h)
     return silu_and_mul_reference(h)

@@ -4,9 +4,9 @@ kernels run; elsewhere `silu_and_mul` is the plain formula itself, so only the G
 import pytest
 import torch
 
-from architectures.common.silu_mul import _triton_importable, silu_and_mul, silu_and_mul_reference
+from architectures.common.kernels import silu_and_mul, silu_and_mul_reference, triton_importable
 
-needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() and _triton_importable()),
+needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() and triton_importable()),
                                   reason="the fused kernels need a CUDA GPU and triton (run on the GPU machine)")
 
 
