@@ -41,7 +41,8 @@ def _kernels():
 
     @triton.jit
     def forward_kernel(h_ptr, out_ptr, n, F_: tl.constexpr, BLOCK_: tl.constexpr):
-        i = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)  # flat index into the (M, F) output
+        # flat index into the (M, F) output, in int64: M x 2F passes 2^31 for large MoE batches
+        i = tl.program_id(0).to(tl.int64) * BLOCK_ + tl.arange(0, BLOCK_)
         live = i < n
         row, col = i // F_, i % F_
         g = tl.load(h_ptr + row * 2 * F_ + col, mask=live, other=0.0).to(tl.float32)
@@ -51,7 +52,7 @@ def _kernels():
 
     @triton.jit
     def backward_kernel(h_ptr, dout_ptr, dh_ptr, n, F_: tl.constexpr, BLOCK_: tl.constexpr):
-        i = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
+        i = tl.program_id(0).to(tl.int64) * BLOCK_ + tl.arange(0, BLOCK_)
         live = i < n
         row, col = i // F_, i % F_
         g = tl.load(h_ptr + row * 2 * F_ + col, mask=live, other=0.0).to(tl.float32)

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from architectures.common.cache import KVSpec, bytes_per_token
+from architectures.common.cache import bytes_per_token
 from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
 from architectures.deepseek_v3.config import DeepseekV3Config
 from architectures.deepseek_v3.model import DeepseekV3
@@ -115,7 +115,7 @@ def bench_decode(args, shape, device, dtype, where) -> list[dict]:
         layer["latent"][:, :context].normal_()
     size = torch.finfo(dtype).bits // 8
     latent_bytes = bytes_per_token(model.cache_specs(), size)  # L x (d_c + d_r) x bytes
-    per_head_bytes = bytes_per_token([KVSpec(cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim)] * L, size)
+    per_head_bytes = bytes_per_token([cfg.decompressed_kv_spec()] * L, size)  # what MLA's latent stands for
     common = dict(device=where, dtype=args.dtype_name, shape=shape, layers=L, ffn="dense", batch=B, context=context)
 
     token = torch.randint(cfg.vocab_size, (B, 1), device=device)

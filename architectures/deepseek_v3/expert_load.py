@@ -33,7 +33,6 @@ holds a summary is not run again, so the runs can be split over several calls.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -45,6 +44,7 @@ from pathlib import Path
 import torch
 
 from architectures.common.checkpoint import atomic_write_json
+from architectures.common.errors import ArgumentParser, command_line
 from architectures.deepseek_v3.config import preset
 from architectures.deepseek_v3.model import DeepseekV3
 from architectures.deepseek_v3.moe import Router, update_routing_bias
@@ -178,8 +178,9 @@ def plot(runs: list[str], results: dict, out: Path, title: str) -> Path:
     return path
 
 
+@command_line
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m architectures.deepseek_v3.expert_load")
+    p = ArgumentParser(prog="python -m architectures.deepseek_v3.expert_load")
     p.add_argument("--out", default="runs/deepseek-expert-load")
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")

@@ -27,7 +27,6 @@ with its metrics.jsonl. notes/long-context.md explains the scalings and reads th
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from architectures.common.checkpoint import atomic_write_json
-from architectures.common.errors import command_line
+from architectures.common.errors import ArgumentParser, command_line
 from architectures.common.rope import rope_parameters, softmax_scale
 from architectures.deepseek_v3.config import DeepseekV3Config, preset
 from architectures.deepseek_v3.model import DeepseekV3
@@ -265,7 +264,7 @@ def finetune(model: DeepseekV3, cfg: TrainConfig, data, out: Path) -> float:
 
 @command_line
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m architectures.deepseek_v3.long_context",
+    p = ArgumentParser(prog="python -m architectures.deepseek_v3.long_context",
                                 description="Extend a DeepSeek-V3 from 256 to 1024 tokens of context: none, PI, YaRN.")
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--out", default="runs/long-context")

@@ -77,8 +77,10 @@ class Router(nn.Module):
         # tensor, not a buffer: DDP broadcasts rank 0's buffers before every forward, which would
         # overwrite this rank's count of its earlier accumulation micro-batches.
         self.load = torch.zeros(cfg.n_routed_experts)  # (E,)
-        # What the sequence-wise balance loss reads, from the last training forward (alpha > 0 only):
+        # What the sequence-wise balance loss reads, from the last training forward, when the layer that
+        # owns this router asks for it (`keep_routing`; DeepSeekMoE does when seq_aux_loss_alpha > 0):
         # the affinities s (B, T, E) and the chosen experts (B, T, k), still attached to the graph.
+        self.keep_routing = False
         self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reset_buffers(self) -> None:
@@ -112,8 +114,7 @@ class Router(nn.Module):
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         if self.training:
             self.load += torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).to(self.load.dtype)
-            # getattr: Nemotron-H's MoE layers borrow this router with a config that has no balance loss.
-            if getattr(cfg, "seq_aux_loss_alpha", 0.0) > 0:
+            if self.keep_routing:
                 B, T = seq_shape if seq_shape is not None else (1, x.shape[0])
                 self.routing = scores.view(B, T, -1), idx.view(B, T, -1)  # (B, T, E), (B, T, k)
         return w * cfg.routed_scaling_factor, idx
@@ -127,6 +128,7 @@ class DeepseekMoE(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.gate = Router(cfg)
+        self.gate.keep_routing = cfg.seq_aux_loss_alpha > 0  # the balance loss reads the last routing
         # MixtralExperts reads E, D and one expert's width from Mixtral's field names.
         self.experts = MixtralExperts(types.SimpleNamespace(
             num_local_experts=cfg.n_routed_experts, hidden_size=cfg.hidden_size,

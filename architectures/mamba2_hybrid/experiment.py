@@ -23,7 +23,6 @@ either family's config, counting parameters, and the interleaved step timing.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from architectures.common.checkpoint import atomic_write_json
+from architectures.common.errors import ArgumentParser, command_line
 from architectures.llama3 import Llama3, LlamaConfig
 from architectures.llama3.config import preset as llama_preset
 from architectures.mamba2_hybrid.config import preset as mamba_preset
@@ -186,13 +186,14 @@ def save_figure(figure: Path, copy_to: str | None) -> None:
         shutil.copyfile(figure, copy_to)
 
 
+@command_line
 def main(argv=None) -> dict:
     # Imported here, not at the top: mqar.py imports this module and needs neither the corpus nor
     # the tokenizers package.
     from training.data import load_corpus, prepare_data, split_text
     from training.tokenizer import get_tokenizer
 
-    p = argparse.ArgumentParser(prog="python -m architectures.mamba2_hybrid.experiment")
+    p = ArgumentParser(prog="python -m architectures.mamba2_hybrid.experiment")
     p.add_argument("--out", default="runs/mamba2-shakespeare")
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--device", default=None, help="default: cpu for --size cpu, auto (cuda if present) for gpu")

@@ -29,7 +29,6 @@ are measured first (taking turns) and the step count, equal for all three, is cu
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from architectures.common.checkpoint import atomic_write_json
+from architectures.common.errors import ArgumentParser, command_line
 from architectures.llama3.config import preset as llama_preset
 from architectures.mamba2_hybrid.config import preset as mamba_preset
 from architectures.mamba2_hybrid.experiment import (build_model, describe, interleaved_step_times, parameter_counts,
@@ -213,8 +213,9 @@ def plot(results: dict, out: Path) -> Path:
     return path
 
 
+@command_line
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m architectures.mamba2_hybrid.mqar")
+    p = ArgumentParser(prog="python -m architectures.mamba2_hybrid.mqar")
     p.add_argument("--out", default="runs/mamba2-mqar")
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--device", default=None, help="default: cpu for --size cpu, auto (cuda if present) for gpu")

@@ -22,7 +22,6 @@ step_times.json keeps the step times, so a call that trains nothing re-plots wit
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from architectures.common.checkpoint import atomic_write_json
+from architectures.common.errors import ArgumentParser, command_line
 from architectures.llama3 import Llama3
 from architectures.llama3 import preset as llama_preset
 from architectures.mixtral.config import preset as mixtral_preset
@@ -174,8 +174,9 @@ def final_routing(entries: list[dict]) -> dict:
                           "load_entropy_nats": round(last[f"moe/l{l}/load_entropy"], 4)} for l in layers}
 
 
+@command_line
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m architectures.mixtral.experiment")
+    p = ArgumentParser(prog="python -m architectures.mixtral.experiment")
     p.add_argument("--out", default="runs/mixtral-experiment")
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")

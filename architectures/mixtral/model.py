@@ -76,19 +76,19 @@ class _PermuteRows(torch.autograd.Function):
     with a sort, as it must for indices that repeat)."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(perm)
+    def forward(ctx, y: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
         return y[perm]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (perm,) = ctx.saved_tensors
-        return grad[torch.argsort(perm)], None
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
 
 
-def permute_rows(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """y[perm] along dim 0, for perm a permutation of range(len(y))."""
-    return _PermuteRows.apply(y, perm)
+def permute_rows(y: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """y[perm] along dim 0, for perm a permutation of range(len(y)) and inverse its inverse (y = out[inverse])."""
+    return _PermuteRows.apply(y, perm, inverse)
 
 
 class MixtralExperts(nn.Module):
@@ -134,7 +134,7 @@ class MixtralExperts(nn.Module):
         # 3. Un-sort, then each token's router-weighted sum of its k expert outputs as one batched
         # product (N, 1, k) @ (N, k, D), accumulated in fp32 inside the matmul even from bf16 rows.
         # Fixed-order sums, not index_add_: atomic adds on a GPU would make training non-deterministic.
-        unsorted = permute_rows(y, torch.argsort(order))  # (M, D), row j*k+s = token j's s-th expert
+        unsorted = permute_rows(y, torch.argsort(order), order)  # (M, D), row j*k+s = token j's s-th expert
         weights = top_w.view(N, 1, k).to(y.dtype)  # (N, 1, k)
         return torch.bmm(weights, unsorted.view(N, k, -1)).view(N, -1).to(out_dtype)  # (N, D)
 
