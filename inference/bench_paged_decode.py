@@ -3,6 +3,7 @@
     python -m inference.bench_paged_decode            # the defaults, on the GPU
     python -m inference.bench_paged_decode --sweep    # every (tile, warps, stages) setting
     python -m inference.bench_paged_decode --shape deepseek-v3 --batch 32 --context 8192 [--sweep]
+    python -m inference.bench_paged_decode --kv-dtype int8 --batch 32 --context 8192 [--sweep]
 
 The batch is a mid-run decode step of `python -m inference.benchmark`'s workload: 64 sequences
 whose contexts are a prompt of U[32, 512] tokens plus 128 generated ones, the attention shape of
@@ -16,11 +17,14 @@ K/V bytes the step must read divided by that time, against the H100 SXM's 3.35 T
 one cached latent row per token of 576 numbers (c_kv 512 + the RoPE key 64), the values being the
 row's first 512 (`paged_latent_decode_attention`), against the same gather path the engine runs
 without the kernel. --context fixes every sequence's context (0: the workload's mixture).
+--kv-dtype int8 / fp8 times the kernel reading a quantized cache (inference/quantized_kv.py): codes with
+a scale per token and head, checked against the gather path on the dequantized cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 
 import torch
@@ -28,6 +32,7 @@ import torch
 from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
 from inference.paged_attention import attention_mask, paged_attention
 from inference.paged_cache import ScheduledSeq, build_metadata
+from inference.quantized_kv import kv_format
 from inference.triton_paged_attention import paged_decode_attention, paged_latent_decode_attention
 
 
@@ -50,6 +55,18 @@ def microseconds(fn, iters: int, graph: bool = True) -> float:
     return start.elapsed_time(end) / iters * 1e3
 
 
+def grid_settings(spec: str) -> list[dict]:
+    """'tile=64,128 num_warps=4' -> [{'tile': 64, 'num_warps': 4}, {'tile': 128, 'num_warps': 4}]."""
+    known = ("tile", "num_warps", "num_stages", "splits", "heads_per_program")
+    axes = []
+    for item in spec.split():
+        name, _, values = item.partition("=")
+        if name not in known or not values:
+            raise ValueError(f"--grid entry {item!r}: write NAME=V1,V2 with NAME one of {', '.join(known)}")
+        axes.append([(name, None if v == "None" else int(v)) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
 @command_line
 def main(argv=None) -> None:
     p = ArgumentParser(prog="python -m inference.bench_paged_decode", description=__doc__.split("\n\n")[0])
@@ -63,6 +80,11 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, default=0, help="every sequence's context; 0: prompt U[32, 512] + generated")
     p.add_argument("--splits", default=None,
                    help="comma list of split counts to time with the default settings (None: the automatic one)")
+    p.add_argument("--grid", default="",
+                   help="time every combination of the listed launch settings, e.g. "
+                        "'tile=64,128 num_warps=4,8 num_stages=2,3 splits=None,4' (overrides --sweep and --splits)")
+    p.add_argument("--kv-dtype", choices=("bf16", "int8", "fp8"), default="bf16",
+                   help="how the Llama-shaped cache stores K/V: bf16, or int8 / fp8 codes with a scale per token and head")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="time replays of a CUDA graph of one call (the GPU's time); --no-graphs: eager calls, "
                         "host overhead included")
@@ -104,22 +126,34 @@ def main(argv=None) -> None:
         k_cache = torch.randn(num_blocks + 1, bs, K, d, device=dev, dtype=torch.bfloat16)  # + the scratch block
         v_cache = torch.randn_like(k_cache)
         scale = None
+        quant = {}
+        if args.kv_dtype != "bf16":  # the kernel reads codes and scales; the gather path their dequantized values
+            fmt = kv_format(args.kv_dtype, torch.bfloat16, dev)
+            k_parts, v_parts = fmt.encode("k", k_cache), fmt.encode("v", v_cache)
+            quant = dict(k_scale=k_parts["k_scale"], v_scale=v_parts["v_scale"])
+            stored_k, stored_v = k_parts["k"], v_parts["v"]
+            k_cache, v_cache = fmt.decode("k", k_parts), fmt.decode("v", v_parts)
+        else:
+            stored_k, stored_v = k_cache, v_cache
 
         def kernel(**launch):
-            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, context_lens, **launch)
-        kv_bytes = sum(contexts) * K * d * 2 * k_cache.element_size()  # K and V of every live token, read once
+            return paged_decode_attention(q, stored_k, stored_v, meta.block_tables, context_lens, **quant, **launch)
+        # K and V of every live token, read once: codes, and a scale per token and head if quantized
+        kv_bytes = sum(contexts) * K * 2 * (d * stored_k.element_size() + (2 if quant else 0))
         settings = [dict(tile=t, num_warps=w, num_stages=s, splits=n) for t in (32, 64, 128) for w in (2, 4, 8)
                     for s in (1, 2, 3) for n in (1, None)] if args.sweep else [dict(), dict(splits=None)]
 
     if args.splits and not args.sweep:
         settings = [dict(splits=None if n == "None" else int(n)) for n in args.splits.split(",")]
+    if args.grid:
+        settings = grid_settings(args.grid)
 
     def gather():
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.q_index, meta.out_index, mask, scale)
 
     torch.testing.assert_close(kernel(), gather(), rtol=0, atol=2e-2)
     where = f"gpu={torch.cuda.get_device_name().replace(' ', '_')} torch={torch.__version__} shape={args.shape} " \
-            f"batch={args.batch} context={args.context or 'mixed'} kv_mb={kv_bytes / 1e6:.1f}"
+            f"batch={args.batch} context={args.context or 'mixed'} kv_dtype={args.kv_dtype} kv_mb={kv_bytes / 1e6:.1f}"
 
     def report(name: str, us: float) -> None:
         print(f"bench kernel={name} {where} us={us:.1f} kv_tb_per_s={kv_bytes / us / 1e6:.2f}", flush=True)

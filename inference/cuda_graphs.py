@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from inference.paged_cache import PagedBatch, PagedKVPool, ScheduledSeq, StepMetadata, host_metadata
+from inference.paged_cache import PagedBatch, PagedKVPool, ScheduledSeq, StepMetadata, TableRows, host_metadata
 
 
 def _buckets(max_batch: int) -> list[int]:
@@ -38,6 +38,7 @@ class DecodeGraphs:
         self.batch_sizes = _buckets(max_batch)
         self.graphs: dict[tuple[int, int], tuple] = {}  # (Bp, nb) -> (graph, static flat input, logits)
         self.mempool = torch.cuda.graph_pool_handle()  # one memory pool shared by every graph
+        self.table_rows = TableRows()  # the last step's block-table rows, reused where unchanged
         self.enabled = True
 
     def can_run(self, seqs: list[ScheduledSeq]) -> bool:
@@ -48,7 +49,8 @@ class DecodeGraphs:
         B = len(seqs)
         Bp = next(s for s in self.batch_sizes if s >= B)
         nb = -(-max(len(s.block_table) for s in seqs) // self.block_step) * self.block_step
-        flat, shapes = host_metadata(seqs, token_ids, self.pool.block_size, self.pool.scratch_block, Bp, nb)
+        flat, shapes = host_metadata(seqs, token_ids, self.pool.block_size, self.pool.scratch_block, Bp, nb,
+                                     self.table_rows)
         if (Bp, nb) not in self.graphs:
             try:
                 self.graphs[(Bp, nb)] = self._capture(flat, shapes)

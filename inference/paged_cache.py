@@ -47,6 +47,7 @@ import torch
 
 from architectures.common.cache import CacheSpec, CacheView, bytes_per_sequence
 from inference.paged_attention import attention_mask, gather_blocks, paged_attention_reference
+from inference.triton_kv_write import fused_write_reason, write_quantized_rows
 from inference.quantized_kv import (KVFormat, bytes_per_group, check_int4_shapes, kv_format,
                                     residual_bytes_per_sequence)
 
@@ -220,7 +221,8 @@ class StepMetadata:
 
 
 def host_metadata(seqs: list[ScheduledSeq], token_ids: list[int], block_size: int, scratch_block: int,
-                  pad_batch_to: int | None = None, pad_blocks_to: int | None = None) -> tuple[torch.Tensor, list]:
+                  pad_batch_to: int | None = None, pad_blocks_to: int | None = None,
+                  table_rows: TableRows | None = None) -> tuple[torch.Tensor, list]:
     """Every StepMetadata field, flattened into one CPU tensor (so one copy moves it to the GPU), and
     the fields' shapes. A step with prompts is built with vectorised torch ops (no Python loop over
     tokens); a decode-only step, one token per sequence, from plain lists, which is faster for it.
@@ -228,9 +230,9 @@ def host_metadata(seqs: list[ScheduledSeq], token_ids: list[int], block_size: in
     pad_batch_to / pad_blocks_to pad B and nb for a CUDA graph of fixed shape: padding rows
     are one-token sequences at position 0 whose single block is the scratch block.
     """
-    decode_only = all(s.end - s.start == 1 for s in seqs)
-    build = _decode_metadata if decode_only else _packed_metadata
-    return build(seqs, token_ids, block_size, scratch_block, pad_batch_to, pad_blocks_to)
+    if all(s.end - s.start == 1 for s in seqs):  # decode-only
+        return _decode_metadata(seqs, token_ids, block_size, scratch_block, pad_batch_to, pad_blocks_to, table_rows)
+    return _packed_metadata(seqs, token_ids, block_size, scratch_block, pad_batch_to, pad_blocks_to)
 
 
 def _packed_metadata(seqs: list[ScheduledSeq], token_ids: list[int], block_size: int, scratch_block: int,
@@ -260,27 +262,64 @@ def _packed_metadata(seqs: list[ScheduledSeq], token_ids: list[int], block_size:
     return torch.cat([p.reshape(-1) for p in parts]), [tuple(p.shape) for p in parts]
 
 
+class TableRows:
+    """The padded block-table rows of the previous decode step, kept to be reused.
+
+    Converting a sequence's table (a Python list) to int64s costs ~40 ns an entry: 32 sequences of
+    8k tokens in blocks of 16 are 16k entries, ~0.7 ms of host time in every decode step while the GPU
+    waits. Between decode steps a table only grows by one block every block_size tokens, so most rows
+    can be copied from the last step as they are. A row is reused when the sequence at that batch
+    position holds the same table object with the same length and the same last entry: the block
+    manager changes a table in place only by appending blocks, or by copy-on-write of the block that
+    receives the next token, which is then the last one; a table rebuilt after preemption, a fork or
+    a prefix hit is a new object. The rows keep their tables alive, so an object is never mistaken for
+    a new one at the same address. tests/inference/test_paged_attention.py checks reuse against
+    rebuilding from scratch over a run with appends, copy-on-write and preemption."""
+
+    def __init__(self):
+        self.rows: list[tuple[list[int], int, int, int, array.array]] = []  # (table, len, last, nb, row)
+
+    def row(self, b: int, table: list[int], nb: int, scratch_block: int) -> array.array:
+        key = (len(table), table[-1] if table else -1, nb)
+        if b < len(self.rows) and self.rows[b][0] is table and self.rows[b][1:4] == key:
+            return self.rows[b][4]
+        row = array.array("q", table)
+        row.extend(array.array("q", [scratch_block]) * (nb - len(table)))
+        entry = (table, *key, row)
+        if b < len(self.rows):
+            self.rows[b] = entry
+        else:
+            self.rows.append(entry)
+        return row
+
+
 def _decode_metadata(seqs: list[ScheduledSeq], token_ids: list[int], bs: int, scratch_block: int,
-                     pad_batch_to: int | None, pad_blocks_to: int | None) -> tuple[torch.Tensor, list]:
+                     pad_batch_to: int | None, pad_blocks_to: int | None,
+                     table_rows: TableRows | None = None) -> tuple[torch.Tensor, list]:
     """`host_metadata` of a decode-only step, the engine's commonest, in plain Python lists and one
     tensor: the general path's ~25 small torch ops take several times as long on the host, and
     between CUDA-graph steps the GPU waits for the host. With one token per sequence, N = B and
     Tmax = 1, so every packing map is the identity. tests/inference/test_paged_attention.py checks
-    it equals the general path."""
+    it equals the general path. table_rows: the rows of the last call, reused where unchanged."""
     B = len(seqs)
     Bp = pad_batch_to or B
     nb = max(pad_blocks_to or 0, max(len(s.block_table) for s in seqs))
     pos = [s.start for s in seqs] + [0] * (Bp - B)  # (Bp,) the new token's position
-    tables = [x for s in seqs for x in s.block_table + [scratch_block] * (nb - len(s.block_table))]
-    tables += [scratch_block] * (nb * (Bp - B))  # (Bp * nb,)
+    rows = table_rows or TableRows()
+    tables = array.array("q")  # (Bp * nb,); array.extend of an array is a memory copy
+    for b, s in enumerate(seqs):
+        tables.extend(rows.row(b, s.block_table, nb, scratch_block))
+    tables.extend(array.array("q", [scratch_block]) * (nb * (Bp - B)))
     slot = [tables[b * nb + p // bs] * bs + p % bs for b, p in enumerate(pos)]  # (Bp,)
     ids = list(token_ids) + [0] * (Bp - B)
     ar = list(range(Bp))
     # Field order of StepMetadata: input_ids, positions, slot_mapping, block_tables, q_index,
-    # q_pos, out_index, last_index, seq_index, query_start.
-    # Through array.array: torch.tensor(list) converts the ~3k ints one by one, several times slower.
-    flat = torch.frombuffer(array.array("q", ids + pos + slot + tables + ar + pos + ar + ar + ar + ar),
-                            dtype=torch.int64)
+    # q_pos, out_index, last_index, seq_index, query_start. Through array.array: torch.tensor(list)
+    # converts ints one by one, several times slower.
+    flat = array.array("q", ids + pos + slot)
+    flat.extend(tables)
+    flat.extend(ar + pos + ar + ar + ar + ar)
+    flat = torch.frombuffer(flat, dtype=torch.int64)
     shapes = [(1, Bp), (1, Bp), (Bp,), (Bp, nb), (Bp, 1), (Bp, 1), (Bp,), (Bp,), (Bp,), (Bp,)]
     return flat, shapes
 
@@ -351,9 +390,23 @@ class PagedBatch:
             return self._write_groups(layer, new)
         stored, fmt, shapes = self.pool.layer(layer), self.pool.format, self.pool.shapes[layer]
         for name, t in new.items():
+            if fmt.name in ("int8", "fp8") and self._fused_write(name, t[0], stored):
+                continue
             for part, codes in fmt.encode(name, t[0], len(shapes[name])).items():  # plain: {name: t[0]}
                 cache = stored[part]  # (num_blocks + 1, bs, *part)
                 _index_copy(cache.view(-1, *cache.shape[2:]), self.meta.slot_mapping, codes)
+
+    def _fused_write(self, name: str, x: torch.Tensor, stored: dict[str, torch.Tensor]) -> bool:
+        """int8 / fp8 on a GPU: quantize and store x (N, *shape) in one Triton kernel
+        (inference/triton_kv_write.py), the same numbers as `encode` + index copies; False where it cannot run."""
+        x = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, K, d); a latent row is one head
+        codes, scales = stored[name], stored[f"{name}_scale"]
+        codes = codes.view(-1, x.shape[1], x.shape[2])  # (num_slots, K, d)
+        scales = scales.view(-1, x.shape[1], 1)
+        if fused_write_reason(x, codes, scales) is not None:
+            return False
+        write_quantized_rows(x, codes, scales, self.meta.slot_mapping)
+        return True
 
     def _parts(self, layer: int) -> dict[str, list[str]]:
         """{name: its stored parts} of one layer: {"k": ["k", "k_scale"], ...} (plain: {"k": ["k"], ...})."""

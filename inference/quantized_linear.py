@@ -109,6 +109,9 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Decode the whole weight on every call: simple and exact, at the cost of one (out, in) temporary.
+        if torch.is_grad_enabled() and x.requires_grad:  # training through a frozen base (QLoRA)
+            y = _DecodedMatmul.apply(x, self)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize_weight(x.dtype), bias)  # (..., in) -> (..., out)
 
@@ -128,6 +131,27 @@ class QuantizedLinear(nn.Module):
         dq = ", double_quant" if self.double_quant else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
                 f"group_size={self.group_size}{dq}, bias={self.bias is not None}")
+
+
+class _DecodedMatmul(torch.autograd.Function):
+    """y = x W^T with W decoded from a QuantizedLinear's codes, for gradients that flow through the frozen
+    layer to its input (QLoRA trains adapters around it). F.linear would keep the decoded W for the
+    backward pass, a full-precision copy of every quantized layer alive from forward to backward,
+    which is the memory quantizing was meant to save; here the backward decodes W again, from the
+    codes. Under autocast, x and W are multiplied in the autocast dtype, as F.linear would be."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
+        with torch.autocast(kind, enabled=False):
+            return F.linear(x.to(dtype), layer.dequantize_weight(dtype))  # (..., in) -> (..., out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = ctx.layer.dequantize_weight(ctx.dtype)  # (out, in), decoded again
+        return (grad.to(ctx.dtype) @ w).to(ctx.x_dtype), None  # dL/dx = dL/dy W; the codes get no gradient
 
 
 def _quantize_weight(w: torch.Tensor, format: str, group_size: int | None,

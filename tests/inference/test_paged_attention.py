@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from inference.engine import EngineConfig, LLMEngine
 from inference.generate import generate
 from inference.paged_attention import attention_mask, paged_attention, paged_attention_reference
-from inference.paged_cache import (PagedBatch, ScheduledSeq, StepMetadata, _decode_metadata, _packed_metadata,
-                                   build_metadata, host_metadata)
+from inference.paged_cache import (PagedBatch, ScheduledSeq, StepMetadata, TableRows, _decode_metadata,
+                                   _packed_metadata, build_metadata, host_metadata)
 from inference.sampling import SamplingParams
 from inference.triton_paged_attention import paged_decode_attention, triton_unavailable_reason
 
@@ -155,6 +155,42 @@ def test_decode_metadata_equals_the_general_packing(pad):
     general, shapes = _packed_metadata(seqs, tokens, 4, 63, Bp, nb)
     assert fast_shapes == shapes
     assert torch.equal(fast, general)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+def test_reused_table_rows_equal_rows_built_afresh_through_forks_preemption_and_copy_on_write(model, prompts,
+                                                                                             prefix_caching):
+    """`TableRows` reuses a decode step's block-table rows where a table looks unchanged; at every decode step
+    of a run with parallel sampling (copy-on-write), arrivals and a pool small enough to preempt, the
+    metadata built with the reused rows equals the metadata built from scratch."""
+    engine = LLMEngine(model, EngineConfig(block_size=4, num_blocks=20, enable_prefix_caching=prefix_caching))
+    rows, checked, forward = TableRows(), [], engine._forward
+
+    def checking_forward(out):
+        if all(s.end - s.start == 1 for s in out.slices):
+            tokens = [seq.token_ids[s.start] for seq, s in zip(out.seqs, out.slices)]
+            nb = max(len(s.block_table) for s in out.slices) + len(checked) % 3  # padded, as graphs do
+            args = (out.slices, tokens, 4, engine.pool.scratch_block, 16, nb)
+            assert torch.equal(host_metadata(*args, table_rows=rows)[0], host_metadata(*args)[0])
+            checked.append(len(out.slices))
+        return forward(out)
+
+    engine._forward = checking_forward
+    engine.add_request(prompts[2], SamplingParams(temperature=1.0, max_new_tokens=12, seed=3, n=3))
+    for p in prompts[:2] + prompts[3:]:
+        engine.step()
+        engine.add_request(p, SamplingParams(temperature=0.0, max_new_tokens=12))
+    while engine.has_unfinished():
+        engine.step()
+    assert len(checked) > 10 and engine.stats.preemptions > 0 and engine.stats.cow_copies > 0
+    # The in-place changes the block manager makes: an appended block, and copy-on-write of the last one.
+    table, rows = [5, 6], TableRows()
+    assert list(rows.row(0, table, 4, 99)) == [5, 6, 99, 99]
+    table.append(7)
+    assert list(rows.row(0, table, 4, 99)) == [5, 6, 7, 99]
+    table[-1] = 8
+    assert list(rows.row(0, table, 4, 99)) == [5, 6, 8, 99]
+    assert list(rows.row(0, [5, 6, 8], 4, 99)) == [5, 6, 8, 99] and rows.rows[0][0] is not table
 
 
 def random_decode_batch(H, K, contexts, bs=16, dtype=torch.bfloat16, device="cuda", seed=0):

@@ -260,6 +260,33 @@ def test_triton_kernel_on_quantized_blocks_matches_the_gather_path_on_gpu(kv_dty
 
 @needs_triton
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+@pytest.mark.parametrize("K", [8, 3])
+def test_fused_quantized_write_stores_exactly_what_encode_stores_on_gpu(kv_dtype, K):
+    from inference.triton_kv_write import fused_write_reason, write_quantized_rows
+
+    fmt = kv_format(kv_dtype, torch.bfloat16, "cuda")
+    N, d, slots_total = 37, 64, 100
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, K, d, device="cuda", generator=g) * torch.logspace(-3, 3, N, device="cuda")[:, None, None]
+    x[0] = 0  # a zero row: scale 0, codes 0
+    x[1, 0, 5] = 1e6  # an outlier that flattens the rest of its head to 0
+    x = x.to(torch.bfloat16)
+    slots = torch.randperm(slots_total, device="cuda")[:N]
+    expected = fmt.encode("k", x)  # {"k": (N, K, d) codes, "k_scale": (N, K, 1) fp16}
+    codes = torch.zeros(slots_total, K, d, dtype=fmt.storage_dtype, device="cuda")
+    scales = torch.full((slots_total, K, 1), -1.0, dtype=torch.float16, device="cuda")
+    assert fused_write_reason(x, codes, scales) is None
+    write_quantized_rows(x, codes, scales, slots)
+    as_bytes = (lambda t: t.view(torch.uint8)) if kv_dtype == "fp8" else (lambda t: t)
+    assert torch.equal(as_bytes(codes[slots]), as_bytes(expected["k"]))
+    assert torch.equal(scales[slots], expected["k_scale"])
+    untouched = torch.ones(slots_total, dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    assert (scales[untouched] == -1).all() and (as_bytes(codes[untouched]) == 0).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
 def test_engine_reading_quantized_blocks_with_the_kernel_gives_the_gather_paths_tokens_on_gpu(kv_dtype):
     # fp32 model: code x scale is exact in fp32 (an int8 or e4m3 code times an fp16 scale needs at most 18
     # bits), so kernel and gather differ in summation order only (~1e-6) and no greedy token flips.

@@ -101,6 +101,31 @@ def test_forward_decodes_to_the_input_dtype_and_keeps_codes_under_model_to():
 
 # ---- a whole model --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_gradient_to_the_input_equals_the_float_layers_and_no_decoded_weight_is_kept(autocast):
+    """Training through a frozen quantized layer (QLoRA): dL/dx equals F.linear's with the decoded weight,
+    and between forward and backward the layer keeps nothing of the size of its weight."""
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 128, bias=True), "nf4", 64, double_quant=True)
+    x = torch.randn(4, 256, requires_grad=True)
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    (y.float() ** 2).sum().backward()
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert max(saved, default=0) < 128 * 256, "the decoded weight must not be saved for the backward"
+    x2 = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y2 = nn.functional.linear(x2, layer.dequantize_weight(), layer.bias)
+    (y2.float() ** 2).sum().backward()
+    assert y2.dtype == y.dtype
+    # The same products; the bias is added after the matmul instead of inside it (one rounding apart).
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, y2, **tol)
+    torch.testing.assert_close(x.grad, x2.grad, **tol)
+
+
 @pytest.mark.parametrize("fmt,double_quant", FORMATS)
 def test_quantized_logits_stay_close_to_float(llama, ids, fmt, double_quant):
     q = quantize(copy.deepcopy(llama), fmt, 64, double_quant=double_quant)
