@@ -111,13 +111,14 @@ def main(argv=None) -> None:
     meta = build_metadata(seqs, [0] * args.batch, bs, num_blocks, dev)
     mask = attention_mask(meta.q_pos, meta.block_tables.shape[1] * bs)
     context_lens = meta.positions[0] + 1
+    kernel_tables = meta.block_tables.to(torch.int32)  # as the engine hands them to the kernel, once a step
     if latent:
         rows = torch.randn(num_blocks + 1, bs, d, device=dev, dtype=torch.bfloat16)  # + the scratch block
         k_cache, v_cache = rows[:, :, None], rows[:, :, None, :dv]  # views: keys are rows, values their prefix
         scale = 192 ** -0.5  # DeepSeek-V3's q.k width, 128 + 64
 
         def kernel(**launch):
-            return paged_latent_decode_attention(q, rows, dv, meta.block_tables, context_lens, scale=scale, **launch)
+            return paged_latent_decode_attention(q, rows, dv, kernel_tables, context_lens, scale=scale, **launch)
         kv_bytes = sum(contexts) * d * rows.element_size()  # each live row read once
         settings = [dict(tile=t, num_warps=w, heads_per_program=h, splits=n)
                     for t in (16, 32, 64) for w in (4, 8) for h in (16, 32, 64) for n in (None, 1)] if args.sweep \
@@ -137,7 +138,7 @@ def main(argv=None) -> None:
             stored_k, stored_v = k_cache, v_cache
 
         def kernel(**launch):
-            return paged_decode_attention(q, stored_k, stored_v, meta.block_tables, context_lens, **quant, **launch)
+            return paged_decode_attention(q, stored_k, stored_v, kernel_tables, context_lens, **quant, **launch)
         # K and V of every live token, read once: codes, and a scale per token and head if quantized
         kv_bytes = sum(contexts) * K * 2 * (d * stored_k.element_size() + (2 if quant else 0))
         settings = [dict(tile=t, num_warps=w, num_stages=s, splits=n) for t in (32, 64, 128) for w in (2, 4, 8)

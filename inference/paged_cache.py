@@ -355,7 +355,7 @@ class PagedBatch:
         # Tmax == 1: every sequence brings exactly one token, a decode-only step (known from a shape,
         # so deciding costs no host synchronisation and a CUDA graph captures one branch).
         self.decode_kernel = attention == "triton" and meta.q_index.shape[1] == 1 and pool.format.kernel_reads
-        self.mask = self.context_lens = None
+        self.mask = self.context_lens = self.kernel_tables = None
         self.state_mask = None  # (B, Tmax, Tmax) bool: the state layers' view of which packed tokens are real
         self.gathered: dict[int, dict[str, torch.Tensor]] = {}  # layer -> the states handed out this pass
         self._groups = None  # int4: the step's index tensors for writing blocks and residuals (`_group_index`)
@@ -374,6 +374,7 @@ class PagedBatch:
         # Built here, once per forward pass, so that every layer shares it (and a CUDA graph captures it).
         if self.decode_kernel:
             self.context_lens = self.meta.positions[0] + 1  # (B,): the new token sees itself and all before it
+            self.kernel_tables = self.meta.block_tables.to(torch.int32)  # what the kernel reads fastest, once a step
         elif self.attention != "reference":  # the gather path (a "triton" step that is not decode-only too)
             # The additive mask SDPA would otherwise rebuild from a boolean one in every layer.
             allowed = attention_mask(self.meta.q_pos, self.meta.block_tables.shape[1] * self.pool.block_size)
@@ -425,12 +426,12 @@ class PagedBatch:
                 value_width = self.pool.specs[layer].value_width
 
                 def kernel(q, scale):  # q: (1, B, H, d_c + d_r) -> (1, B, H, d_c)
-                    return paged_latent_decode_attention(q[0], stored["latent"], value_width, m.block_tables,
+                    return paged_latent_decode_attention(q[0], stored["latent"], value_width, self.kernel_tables,
                                                          self.context_lens, scale=scale)[None]
                 return CacheView(kernel=kernel)
 
             def kernel(q, scale):  # q: (1, B, H, d) -> (1, B, H, dv)
-                return paged_decode_attention(q[0], stored["k"], stored["v"], m.block_tables, self.context_lens,
+                return paged_decode_attention(q[0], stored["k"], stored["v"], self.kernel_tables, self.context_lens,
                                               scale=scale, k_scale=stored.get("k_scale"),
                                               v_scale=stored.get("v_scale"), splits=None)[None]
             return CacheView(kernel=kernel)

@@ -67,6 +67,10 @@ from architectures.common.kernels import triton_importable
 # defaults (4 warps, 2 stages) it is within 10% of the fastest of the 27 settings that
 # `python -m inference.bench_paged_decode --sweep` times on an H100 (notes/paged-attention.md).
 TILE_TOKENS = 64
+# Keys per iteration for fp8 codes: 128 one-byte codes are the bytes of 64 bf16 numbers. On an H100, 32
+# sequences of 8k tokens: 176 us per layer against 231 us with tiles of 64. int8 codes keep 64: with 128
+# they took 258 us against 231 (notes/quantization.md).
+FP8_TILE_TOKENS = 128
 
 
 def _power_of_two(n: int) -> bool:
@@ -129,7 +133,9 @@ def _kernel():
         kh = tl.program_id(1) // tl.cdiv(R, R_BLOCK)  # KV head
         hb = tl.program_id(1) % tl.cdiv(R, R_BLOCK)  # which block of R_BLOCK of its r query heads
         split = tl.program_id(2)  # which part of the context
-        ctx = tl.load(ctx_ptr + b)  # keys 0 .. ctx-1 are visible (the new token's own key included)
+        # keys 0 .. ctx-1 are visible (the new token's own key included). Positions are int32 (the engine passes
+        # int64): 64-bit t // bs and t % bs for every key are several instructions each.
+        ctx = tl.load(ctx_ptr + b).to(tl.int32)
         rows = hb * R_BLOCK + tl.arange(0, R_BLOCK)
         row_ok = rows < R
         heads = kh * R + rows
@@ -236,9 +242,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     cache then holds codes, dequantized as code x scale; None for plain caches.
     values_in_keys: v_cache is a view of k_cache's first dv numbers (MLA's latent), so the kernel reads
     each key row once and uses its prefix as the value; see `paged_latent_decode_attention`.
-    Launch settings (inference/bench_paged_decode.py sweeps them): tile keys per loop iteration (64);
-    num_warps (4, or 8 for keys wider than 256 numbers); heads_per_program query heads of one KV head per
-    program (all r, at most 64); splits parts per context, FlashDecoding (None: enough to fill the GPU,
+    Launch settings (inference/bench_paged_decode.py sweeps them): tile keys per loop iteration (64; 128
+    for fp8 codes); num_warps (4, or 8 for keys wider than 256 numbers); heads_per_program query heads of
+    one KV head per program (all r, at most 64); splits parts per context, FlashDecoding (None: enough to fill the GPU,
     `default_splits`; 1: one program walks the whole context, the output written directly). The defaults
     for MLA's 576-wide rows are the fastest of the 36 settings `--shape deepseek-v3 --sweep` timed on an H100.
     """
@@ -272,8 +278,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if values_in_keys and (dv != D or v_cache.data_ptr() != k_cache.data_ptr()):
         raise ValueError(f"values_in_keys: v_cache must be k_cache[..., :{D}] (the key's first power-of-2 part)")
     ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unused pointers when not quantized
+    if block_tables.dtype != torch.int32:  # the engine converts once a step (PagedBatch.kernel_tables)
+        block_tables = block_tables.to(torch.int32)
     r = H // K
-    tile = tile or TILE_TOKENS
+    tile = tile or (FP8_TILE_TOKENS if k_cache.dtype == getattr(torch, "float8_e4m3fn", None) else TILE_TOKENS)
     num_warps = num_warps or (8 if dk > 256 else 4)
     r_block = heads_per_program or min(max(16, 1 << (r - 1).bit_length()), 64)
     r_block = max(16, r_block)  # tl.dot needs at least 16 rows; padding rows are zeros, never stored
