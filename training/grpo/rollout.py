@@ -31,16 +31,21 @@ def arithmetic_reward(replies: list[str], answers: list[str], format_weight: flo
     return torch.tensor([float(r == a) + format_weight * bool(INTEGER.fullmatch(r)) for r, a in zip(replies, answers)])
 
 
-def token_logps(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets[t] | ids[:t+1]) at every position, 0 where targets is -100: (N, T), fp32."""
-    logits = model(ids).float()  # (N, T, V)
+def token_logps(model, ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(targets[t] | ids[:t+1]) at every position, 0 where targets is -100: (N, T), fp32.
+
+    p is the distribution the rollouts sample from, softmax(logits / temperature), as TRL's GRPO
+    trainer computes it: at a temperature below 1 the ratio, the KL and the gradient are those of
+    the sampling policy, so the samples are on-policy."""
+    logits = model(ids).float() / temperature  # (N, T, V)
     safe = targets.clamp_min(0)
     logps = torch.gather(F.log_softmax(logits, -1), -1, safe[..., None])[..., 0]
     return logps * (targets != IGNORE_INDEX)
 
 
 class Rollouts:
-    """The loop's `sample_batch`: a new rollout every `updates_per_rollout` training steps."""
+    """The loop's `sample_batch`: a new rollout every `updates_per_rollout` training steps.
+    `reference_logps(ids, targets, temperature)` gives the frozen reference's `token_logps`."""
 
     def __init__(self, model, reference_logps, fmt: ChatFormat, examples: dict, group_size: int,
                  updates_per_rollout: int, temperature: float, max_new_tokens: int, reward_fn=arithmetic_reward):
@@ -97,8 +102,8 @@ class Rollouts:
             ids[i, :len(seq) - 1] = seq[:-1]
             targets[i, len(p) - 1:len(seq) - 1] = seq[len(p):]  # the completion's tokens, predicted from the position before
         ids, targets = ids.to(device), targets.to(device)
-        old = token_logps(self.model, ids, targets)
-        ref = self.reference_logps(ids, targets)
+        old = token_logps(self.model, ids, targets, self.temperature)
+        ref = self.reference_logps(ids, targets, self.temperature)
         self.model.train(was_training)
         correct = torch.tensor([float(r == a) for r, a in zip(replies, answers)])
         return {"input_ids": ids, "targets": targets, "old_logps": old, "ref_logps": ref,

@@ -45,7 +45,7 @@ class GRPOConfig:
     base: str = ""  # the SFT checkpoint to start from ("": runs/sft-PRESET, made first if missing)
     group_size: int = 8  # completions sampled per prompt (G): their mean reward is each one's baseline
     updates_per_rollout: int = 1  # optimizer steps on each rollout before sampling the next
-    temperature: float = 1.0  # sampling temperature of the rollouts
+    temperature: float = 1.0  # sampling temperature of the rollouts; the trained log-probs are softmax(logits / temperature)'s
     clip_eps: float = 0.2  # the ratio pi / pi_old is clipped to [1 - clip_eps, 1 + clip_eps]
     kl_coef: float = 0.04  # weight of the k3 KL penalty to the reference
     format_reward: float = 0.1  # reward for a reply that is a bare integer, right or wrong
@@ -77,10 +77,11 @@ RECIPES = {
 }
 
 
-def grpo_step(model, batch: dict, frozen=None, *, clip_eps: float, kl_coef: float):
-    """The loop's loss: the current policy's log-probs of the rollout's tokens, into `grpo_loss`."""
+def grpo_step(model, batch: dict, frozen=None, *, clip_eps: float, kl_coef: float, temperature: float = 1.0):
+    """The loop's loss: the current policy's log-probs of the rollout's tokens (at the rollouts'
+    sampling temperature), into `grpo_loss`."""
     mask = batch["targets"] != -100
-    logps = token_logps(model, batch["input_ids"], batch["targets"])
+    logps = token_logps(model, batch["input_ids"], batch["targets"], temperature)
     loss, metrics = grpo_loss(logps, batch["old_logps"], batch["ref_logps"], batch["advantages"], mask,
                               clip_eps=clip_eps, kl_coef=kl_coef)
     metrics.update(reward=batch["reward"].mean(), accuracy=batch["correct"].mean(), length=batch["length"].mean())
@@ -121,6 +122,9 @@ def main(argv=None) -> dict:
     if method.group_size < 2:
         raise ValueError(f"--group-size must be >= 2: a completion's baseline is the mean reward of its group, and a "
                          f"group of {method.group_size} has nothing to compare with")
+    if not method.temperature > 0:
+        raise ValueError(f"--temperature must be > 0: a group of greedy answers is one answer G times, and its "
+                         f"advantages are all 0; got {method.temperature}")
     base = sft_checkpoint(args.preset, method.base)
     device = resolve_device(cfg.device)
     model = registry.from_pretrained(base, device=device)
@@ -131,13 +135,13 @@ def main(argv=None) -> dict:
                 "val": tasks.arithmetic("test", data_cfg.eval_examples, max_digits=data_cfg.arithmetic_digits)}
     reference = policy_and_reference(model, method.lora, method.lora_r)
 
-    def reference_logps(ids, targets):
+    def reference_logps(ids, targets, temperature):
         if reference is not None:
-            return token_logps(reference, ids, targets)
+            return token_logps(reference, ids, targets, temperature)
         from training.lora import disable_adapters
 
         with disable_adapters(model):
-            return token_logps(model, ids, targets)
+            return token_logps(model, ids, targets, temperature)
     rollouts = Rollouts(model, reference_logps, fmt, examples, method.group_size, method.updates_per_rollout,
                         method.temperature, data_cfg.max_new_tokens,
                         functools.partial(arithmetic_reward, format_weight=method.format_reward))
@@ -145,7 +149,8 @@ def main(argv=None) -> dict:
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters from {base}; GRPO with groups of "
         f"{method.group_size}, {cfg.batch_size // method.group_size} prompts per rollout, {method.updates_per_rollout} "
         f"updates per rollout, {cfg.max_steps} steps into {args.out}")
-    step = functools.partial(grpo_step, clip_eps=method.clip_eps, kl_coef=method.kl_coef)
+    step = functools.partial(grpo_step, clip_eps=method.clip_eps, kl_coef=method.kl_coef,
+                             temperature=method.temperature)
     result = train(model, step, rollouts, cfg, args.out, save_model=method_saver(model, tokenizer, base, method.lora),
                    resume=args.resume,
                    config_record={"method": dataclasses.asdict(method), "data": dataclasses.asdict(data_cfg),

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from training.grpo.rollout import arithmetic_reward
+from training.grpo.rollout import arithmetic_reward, token_logps
 
 TINY = ["--max-steps", "2", "--batch-size", "8", "--group-size", "4", "--eval-interval", "2", "--eval-batches", "1",
         "--train-prompts", "16", "--eval-examples", "4", "--log-interval", "1"]
@@ -28,6 +28,25 @@ def test_a_group_of_one_is_a_one_line_error(chat_base, tmp_path, command_error):
 
     line = command_error(main, ["--base", str(chat_base), "--out", str(tmp_path / "o")] + TINY + ["--group-size", "1"])
     assert "--group-size must be >= 2" in line
+
+
+def test_a_temperature_of_zero_is_a_one_line_error(chat_base, tmp_path, command_error):
+    from training.grpo.train import main
+
+    line = command_error(main, ["--base", str(chat_base), "--out", str(tmp_path / "o")] + TINY + ["--temperature", "0"])
+    assert "--temperature must be > 0" in line
+
+
+def test_token_logps_are_those_of_the_tempered_distribution_the_rollouts_sample():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    targets = torch.tensor([[1, -100, 4], [0, 2, -100]])
+    got = token_logps(lambda x: logits, ids, targets, temperature=0.5)
+    want = torch.log_softmax(logits / 0.5, -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0] * (targets != -100)
+    assert torch.allclose(got, want)
+    assert torch.allclose(token_logps(lambda x: logits, ids, targets), torch.log_softmax(logits, -1).gather(
+        -1, targets.clamp_min(0)[..., None])[..., 0] * (targets != -100))
 
 
 def test_the_reward_is_the_exact_answer_plus_a_format_term():
