@@ -93,6 +93,7 @@ def main(argv=None) -> None:
                                ("--iters", args.iters, 1), ("--context", args.context, 0)):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
+    grid = grid_settings(args.grid) if args.grid else None  # a mistyped grid is refused before any work
     if not torch.cuda.is_available():
         raise UserRuntimeError(f"this benchmark times GPU kernels and needs a CUDA GPU; this torch "
                                f"({torch.__version__}) sees none")
@@ -146,8 +147,8 @@ def main(argv=None) -> None:
 
     if args.splits and not args.sweep:
         settings = [dict(splits=None if n == "None" else int(n)) for n in args.splits.split(",")]
-    if args.grid:
-        settings = grid_settings(args.grid)
+    if grid:
+        settings = grid
 
     def gather():
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.q_index, meta.out_index, mask, scale)

@@ -38,7 +38,7 @@ FP8_MANTISSA_BITS = 3
 DOUBLE_QUANT_BLOCK = 256  # QLoRA quantizes the NF4 absmaxes in blocks of 256
 
 # torch builds without float8 types have no attribute; the check below names the alternative.
-_FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
+FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 
 
 def check_format(name: str, allowed: tuple[str, ...] = WEIGHT_FORMATS) -> str:
@@ -208,7 +208,7 @@ def fp8_supported(device: str | torch.device = "cpu", matmul: bool = False) -> b
     is all this zoo does) needs just a torch with the dtype, on any device. Computing in fp8
     (matmul=True: torch._scaled_mm and fp8 kernels) needs a CUDA GPU of compute capability >= 8.9
     (Ada, Hopper and later)."""
-    if _FP8_DTYPE is None:
+    if FP8_DTYPE is None:
         return False
     if not matmul:
         return True
@@ -220,7 +220,7 @@ def require_fp8(device: str | torch.device = "cpu", matmul: bool = False) -> Non
     """Raise a RuntimeError that says why fp8 is not available and what to use instead."""
     if fp8_supported(device, matmul):
         return
-    if _FP8_DTYPE is None:
+    if FP8_DTYPE is None:
         raise RuntimeError(f"fp8 needs torch.float8_e4m3fn, which torch {torch.__version__} does not have "
                            "(it came in torch 2.1); upgrade torch, or use int8, which works everywhere")
     device = torch.device(device)
@@ -236,7 +236,7 @@ def quantize_fp8(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.
     xg = _groups(x.float(), group_size)  # (..., G, g)
     scale = xg.abs().amax(-1) / FP8_MAX  # (..., G)
     # The clamp keeps a value that rounds past 448 finite: e4m3fn has no infinity, it would be NaN.
-    q = (xg / _safe(scale)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(_FP8_DTYPE)
+    q = (xg / _safe(scale)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.reshape(x.shape), scale
 
 

@@ -82,7 +82,7 @@ class KVFormat:
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        quantized = {"int8": torch.int8, "int4": torch.uint8, "fp8": getattr(torch, "float8_e4m3fn", None)}
+        quantized = {"int8": torch.int8, "int4": torch.uint8, "fp8": Q.FP8_DTYPE}
         return quantized.get(self.name) or PLAIN.get(self.name, self.compute_dtype)
 
     def group_parts(self, name: str, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -31,26 +31,19 @@ import functools
 
 import torch
 
-from architectures.common.kernels import triton_importable
-from inference.quantization import FP8_MAX, INT8_MAX
-
-_FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
-
+from inference.quantization import FP8_DTYPE, FP8_MAX, INT8_MAX
+from inference.triton_paged_attention import power_of_two, triton_unavailable_reason
 
 def fused_write_reason(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> str | None:
-    """None if `write_quantized_rows` can write x (N, K, d) into `codes` / `scales`, else why not."""
-    if not x.is_cuda:
-        return "the fused write runs on CUDA tensors"
-    if not triton_importable():
-        return "the fused write needs the `triton` package"
-    if codes.dtype not in (torch.int8, _FP8_DTYPE) or scales.dtype != torch.float16:
+    """None if `write_quantized_rows` can write x (N, K, d) into `codes` / `scales`, else why not: the
+    formats it stores, a power-of-2 width (tl.arange), and the decode kernel's conditions (a CUDA GPU,
+    triton, and Ada or later for e4m3)."""
+    if codes.dtype not in (torch.int8, FP8_DTYPE) or scales.dtype != torch.float16:
         return f"the fused write stores int8 or e4m3 codes with fp16 scales, not {codes.dtype} / {scales.dtype}"
     d = x.shape[-1]
-    if d < 16 or d & (d - 1):
+    if not power_of_two(d):
         return f"the fused write needs a power-of-2 head width >= 16, got {d}"
-    if codes.dtype == _FP8_DTYPE and torch.cuda.get_device_capability(x.device) < (8, 9):
-        return "Triton converts to e4m3 on GPUs of compute capability >= 8.9 only"
-    return None
+    return triton_unavailable_reason(x.device, d, codes.dtype)
 
 
 @functools.cache
@@ -98,7 +91,7 @@ def write_quantized_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
         raise ValueError("x and codes need a contiguous last dimension")
     if N == 0:
         return
-    fp8 = codes.dtype == _FP8_DTYPE
+    fp8 = codes.dtype == FP8_DTYPE
     qmax = FP8_MAX if fp8 else float(INT8_MAX)
     _kernel()[(N,)](x, codes, scales, slots, x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
                     scales.stride(0), scales.stride(1), K, K_PAD=max(1, 1 << (K - 1).bit_length()), D=d,

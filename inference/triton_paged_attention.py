@@ -62,6 +62,7 @@ import math
 import torch
 
 from architectures.common.kernels import triton_importable
+from inference.quantization import FP8_DTYPE
 
 # Keys per loop iteration (4 blocks of 16; a power of 2, as tl.arange needs). With the launch
 # defaults (4 warps, 2 stages) it is within 10% of the fastest of the 27 settings that
@@ -73,7 +74,8 @@ TILE_TOKENS = 64
 FP8_TILE_TOKENS = 128
 
 
-def _power_of_two(n: int) -> bool:
+def power_of_two(n: int) -> bool:
+    """A width tl.arange and tl.dot accept: a power of 2, at least 16."""
     return n >= 16 and not n & (n - 1)
 
 
@@ -85,7 +87,7 @@ def key_split(key_dim: int) -> tuple[int, int] | None:
         return None
     main = 1 << (key_dim.bit_length() - 1)
     extra = key_dim - main
-    return (main, extra) if extra == 0 or _power_of_two(extra) else None
+    return (main, extra) if extra == 0 or power_of_two(extra) else None
 
 
 def triton_unavailable_reason(device: torch.device | str, head_dim: int,
@@ -102,9 +104,9 @@ def triton_unavailable_reason(device: torch.device | str, head_dim: int,
         return (f"the Triton paged-attention kernel needs a key width that is a power of 2 >= 16, or one plus "
                 f"another (576 = 512 + 64), got {head_dim}")
     value_dim = head_dim if value_dim is None else value_dim
-    if not _power_of_two(value_dim):
+    if not power_of_two(value_dim):
         return f"the Triton paged-attention kernel needs a value width that is a power of 2 >= 16, got {value_dim}"
-    if cache_dtype is not None and cache_dtype == getattr(torch, "float8_e4m3fn", None):
+    if cache_dtype is not None and cache_dtype == FP8_DTYPE:
         capability = torch.cuda.get_device_capability(device)
         if capability < (8, 9):  # Triton converts e4m3 codes on Ada, Hopper and later only
             return (f"the Triton paged-attention kernel reads fp8 (e4m3) codes on GPUs of compute capability >= 8.9, "
@@ -281,7 +283,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if block_tables.dtype != torch.int32:  # the engine converts once a step (PagedBatch.kernel_tables)
         block_tables = block_tables.to(torch.int32)
     r = H // K
-    tile = tile or (FP8_TILE_TOKENS if k_cache.dtype == getattr(torch, "float8_e4m3fn", None) else TILE_TOKENS)
+    tile = tile or (FP8_TILE_TOKENS if k_cache.dtype == FP8_DTYPE else TILE_TOKENS)
     num_warps = num_warps or (8 if dk > 256 else 4)
     r_block = heads_per_program or min(max(16, 1 << (r - 1).bit_length()), 64)
     r_block = max(16, r_block)  # tl.dot needs at least 16 rows; padding rows are zeros, never stored

@@ -186,6 +186,30 @@ def save_figure(figure: Path, copy_to: str | None) -> None:
         shutil.copyfile(figure, copy_to)
 
 
+def experiment_parser(prog: str, out: str, sizes: dict, figure: str) -> ArgumentParser:
+    """The options this script and mqar.py share; each adds its own after these."""
+    p = ArgumentParser(prog=prog)
+    p.add_argument("--out", default=out)
+    p.add_argument("--size", choices=sorted(sizes), default="cpu")
+    p.add_argument("--device", default=None, help="default: cpu for --size cpu, auto (cuda if present) for gpu")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the size's)")
+    p.add_argument("--figure", default=None, help=f"also copy the figure here, e.g. {figure}")
+    p.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's results.json; train nothing")
+    return p
+
+
+def redraw(args, plot_fn: Callable[[dict, Path], Path]) -> dict:
+    """--plot-only: the figure again from OUT/results.json, nothing trained."""
+    results = json.loads((Path(args.out) / "results.json").read_text())
+    save_figure(plot_fn(results, Path(args.out)), args.figure)
+    return results
+
+
+def size_train_config(train_cfg: TrainConfig, args, names: tuple[str, ...]) -> TrainConfig:
+    """The size's training settings with the options in `names` that were given on the command line."""
+    return dataclasses.replace(train_cfg, **{k: getattr(args, k) for k in names if getattr(args, k)})
+
+
 @command_line
 def main(argv=None) -> dict:
     # Imported here, not at the top: mqar.py imports this module and needs neither the corpus nor
@@ -193,26 +217,17 @@ def main(argv=None) -> dict:
     from training.data import load_corpus, prepare_data, split_text
     from training.tokenizer import get_tokenizer
 
-    p = ArgumentParser(prog="python -m architectures.mamba2_hybrid.experiment")
-    p.add_argument("--out", default="runs/mamba2-shakespeare")
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    p.add_argument("--device", default=None, help="default: cpu for --size cpu, auto (cuda if present) for gpu")
+    p = experiment_parser("python -m architectures.mamba2_hybrid.experiment", "runs/mamba2-shakespeare", SIZES,
+                          "notes/figures/mamba2-shakespeare-cpu.png")
     p.add_argument("--budget-s", type=float, default=None, help="training seconds per model (default: the size's)")
     p.add_argument("--dataset", default="tinyshakespeare", help="the corpus (tests pass a small .txt)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the size's)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per sequence (default: the size's)")
-    p.add_argument("--figure", default=None, help="also copy the figure here, e.g. notes/figures/mamba2-shakespeare-cpu.png")
-    p.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's results.json; train nothing")
     args = p.parse_args(argv)
     if args.plot_only:
-        results = json.loads((Path(args.out) / "results.json").read_text())
-        save_figure(plot(results, Path(args.out)), args.figure)
-        return results
+        return redraw(args, plot)
     t0 = time.perf_counter()
     s = SIZES[args.size]
-    train_cfg = dataclasses.replace(s["train"], **{k: v for k, v in (("device", args.device),
-                                                                     ("batch_size", args.batch_size),
-                                                                     ("block_size", args.block_size)) if v})
+    train_cfg = size_train_config(s["train"], args, ("device", "batch_size", "block_size"))
     budget = args.budget_s if args.budget_s is not None else s["budget_s"]
     device = resolve_device(train_cfg.device)
     dtype = compute_dtype(train_cfg.dtype, device)

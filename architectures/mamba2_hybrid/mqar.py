@@ -40,11 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from architectures.common.checkpoint import atomic_write_json
-from architectures.common.errors import ArgumentParser, command_line
+from architectures.common.errors import command_line
 from architectures.llama3.config import preset as llama_preset
 from architectures.mamba2_hybrid.config import preset as mamba_preset
-from architectures.mamba2_hybrid.experiment import (build_model, describe, interleaved_step_times, parameter_counts,
-                                                    parameter_spread, save_figure, with_steps)
+from architectures.mamba2_hybrid.experiment import (build_model, describe, experiment_parser, interleaved_step_times,
+                                                    parameter_counts, parameter_spread, redraw, save_figure,
+                                                    size_train_config, with_steps)
 from training.device import compute_dtype, device_label, resolve_device
 from training.lm import IGNORE_INDEX
 from training.trainer import TrainConfig, batch_generator, train
@@ -215,26 +216,18 @@ def plot(results: dict, out: Path) -> Path:
 
 @command_line
 def main(argv=None) -> dict:
-    p = ArgumentParser(prog="python -m architectures.mamba2_hybrid.mqar")
-    p.add_argument("--out", default="runs/mamba2-mqar")
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    p.add_argument("--device", default=None, help="default: cpu for --size cpu, auto (cuda if present) for gpu")
+    p = experiment_parser("python -m architectures.mamba2_hybrid.mqar", "runs/mamba2-mqar", SIZES,
+                          "notes/figures/mamba2-mqar-cpu.png")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps of every model")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the size's)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="cut the step count so the three runs fit this many seconds (default: the size's)")
     p.add_argument("--test-rows", type=int, default=None, help="test sequences per N")
-    p.add_argument("--figure", default=None, help="also copy the figure here, e.g. notes/figures/mamba2-mqar-cpu.png")
-    p.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's results.json; train nothing")
     args = p.parse_args(argv)
     if args.plot_only:
-        results = json.loads((Path(args.out) / "results.json").read_text())
-        save_figure(plot(results, Path(args.out)), args.figure)
-        return results
+        return redraw(args, plot)
     t0 = time.perf_counter()
     s = SIZES[args.size]
-    train_cfg = dataclasses.replace(s["train"], **{k: v for k, v in (("device", args.device),
-                                                                     ("batch_size", args.batch_size)) if v})
+    train_cfg = size_train_config(s["train"], args, ("device", "batch_size"))
     device = resolve_device(train_cfg.device)
     dtype = compute_dtype(train_cfg.dtype, device)
     steps = args.max_steps or train_cfg.max_steps

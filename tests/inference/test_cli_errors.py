@@ -118,6 +118,7 @@ CASES = {
     "inference.bench_paged_decode": [
         (["--iters", "0"], "--iters must be >= 1, got 0"),
         ([], "needs a CUDA GPU"),
+        (["--grid", "tile=64 warps=4"], "--grid entry 'warps=4': write NAME=V1,V2 with NAME one of tile, num_warps"),
     ],
     "architectures.mixtral.benchmark": [
         (["--device", "gpu0"], "unknown device 'gpu0'"),

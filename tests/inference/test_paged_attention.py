@@ -359,3 +359,13 @@ def test_engine_serves_latent_attention_with_the_triton_kernel_on_gpu(cuda_graph
         pass
     assert [engine.output(i).completions for i in ids] == [o.completions for o in gather]
     assert not cuda_graphs or engine.graphs.graphs, "the decode steps must have run from CUDA graphs"
+
+
+def test_benchmark_grid_is_every_combination_of_the_listed_settings():
+    from inference.bench_paged_decode import grid_settings
+
+    assert grid_settings("tile=64,128 splits=None,4") == [
+        {"tile": 64, "splits": None}, {"tile": 64, "splits": 4}, {"tile": 128, "splits": None},
+        {"tile": 128, "splits": 4}]
+    with pytest.raises(ValueError, match="entry 'num_warps'"):
+        grid_settings("num_warps")  # no values

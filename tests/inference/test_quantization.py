@@ -214,7 +214,7 @@ def test_unknown_format_lists_the_valid_ones():
 
 
 def test_fp8_without_the_dtype_says_to_use_int8(monkeypatch):
-    monkeypatch.setattr(qz, "_FP8_DTYPE", None)
+    monkeypatch.setattr(qz, "FP8_DTYPE", None)
     assert not fp8_supported("cpu")
     with pytest.raises(RuntimeError, match=rf"torch {re.escape(torch.__version__)} does not have.*use int8"):
         quantize_fp8(torch.randn(2, 8))
