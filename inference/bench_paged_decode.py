@@ -57,7 +57,7 @@ def microseconds(fn, iters: int, graph: bool = True) -> float:
 
 def grid_settings(spec: str) -> list[dict]:
     """'tile=64,128 num_warps=4' -> [{'tile': 64, 'num_warps': 4}, {'tile': 128, 'num_warps': 4}]."""
-    known = ("tile", "num_warps", "num_stages", "splits", "heads_per_program")
+    known = ("tile", "num_warps", "num_stages", "splits", "heads_per_program", "max_registers")
     axes = []
     for item in spec.split():
         name, _, values = item.partition("=")

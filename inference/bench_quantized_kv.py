@@ -14,7 +14,9 @@
 3. speed: output tokens/s, quantized against bf16 in the same process on the same random weights:
    (a) decode-heavy: --long-seqs sequences of --long-len prompt tokens, --long-new new tokens each;
    decode tokens/s with every sequence decoding (`decode_heavy` says how), int4 without CUDA graphs;
-   (b) the workload of `python -m inference.benchmark` (64 prompts of U[32, 512] tokens, 256 new
+   (b) the same at the same KV memory, as a full server runs it: the bytes that --long-seqs bf16 sequences
+   take hold more int8 or fp8 ones, and each format decodes as many sequences as fit in them;
+   (c) the workload of `python -m inference.benchmark` (64 prompts of U[32, 512] tokens, 256 new
    tokens, CUDA-graph decode), through `run_paged`.
 4. quality: nats per character on Tiny Shakespeare's validation split (its last 10%) for a checkpoint
    (--checkpoint), teacher-forced through a naive cache of each kv_dtype: each window of the model's
@@ -206,6 +208,21 @@ def part_speed(args, model, device) -> None:
             continue
         base = base or r
         report(part="speed", workload="decode_heavy", kv_dtype=kv, seqs=n, prompt_len=L, new_tokens=new, **r,
+               decode_speedup_vs_bf16=r["decode_tok_per_s"] / base["decode_tok_per_s"])
+    # (b) the same workload at the same KV memory: as many sequences as fit in the bytes that n bf16 ones take
+    blocks_per_seq = -(-(L + new) // 16)
+    budget = n * blocks_per_seq * PagedKVPool.bytes_per_block(model, 16, "bf16")
+    base = None
+    for kv in ("bf16", "int8", "fp8"):
+        seqs = budget // (blocks_per_seq * PagedKVPool.bytes_per_block(model, 16, kv))
+        try:
+            r = decode_heavy(model, device, kv, seqs, L, new, graphs=cuda)
+        except Exception as e:
+            report(part="speed", workload="decode_heavy_same_memory", kv_dtype=kv, error=f"{type(e).__name__}: {e}")
+            continue
+        base = base or r
+        report(part="speed", workload="decode_heavy_same_memory", kv_dtype=kv, seqs=seqs, prompt_len=L,
+               new_tokens=new, kv_budget_gib=budget / 2**30, **r,
                decode_speedup_vs_bf16=r["decode_tok_per_s"] / base["decode_tok_per_s"])
     from inference.benchmark import make_prompts, run_paged
 

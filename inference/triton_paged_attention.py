@@ -68,10 +68,13 @@ from inference.quantization import FP8_DTYPE
 # defaults (4 warps, 2 stages) it is within 10% of the fastest of the 27 settings that
 # `python -m inference.bench_paged_decode --sweep` times on an H100 (notes/paged-attention.md).
 TILE_TOKENS = 64
-# Keys per iteration for fp8 codes: 128 one-byte codes are the bytes of 64 bf16 numbers. On an H100, 32
-# sequences of 8k tokens: 176 us per layer against 231 us with tiles of 64. int8 codes keep 64: with 128
-# they took 258 us against 231 (notes/quantization.md).
-FP8_TILE_TOKENS = 128
+# Keys per iteration for one-byte codes (int8, fp8): 128 codes are the bytes of 64 bf16 numbers.
+CODE_TILE_TOKENS = 128
+# Registers per thread for those tiles (Triton's `maxnreg`). Left free, the int8 kernel takes 144 (its codes
+# become bf16 through byte permutes and an add, fp8's through conversion instructions, which need fewer):
+# 3 programs of 4 warps per SM, 396 at once on an H100's 132 SMs, so 32 sequences x 8 KV heads x 2 parts
+# ran in two waves. Capped at 128, 4 fit per SM, with no spills (the compiler's resource report, sm_90).
+CODE_MAX_REGISTERS = 128
 
 
 def power_of_two(n: int) -> bool:
@@ -234,7 +237,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                            tile: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                            heads_per_program: int | None = None, splits: int | None = 1,
-                           values_in_keys: bool = False) -> torch.Tensor:
+                           max_registers: int | None = None, values_in_keys: bool = False) -> torch.Tensor:
     """One query per sequence against its paged K/V. q: (B, H, dk); k_cache: (num_blocks, bs, K, dk),
     v_cache: (num_blocks, bs, K, dv), each with the last dimension contiguous; block_tables: (B, nb)
     integer, entries past a sequence's last block are never read; context_lens: (B,) integer >= 1, the
@@ -245,7 +248,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     values_in_keys: v_cache is a view of k_cache's first dv numbers (MLA's latent), so the kernel reads
     each key row once and uses its prefix as the value; see `paged_latent_decode_attention`.
     Launch settings (inference/bench_paged_decode.py sweeps them): tile keys per loop iteration (64; 128
-    for fp8 codes); num_warps (4, or 8 for keys wider than 256 numbers); heads_per_program query heads of
+    for int8 and fp8 codes); max_registers per thread (Triton's maxnreg; None: the compiler's choice, but
+    CODE_MAX_REGISTERS for codes at the default tile); num_warps (4, or 8 for keys wider than 256 numbers); heads_per_program query heads of
     one KV head per program (all r, at most 64); splits parts per context, FlashDecoding (None: enough to fill the GPU,
     `default_splits`; 1: one program walks the whole context, the output written directly). The defaults
     for MLA's 576-wide rows are the fastest of the 36 settings `--shape deepseek-v3 --sweep` timed on an H100.
@@ -283,7 +287,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if block_tables.dtype != torch.int32:  # the engine converts once a step (PagedBatch.kernel_tables)
         block_tables = block_tables.to(torch.int32)
     r = H // K
-    tile = tile or (FP8_TILE_TOKENS if k_cache.dtype == FP8_DTYPE else TILE_TOKENS)
+    if quant and tile is None:
+        tile, max_registers = CODE_TILE_TOKENS, max_registers or CODE_MAX_REGISTERS
+    tile = tile or TILE_TOKENS
     num_warps = num_warps or (8 if dk > 256 else 4)
     r_block = heads_per_program or min(max(16, 1 << (r - 1).bit_length()), 64)
     r_block = max(16, r_block)  # tl.dot needs at least 16 rows; padding rows are zeros, never stored
@@ -312,7 +318,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         vs.stride(2), math.log2(math.e) * (1 / math.sqrt(dk) if scale is None else scale), split_len,
         R=r, R_BLOCK=r_block, D=D, D_EXTRA=D_extra, DV=dv, BS=bs, TILE=tile,
         PRECISION=precision, QUANT=quant, V_IS_K=values_in_keys, SPLIT=splits > 1,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}))
     return _merge_splits(out, m, l, q.dtype) if splits > 1 else out
 
 

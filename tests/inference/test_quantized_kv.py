@@ -326,3 +326,6 @@ def test_gpu_script_runs_every_part_at_toy_sizes(capsys):
     assert all(r["within_budget"] and r["ran"] for r in capacity.values())
     assert capacity["int8"]["tokens"] > 1.8 * capacity["bf16"]["tokens"]
     assert all(r["max_abs_diff"] < 2e-2 for r in rows if r["part"] == "kernel" and "max_abs_diff" in r)
+    same_memory = {r["kv_dtype"]: r for r in rows if r.get("workload") == "decode_heavy_same_memory"}
+    # the bytes of 2 bf16 sequences hold 3 int8 or fp8 ones (66 bytes per token and head against 128)
+    assert {kv: r["seqs"] for kv, r in same_memory.items()} == {"bf16": 2, "int8": 3, "fp8": 3}
