@@ -31,8 +31,9 @@ import torch
 
 from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
 from inference.paged_attention import attention_mask, paged_attention
+from inference.bench_quantized_kv import quantized_blocks
 from inference.paged_cache import ScheduledSeq, build_metadata
-from inference.quantized_kv import kv_format
+from inference.triton_kivi_attention import paged_int4_decode_attention
 from inference.triton_paged_attention import paged_decode_attention, paged_latent_decode_attention
 
 
@@ -83,8 +84,9 @@ def main(argv=None) -> None:
     p.add_argument("--grid", default="",
                    help="time every combination of the listed launch settings, e.g. "
                         "'tile=64,128 num_warps=4,8 num_stages=2,3 splits=None,4' (overrides --sweep and --splits)")
-    p.add_argument("--kv-dtype", choices=("bf16", "int8", "fp8"), default="bf16",
-                   help="how the Llama-shaped cache stores K/V: bf16, or int8 / fp8 codes with a scale per token and head")
+    p.add_argument("--kv-dtype", choices=("bf16", "int8", "fp8", "int4"), default="bf16",
+                   help="how the Llama-shaped cache stores K/V: bf16, int8 / fp8 codes with a scale per token and "
+                        "head, or int4 (KIVI, blocks of 64 tokens, inference/triton_kivi_attention.py)")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="time replays of a CUDA graph of one call (the GPU's time); --no-graphs: eager calls, "
                         "host overhead included")
@@ -94,13 +96,19 @@ def main(argv=None) -> None:
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     grid = grid_settings(args.grid) if args.grid else None  # a mistyped grid is refused before any work
+    if args.shape == "deepseek-v3" and args.kv_dtype != "bf16":
+        raise ValueError(f"--shape deepseek-v3 times the latent cache in bf16; drop --kv-dtype {args.kv_dtype}")
+    if args.kv_dtype == "int4" and args.sweep:
+        raise ValueError("--sweep lists the bf16/int8 kernel's settings; for int4 give --grid 'num_warps=.. "
+                         "num_stages=.. splits=..'")
     if not torch.cuda.is_available():
         raise UserRuntimeError(f"this benchmark times GPU kernels and needs a CUDA GPU; this torch "
                                f"({torch.__version__}) sees none")
     latent = args.shape == "deepseek-v3"
     # (H query heads, K KV heads, key width, value width); MLA: one latent "head" read by all 128
     H, K, d, dv = (128, 1, 576, 512) if latent else (32, 8, 64, 64)
-    bs, dev = 16, "cuda"
+    int4 = args.kv_dtype == "int4"
+    bs, dev = (64 if int4 else 16), "cuda"
     g = random.Random(args.seed)
     contexts = [args.context or g.randint(32, 512) + args.generated for _ in range(args.batch)]
     num_blocks = sum(-(-c // bs) for c in contexts)
@@ -130,20 +138,25 @@ def main(argv=None) -> None:
         scale = None
         quant = {}
         if args.kv_dtype != "bf16":  # the kernel reads codes and scales; the gather path their dequantized values
-            fmt = kv_format(args.kv_dtype, torch.bfloat16, dev)
-            k_parts, v_parts = fmt.encode("k", k_cache), fmt.encode("v", v_cache)
-            quant = dict(k_scale=k_parts["k_scale"], v_scale=v_parts["v_scale"])
-            stored_k, stored_v = k_parts["k"], v_parts["v"]
-            k_cache, v_cache = fmt.decode("k", k_parts), fmt.decode("v", v_parts)
+            parts, k_cache, v_cache, residuals = quantized_blocks(args.kv_dtype, k_cache, v_cache, seqs)
+            quant = {name: t for name, t in parts.items() if name not in ("k", "v")}
+            stored_k, stored_v = parts["k"], parts["v"]
         else:
             stored_k, stored_v = k_cache, v_cache
 
         def kernel(**launch):
+            if int4:
+                return paged_int4_decode_attention(q, stored_k, quant["k_scale"], quant["k_zero"], stored_v,
+                                                   quant["v_scale"], quant["v_zero"], *residuals,
+                                                   torch.arange(args.batch, device=dev), kernel_tables, context_lens,
+                                                   **launch)
             return paged_decode_attention(q, stored_k, stored_v, kernel_tables, context_lens, **quant, **launch)
-        # K and V of every live token, read once: codes, and a scale per token and head if quantized
-        kv_bytes = sum(contexts) * K * 2 * (d * stored_k.element_size() + (2 if quant else 0))
+        # K and V of every live token, read once: codes and scales (int4: 4 bits a number, a scale and zero per
+        # value token and per key channel of each block; its residual tokens counted as codes too)
+        per_token = {"bf16": 2 * d * 2, "int8": 2 * (d + 2), "fp8": 2 * (d + 2), "int4": d + 4 + 4 * d // bs}
+        kv_bytes = sum(contexts) * K * per_token[args.kv_dtype]
         settings = [dict(tile=t, num_warps=w, num_stages=s, splits=n) for t in (32, 64, 128) for w in (2, 4, 8)
-                    for s in (1, 2, 3) for n in (1, None)] if args.sweep else [dict(), dict(splits=None)]
+                    for s in (1, 2, 3) for n in (1, None)] if args.sweep else [dict(splits=1), dict(splits=None)]
 
     if args.splits and not args.sweep:
         settings = [dict(splits=None if n == "None" else int(n)) for n in args.splits.split(",")]

@@ -24,7 +24,8 @@ K/V may be stored quantized (EngineConfig.kv_dtype: "int8", "fp8", "int4"; infer
 the pool's blocks hold codes and scales, so the same memory holds about twice (int8, fp8) or over three
 times (int4) the tokens. Prefix caching, copy-on-write and preemption work on quantized blocks
 as on plain ones; int4 (KIVI) keeps each running sequence's unfilled last block in full precision in a
-slot of its own, as a state is kept, so it runs without CUDA graphs and its decode steps gather.
+slot of its own, as a state is kept, so it runs without CUDA graphs; its decode steps run the kernel of
+inference/triton_kivi_attention.py, which reads the 4-bit blocks and the residual in place.
 
 Models whose layers keep a per-sequence state (Mamba-2, Nemotron-H) are served the same way:
 what the engine does follows the layers' cache specs, never the architecture. The pool gives
@@ -50,6 +51,7 @@ from inference.paged_cache import PagedBatch, PagedKVPool, build_metadata
 from inference.quantized_kv import valid_kv_dtypes
 from inference.sampling import SamplingParams, check_prompt_ids, eos_ids, sample_next
 from inference.scheduler import Scheduler, Sequence
+from inference.triton_kivi_attention import kivi_unavailable_reason
 from inference.triton_paged_attention import key_split, triton_unavailable_reason
 
 
@@ -178,8 +180,12 @@ class LLMEngine:
         """None if the Triton decode kernel can read what this layer caches, else why not."""
         fmt = self.kv_format
         if not fmt.kernel_reads:
-            return (f"the Triton decode kernel reads plain caches of the model's dtype and int8/fp8 ones, not "
-                    f"kv_dtype={fmt.name!r}")
+            return (f"the Triton decode kernels read plain caches of the model's dtype, int8/fp8 ones and int4 ones "
+                    f"of a bf16 model, not kv_dtype={fmt.name!r} with a {fmt.compute_dtype} model")
+        if isinstance(spec, KVSpec) and fmt.name == "int4":
+            if (spec.v_head_dim or spec.head_dim) != spec.head_dim:
+                return "the int4 decode kernel reads K and V of equal widths only"
+            return kivi_unavailable_reason(self.device, spec.head_dim, self.config.block_size)
         if isinstance(spec, KVSpec):
             value = spec.v_head_dim or spec.head_dim
             if fmt.quantized and value != spec.head_dim:

@@ -342,7 +342,8 @@ class PagedBatch:
     (prefills, mixed) gather;
     "reference": a `kernel` that runs `paged_attention_reference`, the slow oracle, for tests.
     Quantized blocks are dequantized by the gather and by the reference as they read them, and by
-    the kernel in its loop; int4 steps always gather (the kernel reads per-token scales only).
+    the kernel in its loop; int4 decode steps run their own kernel (inference/triton_kivi_attention.py),
+    which reads each sequence's residual as well.
     """
 
     def __init__(self, pool: PagedKVPool, meta: StepMetadata, attention: str = "gather",
@@ -430,6 +431,17 @@ class PagedBatch:
                                                          self.context_lens, scale=scale)[None]
                 return CacheView(kernel=kernel)
 
+            if self.pool.residual:  # int4: 4-bit blocks, and each sequence's newest tokens in its residual
+                from inference.triton_kivi_attention import paged_int4_decode_attention
+                residual = self.pool.residual[layer]
+
+                def kernel(q, scale):  # q: (1, B, H, d) -> (1, B, H, d)
+                    return paged_int4_decode_attention(
+                        q[0], stored["k"], stored["k_scale"], stored["k_zero"], stored["v"], stored["v_scale"],
+                        stored["v_zero"], residual["k"], residual["v"], self.slots, self.kernel_tables,
+                        self.context_lens, scale=scale)[None]
+                return CacheView(kernel=kernel)
+
             def kernel(q, scale):  # q: (1, B, H, d) -> (1, B, H, dv)
                 return paged_decode_attention(q[0], stored["k"], stored["v"], self.kernel_tables, self.context_lens,
                                               scale=scale, k_scale=stored.get("k_scale"),
@@ -500,6 +512,7 @@ class PagedBatch:
                 from_residual=from_residual, new_index=new_index, block=block.reshape(-1),
                 residual_src=full[:, None] * bs + torch.arange(bs)[None],  # (B, bs): row slots of the new residual
                 last_block=(end // bs).clamp(max=nb - 1), partial=partial).items()}
+            self._groups["fills_a_block"] = bool(full.max() > 0)  # host-side: most decode steps fill none
         return self._groups
 
     def _write_groups(self, layer: int, new: dict[str, torch.Tensor]) -> None:
@@ -513,7 +526,8 @@ class PagedBatch:
             Wbs = ix["from_residual"].shape[1]
             from_res = held[:, torch.arange(Wbs, device=t.device).clamp(max=bs - 1)]  # (B, W * bs, *shape)
             row = torch.where(ix["from_residual"].view(B, Wbs, *[1] * len(shape)), from_res, t[0][ix["new_index"]])
-            for part, codes in fmt.encode(name, row, len(shape)).items():  # each (B, W, *part)
+            # No block complete (most decode steps): every group would go to the scratch block, so skip encoding.
+            for part, codes in (fmt.encode(name, row, len(shape)) if ix["fills_a_block"] else {}).items():
                 cache = stored[part]  # (num_blocks + 1, 1, *part)
                 _index_copy(cache.view(-1, *cache.shape[2:]), ix["block"], codes.flatten(0, 1))
             rows = torch.arange(B, device=t.device)[:, None]

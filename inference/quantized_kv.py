@@ -76,8 +76,10 @@ class KVFormat:
 
     @property
     def kernel_reads(self) -> bool:
-        """Can the Triton decode kernel read this storage in place? Plain storage in the model's dtype, and
-        int8/fp8 (one scale per token and head); int4's per-channel groups and residual go through the gather."""
+        """Can a Triton decode kernel read this storage in place? Plain storage in the model's dtype, int8/fp8
+        (inference/triton_paged_attention.py) and int4 with a bf16 model (inference/triton_kivi_attention.py)."""
+        if self.name == "int4":
+            return self.compute_dtype == torch.bfloat16
         return self.name in ("int8", "fp8") or (not self.quantized and self.storage_dtype == self.compute_dtype)
 
     @property

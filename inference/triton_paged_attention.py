@@ -75,6 +75,10 @@ CODE_TILE_TOKENS = 128
 # 3 programs of 4 warps per SM, 396 at once on an H100's 132 SMs, so 32 sequences x 8 KV heads x 2 parts
 # ran in two waves. Capped at 128, 4 fit per SM, with no spills (the compiler's resource report, sm_90).
 CODE_MAX_REGISTERS = 128
+# int8 codes over long contexts (tables of >= LONG_CONTEXT keys): tiles of 256, 164 us per layer on 32 x 8k
+# against 182 with 128; below that 128 stays (64 sequences of U[32, 512] + 128: 25 us against 27). fp8
+# gains nothing from 256 (177 against 175 us), so it keeps 128.
+INT8_LONG_TILE_TOKENS, LONG_CONTEXT = 256, 4096
 
 
 def power_of_two(n: int) -> bool:
@@ -216,6 +220,20 @@ def _merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: to
     return ((w[..., None] * acc).sum(2) / (w * l).sum(-1, keepdim=True)).to(dtype)  # (B, H, dv)
 
 
+def split_outputs(q: torch.Tensor, splits: int, dv: int):
+    """What a decode kernel writes for queries q (B, H, .): with splits > 1, each part's fp32 (acc, m, l),
+    (B, H, splits, dv) and (B, H, splits) twice, merged afterwards by `_merge_splits`; with one part, the
+    output (B, H, dv) in q's dtype (m and l unused). Returns (out, m, l, out strides, m and l strides)."""
+    B, H = q.shape[:2]
+    if splits > 1:
+        out = torch.empty(B, H, splits, dv, dtype=torch.float32, device=q.device)
+        m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        return out, m, l, (out.stride(0), out.stride(1), out.stride(2)), (m.stride(0), m.stride(1))
+    out = torch.empty(B, H, dv, dtype=q.dtype, device=q.device)
+    return out, out, out, (out.stride(0), out.stride(1), 0), (0, 0)
+
+
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -248,7 +266,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     values_in_keys: v_cache is a view of k_cache's first dv numbers (MLA's latent), so the kernel reads
     each key row once and uses its prefix as the value; see `paged_latent_decode_attention`.
     Launch settings (inference/bench_paged_decode.py sweeps them): tile keys per loop iteration (64; 128
-    for int8 and fp8 codes); max_registers per thread (Triton's maxnreg; None: the compiler's choice, but
+    for int8 and fp8 codes, 256 for int8 over tables of LONG_CONTEXT keys or more); max_registers per thread (Triton's maxnreg; None: the compiler's choice, but
     CODE_MAX_REGISTERS for codes at the default tile); num_warps (4, or 8 for keys wider than 256 numbers); heads_per_program query heads of
     one KV head per program (all r, at most 64); splits parts per context, FlashDecoding (None: enough to fill the GPU,
     `default_splits`; 1: one program walks the whole context, the output written directly). The defaults
@@ -287,26 +305,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if block_tables.dtype != torch.int32:  # the engine converts once a step (PagedBatch.kernel_tables)
         block_tables = block_tables.to(torch.int32)
     r = H // K
+    max_context = block_tables.shape[1] * bs  # a shape: the same for every step a CUDA graph replays
     if quant and tile is None:
-        tile, max_registers = CODE_TILE_TOKENS, max_registers or CODE_MAX_REGISTERS
+        long_int8 = k_cache.dtype == torch.int8 and max_context >= LONG_CONTEXT
+        tile = INT8_LONG_TILE_TOKENS if long_int8 else CODE_TILE_TOKENS
+        max_registers = max_registers or CODE_MAX_REGISTERS
     tile = tile or TILE_TOKENS
     num_warps = num_warps or (8 if dk > 256 else 4)
     r_block = heads_per_program or min(max(16, 1 << (r - 1).bit_length()), 64)
     r_block = max(16, r_block)  # tl.dot needs at least 16 rows; padding rows are zeros, never stored
     head_blocks = -(-r // r_block)
-    max_context = block_tables.shape[1] * bs
     splits = default_splits(B, K * head_blocks, max_context, tile, q.device) if splits is None else splits
     split_len = -(-max_context // (splits * tile)) * tile  # a multiple of the tile
     splits = -(-max_context // split_len)
-    if splits > 1:  # fp32 partial results per part, merged afterwards
-        out = torch.empty(B, H, splits, dv, dtype=torch.float32, device=q.device)
-        m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
-        out_strides, ml_strides = (out.stride(0), out.stride(1), out.stride(2)), (m.stride(0), m.stride(1))
-    else:
-        out = torch.empty(B, H, dv, dtype=q.dtype, device=q.device)
-        m = l = out  # unused
-        out_strides, ml_strides = (out.stride(0), out.stride(1), 0), (0, 0)
+    out, m, l, out_strides, ml_strides = split_outputs(q, splits, dv)
     # Matters for fp32 caches only (the tests' exact-token settings): true fp32 products, not
     # TF32's 10-bit mantissa. bf16 and fp16 operands go to the tensor cores as they are.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"

@@ -119,6 +119,8 @@ CASES = {
         (["--iters", "0"], "--iters must be >= 1, got 0"),
         ([], "needs a CUDA GPU"),
         (["--grid", "tile=64 warps=4"], "--grid entry 'warps=4': write NAME=V1,V2 with NAME one of tile, num_warps"),
+        (["--shape", "deepseek-v3", "--kv-dtype", "int8"], "times the latent cache in bf16; drop --kv-dtype int8"),
+        (["--kv-dtype", "int4", "--sweep"], "for int4 give --grid"),
     ],
     "architectures.mixtral.benchmark": [
         (["--device", "gpu0"], "unknown device 'gpu0'"),

@@ -18,6 +18,8 @@ References and tolerances:
   block size (4), so that both quantize the same groups.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -239,18 +241,47 @@ def test_fp8_where_it_is_missing_says_which_and_to_use_int8(model, monkeypatch):
         NaiveKVCache.for_model(model, 1, 8, kv_dtype="fp8")
 
 
-def test_int4_refuses_cuda_graphs_and_the_triton_kernel(model):
+def test_int4_refuses_cuda_graphs_and_says_when_its_kernel_cannot_run(model):
     with pytest.raises(ValueError, match="int4.*without CUDA graphs"):
         LLMEngine(model, EngineConfig(num_blocks=16, kv_dtype="int4", cuda_graphs=True))
-    with pytest.raises(ValueError, match="attention='triton'.*not kv_dtype='int4'"):
+    # the int4 kernel computes in bf16: an fp32 model's int4 cache gathers
+    with pytest.raises(ValueError, match=r"attention='triton'.*not kv_dtype='int4' with a torch.float32 model"):
         LLMEngine(model, EngineConfig(num_blocks=16, kv_dtype="int4", attention="triton"))
+    assert LLMEngine(model, EngineConfig(num_blocks=16, kv_dtype="int4")).attention == "gather"
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"attention='triton'.*powers of 2 >= 32, got head_dim=\d+, block_size=48"):
+        LLMEngine(bf16, EngineConfig(num_blocks=16, block_size=48, kv_dtype="int4", attention="triton"))
+
+
+def test_int4_kernel_refuses_mismatched_inputs_before_it_needs_a_gpu():
+    from inference.triton_kivi_attention import paged_int4_decode_attention
+
+    n, G, K, d, B, H = 5, 64, 2, 64, 3, 8
+    k, v = torch.zeros(n, 1, K, d, G // 2, dtype=torch.uint8), torch.zeros(n, 1, G, K, d // 2, dtype=torch.uint8)
+    ks, vs = torch.ones(n, 1, K, d, 1, dtype=torch.float16), torch.ones(n, 1, G, K, 1, dtype=torch.float16)
+    res = torch.zeros(B, G, K, d, dtype=torch.bfloat16)
+    args = dict(k=k, k_scale=ks, k_zero=ks, v=v, v_scale=vs, v_zero=vs, k_residual=res, v_residual=res,
+                slots=torch.arange(B), block_tables=torch.zeros(B, 2, dtype=torch.int32),
+                context_lens=torch.ones(B, dtype=torch.int32))
+    q = torch.zeros(B, H, d, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="computes in bf16"):
+        paged_int4_decode_attention(q.float(), **args)
+    with pytest.raises(ValueError, match=r"keys \(n, 1, K, d, G/2\) and values \(n, 1, G, K, d/2\)"):
+        paged_int4_decode_attention(q, **{**args, "v": v[:, :, :, :, :16]})
+    with pytest.raises(ValueError, match=r"residuals must be \(slots, 64, 2, 64\)"):
+        paged_int4_decode_attention(q, **{**args, "k_residual": res[:, :32]})
+    with pytest.raises(ValueError, match="value ones"):
+        paged_int4_decode_attention(q, **{**args, "v_scale": ks})
+    if not torch.cuda.is_available():  # well-formed inputs on the CPU: the device is what is refused
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU.*use inference.paged_attention.paged_attention"):
+            paged_int4_decode_attention(q, **args)
 
 
 # ---- on a GPU: the Triton kernel dequantizes as the gather path does ---------------------------------
 
 
 @needs_triton
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8", "int4"])
 def test_triton_kernel_on_quantized_blocks_matches_the_gather_path_on_gpu(kv_dtype):
     from inference.bench_quantized_kv import kernel_vs_gather
 
@@ -329,3 +360,44 @@ def test_gpu_script_runs_every_part_at_toy_sizes(capsys):
     same_memory = {r["kv_dtype"]: r for r in rows if r.get("workload") == "decode_heavy_same_memory"}
     # the bytes of 2 bf16 sequences hold 3 int8 or fp8 ones (66 bytes per token and head against 128)
     assert {kv: r["seqs"] for kv, r in same_memory.items()} == {"bf16": 2, "int8": 3, "fp8": 3}
+
+
+@needs_triton
+def test_engine_reading_int4_blocks_with_the_kernel_gives_the_gather_paths_logits_on_gpu():
+    # bf16 (the int4 kernel's compute dtype): kernel and gather differ by bf16 roundings, enough to flip a
+    # near-tie of a random model's greedy token now and then (on an H100, twice in 500 tokens). So the gather
+    # engine is fed the kernel engine's tokens, and every step's logits are compared: a wiring mistake
+    # (residual slot, block table, write-then-read order) moves them by far more than roundings do. The
+    # prompts sit around block edges (64 tokens), so that blocks fill and residuals empty mid-run.
+    torch.manual_seed(0)
+    model = Llama3(LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                               initializer_range=0.2)).cuda().to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 60, 63, 64, 65, 127, 200)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=70)
+    logits = {"triton": [], "gather": []}
+
+    def recording(engine, force):
+        update = engine._sample_and_update
+
+        def sample_and_update(seqs, step_logits):
+            logits[engine.attention].append(step_logits.float().clone())
+            if force:  # the kernel engine's greedy tokens, whatever this engine's logits say
+                chosen = logits["triton"][len(logits["gather"]) - 1].argmax(-1)
+                step_logits = torch.full_like(step_logits, -1e4).scatter_(-1, chosen[:, None], 0.0)
+            return update(seqs, step_logits)
+        engine._sample_and_update = sample_and_update
+        return engine
+
+    kernel = recording(LLMEngine(model, EngineConfig(num_blocks=64, block_size=64, attention="triton",
+                                                     kv_dtype="int4")), force=False)
+    gather = recording(LLMEngine(model, EngineConfig(num_blocks=64, block_size=64, attention="gather",
+                                                     kv_dtype="int4")), force=True)
+    assert kernel.attention == "triton"
+    assert [o.completions for o in kernel.generate(prompts, params)] == \
+        [o.completions for o in gather.generate(prompts, params)]  # forced: the same tokens
+    assert len(logits["triton"]) == len(logits["gather"]) >= params.max_new_tokens
+    spread = max(t.std().item() for t in logits["gather"])
+    worst = max((a - b).abs().max().item() for a, b in zip(logits["triton"], logits["gather"]))
+    assert worst < 0.1 * spread, f"logits differ by {worst} (logit spread {spread})"
