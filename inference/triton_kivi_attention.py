@@ -20,12 +20,12 @@ Dequantizing a block would cost work for each of its 2 x G x d numbers. The kern
 and zeros to the other side of each product instead:
     score_t = sum_c q_c (code_ct - z_c) s_c = sum_c (q_c s_c) code_ct - sum_c (q_c s_c) z_c
 so the query is scaled once per block (d multiplies per query head), the codes go to the tensor cores
-as they are, and the zeros become one number per query head. The scaled query is split into two bf16 parts,
-hi = bf16(q s) and lo = bf16(q s - hi), each with its own dot: one bf16 part would round q_c s_c once per
-block, the same error for all its G keys, and in the tests that left the output 2-5 times further from
-fp32 than the gather path, which rounds each dequantized key on its own. Likewise for the values:
+as they are, and the zeros become one number per query head. Likewise for the values:
     out_c += sum_t p_t s_t (code_tc - z_t) = sum_t (p_t s_t) code_tc - sum_t (p_t s_t) z_t.
-A code n becomes a bf16 number without a conversion instruction: the bits 0x4300 | n are the bf16
+The scaled query is split into two bf16 parts, hi = bf16(q s) and lo = bf16(q s - hi), each with its own
+dot: a single bf16 q_c s_c is rounded once per block, the same error for all its G keys, and that left
+the output 2-5 times further from fp32 than the gather path, which rounds each dequantized key on its
+own (notes/quantization.md). A code n becomes a bf16 number without a conversion instruction: the bits 0x4300 | n are the bf16
 number 128 + n exactly (bf16 counts in steps of 1 between 128 and 256), so the products read 128 + n,
 and the zero term subtracts 128 + z instead of z. The zero terms use the same (q_c s_c) and bf16-rounded
 (p_t s_t) as the products, so the 128s cancel up to fp32 summation, and the kernel differs from
@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from inference.triton_paged_attention import (_merge_splits, default_splits, power_of_two, split_outputs,
+from inference.triton_paged_attention import (merge_splits, default_splits, power_of_two, split_outputs,
                                               triton_unavailable_reason)
 
 
@@ -231,4 +231,4 @@ def paged_int4_decode_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch
         k_residual.stride(0), k_residual.stride(1), k_residual.stride(2),
         block_tables.stride(0), *out_strides, *ml_strides, qk_scale, split_blocks,
         R=r, R_BLOCK=r_block, D=d, G=G, SPLIT=splits > 1, num_warps=num_warps, num_stages=num_stages)
-    return _merge_splits(out, m, l, q.dtype) if splits > 1 else out
+    return merge_splits(out, m, l, q.dtype) if splits > 1 else out

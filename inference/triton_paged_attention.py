@@ -31,7 +31,7 @@ No host synchronisation and fixed launch shapes, so it is captured in the engine
 One program walks a whole context: 64 sequences x 8 KV heads make 512 programs, which read K/V
 at about 1.5 TB/s on an H100, under half its peak (notes/paged-attention.md), and a batch of a
 few long sequences would leave most SMs idle. With `splits` > 1 each context is cut into parts,
-one program per part, and the parts' (acc, m, l) are merged afterwards (`_merge_splits`), as
+one program per part, and the parts' (acc, m, l) are merged afterwards (`merge_splits`), as
 FlashDecoding does (Dao et al., 2023); the default, 1, writes the output directly.
 
 Multi-head latent attention (DeepSeek-V3) reads its latent cache with the same kernel
@@ -200,7 +200,7 @@ def _kernel():
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
         o_rows = b * stride_ob + heads[:, None] * stride_oh
-        if SPLIT:  # this part's unnormalised (acc, m, l); `_merge_splits` combines the parts
+        if SPLIT:  # this part's unnormalised (acc, m, l); `merge_splits` combines the parts
             tl.store(out_ptr + o_rows + split * stride_os + vdims[None, :], acc, mask=row_ok[:, None])
             ml = b * stride_mb + heads * stride_mh + split
             tl.store(m_ptr + ml, m, mask=row_ok)
@@ -212,7 +212,7 @@ def _kernel():
     return paged_decode_kernel
 
 
-def _merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """FlashDecoding's merge. Part j of a context left acc_j = sum exp2(s - m_j) v and l_j = sum exp2(s - m_j):
     rescale every part to the common max M = max_j m_j, then out = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) l_j.
     acc: (B, H, splits, dv); m, l: (B, H, splits); a part past the context has m = -inf and l = 0, weight 0."""
@@ -222,7 +222,7 @@ def _merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: to
 
 def split_outputs(q: torch.Tensor, splits: int, dv: int):
     """What a decode kernel writes for queries q (B, H, .): with splits > 1, each part's fp32 (acc, m, l),
-    (B, H, splits, dv) and (B, H, splits) twice, merged afterwards by `_merge_splits`; with one part, the
+    (B, H, splits, dv) and (B, H, splits) twice, merged afterwards by `merge_splits`; with one part, the
     output (B, H, dv) in q's dtype (m and l unused). Returns (out, m, l, out strides, m and l strides)."""
     B, H = q.shape[:2]
     if splits > 1:
@@ -331,7 +331,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         R=r, R_BLOCK=r_block, D=D, D_EXTRA=D_extra, DV=dv, BS=bs, TILE=tile,
         PRECISION=precision, QUANT=quant, V_IS_K=values_in_keys, SPLIT=splits > 1,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}))
-    return _merge_splits(out, m, l, q.dtype) if splits > 1 else out
+    return merge_splits(out, m, l, q.dtype) if splits > 1 else out
 
 
 def paged_latent_decode_attention(q: torch.Tensor, latent_cache: torch.Tensor, value_dim: int,
