@@ -215,9 +215,37 @@ def _kernel():
 def merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """FlashDecoding's merge. Part j of a context left acc_j = sum exp2(s - m_j) v and l_j = sum exp2(s - m_j):
     rescale every part to the common max M = max_j m_j, then out = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) l_j.
-    acc: (B, H, splits, dv); m, l: (B, H, splits); a part past the context has m = -inf and l = 0, weight 0."""
+    acc: (B, H, splits, dv); m, l: (B, H, splits), contiguous; a part past the context has m = -inf and l = 0,
+    weight 0. On a GPU one Triton launch (`_merge_kernel`) does what the torch lines below do in nine kernels,
+    in every layer of every decode step (on an H100, about 0.4 ms of a 5.9 ms step at 32 x 8k)."""
+    if acc.is_cuda:
+        B, H, S, dv = acc.shape
+        out = torch.empty(B, H, dv, dtype=dtype, device=acc.device)
+        _merge_kernel()[(B * H,)](acc, m, l, out, S, DV=dv, S_PAD=max(2, 1 << (S - 1).bit_length()))
+        return out
     w = torch.exp2(m - m.amax(-1, keepdim=True))  # (B, H, splits); part 0 always holds keys, so M is finite
     return ((w[..., None] * acc).sum(2) / (w * l).sum(-1, keepdim=True)).to(dtype)  # (B, H, dv)
+
+
+@functools.cache
+def _merge_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, S, DV: tl.constexpr, S_PAD: tl.constexpr):
+        row = tl.program_id(0)  # one (sequence, query head): its S parts, merged
+        parts = tl.arange(0, S_PAD)
+        ok = parts < S
+        m = tl.load(m_ptr + row * S + parts, mask=ok, other=float("-inf"))
+        l = tl.load(l_ptr + row * S + parts, mask=ok, other=0.0)
+        w = tl.exp2(m - tl.max(m, 0))  # (S_PAD,): 0 for padding and for parts past the context
+        dims = tl.arange(0, DV)
+        acc = tl.load(acc_ptr + (row * S + parts)[:, None] * DV + dims[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
+        tl.store(out_ptr + row * DV + dims, out.to(out_ptr.dtype.element_ty))
+
+    return merge_kernel
 
 
 def split_outputs(q: torch.Tensor, splits: int, dv: int):

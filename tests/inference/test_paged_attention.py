@@ -218,6 +218,21 @@ def test_triton_decode_kernel_matches_reference_in_bf16(H, K, seed):
 
 
 @needs_triton
+@pytest.mark.parametrize("splits,dv", [(2, 64), (3, 512), (5, 16)])
+def test_merge_kernel_equals_the_torch_merge_on_gpu(splits, dv):
+    from inference.triton_paged_attention import merge_splits
+
+    g = torch.Generator().manual_seed(splits)
+    acc = torch.randn(4, 6, splits, dv, generator=g)
+    m = torch.randn(4, 6, splits, generator=g) * 4
+    l = torch.rand(4, 6, splits, generator=g) + 0.5
+    m[1, :, -1], l[1, :, -1], acc[1, :, -1] = float("-inf"), 0.0, 0.0  # a part past sequence 1's context
+    expected = merge_splits(acc, m, l, torch.float32)  # on the CPU: the torch formula
+    out = merge_splits(acc.cuda(), m.cuda(), l.cuda(), torch.float32)  # on the GPU: the Triton merge
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_triton
 def test_triton_decode_kernel_never_reads_past_a_context():
     """Slots after a sequence's last token, and the scratch block that pads the tables, hold NaN:
     if the kernel used any of them, even with a softmax weight of 0, the output would be NaN."""
