@@ -217,7 +217,8 @@ def merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: tor
     rescale every part to the common max M = max_j m_j, then out = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) l_j.
     acc: (B, H, splits, dv); m, l: (B, H, splits), contiguous; a part past the context has m = -inf and l = 0,
     weight 0. On a GPU one Triton launch (`_merge_kernel`) does what the torch lines below do in nine kernels,
-    in every layer of every decode step (on an H100, about 0.4 ms of a 5.9 ms step at 32 x 8k)."""
+    in every layer of every decode step (on an H100, 32 x 8k: 128 kernels fewer per step, and a bf16 step's
+    GPU time 5.85 -> 5.58 ms)."""
     if acc.is_cuda:
         B, H, S, dv = acc.shape
         out = torch.empty(B, H, dv, dtype=dtype, device=acc.device)
@@ -270,8 +271,8 @@ def _multiprocessors(device: torch.device) -> int:
 def default_splits(batch: int, programs_per_seq: int, max_context: int, tile: int, device) -> int:
     """How many parts to cut each context into: enough for about two programs per SM (a program walks its
     tiles one after another, so more programs keep more loads in flight), each part at least 16 tiles,
-    since the merge costs a few small kernels that short contexts do not repay (on an H100, 2 parts of
-    contexts under 640 tokens took 46 us against 30 us whole). Decided from shapes only (no host
+    since the merge costs launches that short contexts do not repay (on an H100, 2 parts of contexts under
+    640 tokens took 46 us against 30 us whole, when the merge was nine torch kernels). Decided from shapes only (no host
     synchronisation), so a CUDA graph captures one launch shape."""
     sms = _multiprocessors(torch.device(device))
     wanted = -(-2 * sms // (batch * programs_per_seq))
