@@ -29,10 +29,12 @@ import random
 
 import torch
 
+from architectures.common.cache import KVSpec
 from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
 from inference.paged_attention import attention_mask, paged_attention
 from inference.bench_quantized_kv import quantized_blocks
 from inference.paged_cache import ScheduledSeq, build_metadata
+from inference.quantized_kv import bytes_per_token, kv_format
 from inference.triton_kivi_attention import paged_int4_decode_attention
 from inference.triton_paged_attention import paged_decode_attention, paged_latent_decode_attention
 
@@ -151,10 +153,10 @@ def main(argv=None) -> None:
                                                    torch.arange(args.batch, device=dev), kernel_tables, context_lens,
                                                    **launch)
             return paged_decode_attention(q, stored_k, stored_v, kernel_tables, context_lens, **quant, **launch)
-        # K and V of every live token, read once: codes and scales (int4: 4 bits a number, a scale and zero per
-        # value token and per key channel of each block; its residual tokens counted as codes too)
-        per_token = {"bf16": 2 * d * 2, "int8": 2 * (d + 2), "fp8": 2 * (d + 2), "int4": d + 4 + 4 * d // bs}
-        kv_bytes = sum(contexts) * K * per_token[args.kv_dtype]
+        # K and V of every live token, read once: codes and scales, as the pool stores them (`bytes_per_token`;
+        # int4's residual tokens are counted as codes too)
+        fmt = kv_format(args.kv_dtype, torch.bfloat16, dev, bs if int4 else None)
+        kv_bytes = sum(contexts) * bytes_per_token([KVSpec(K, d)], fmt)
         settings = [dict(tile=t, num_warps=w, num_stages=s, splits=n) for t in (32, 64, 128) for w in (2, 4, 8)
                     for s in (1, 2, 3) for n in (1, None)] if args.sweep else [dict(splits=1), dict(splits=None)]
 

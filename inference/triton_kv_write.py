@@ -34,6 +34,7 @@ import torch
 from inference.quantization import FP8_DTYPE, FP8_MAX, INT8_MAX
 from inference.triton_paged_attention import power_of_two, triton_unavailable_reason
 
+
 def fused_write_reason(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> str | None:
     """None if `write_quantized_rows` can write x (N, K, d) into `codes` / `scales`, else why not: the
     formats it stores, a power-of-2 width (tl.arange), and the decode kernel's conditions (a CUDA GPU,

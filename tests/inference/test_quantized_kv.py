@@ -287,6 +287,8 @@ def test_triton_kernel_on_quantized_blocks_matches_the_gather_path_on_gpu(kv_dty
 
     # bf16 queries; the two differ by bf16 roundings only (the kernel rounds p x scale, the gather code x scale).
     assert kernel_vs_gather(kv_dtype, device="cuda") < 2e-2
+    # block tables of >= 4,096 keys, where int8 reads tiles of 256 (INT8_LONG_TILE_TOKENS) and contexts split
+    assert kernel_vs_gather(kv_dtype, device="cuda", contexts=(1, 300, 4095, 4097, 8192)) < 2e-2
 
 
 @needs_triton
