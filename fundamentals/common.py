@@ -6,7 +6,7 @@ Handwritten Digits", bundled with scikit-learn, so nothing is downloaded). The s
 accuracy is on the same images.
 
 Command line: `--preset NAME` picks a dataclass of defaults; every other `--key value`
-overrides the field of that name, parsed to its declared type (architectures.common.config's
+overrides the field of that name, parsed to its declared type (architectures.utils.config's
 `apply_overrides`), so a typo or a wrong type is a one-line error.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from architectures.common.config import apply_overrides, get_preset
-from architectures.common.errors import ArgumentParser
+from architectures.utils.config import apply_overrides, get_preset
+from architectures.utils.command_line import ArgumentParser
 
 DIGITS_TEST_SIZE = 360  # 20% of 1,797
 DIGITS_SPLIT_SEED = 0

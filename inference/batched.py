@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from architectures.common.errors import UserTypeError
+from architectures.utils.command_line import UserTypeError
 from inference.kv_cache import NaiveKVCache
 from inference.sampling import SamplingParams, check_prompt_ids, eos_ids, sample_next
 

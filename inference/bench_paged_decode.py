@@ -30,7 +30,7 @@ import random
 import torch
 
 from architectures.common.cache import KVSpec
-from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
+from architectures.utils.command_line import ArgumentParser, UserRuntimeError, command_line
 from inference.paged_attention import attention_mask, paged_attention
 from inference.bench_quantized_kv import quantized_blocks
 from inference.paged_cache import ScheduledSeq, build_metadata

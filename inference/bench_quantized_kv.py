@@ -37,7 +37,7 @@ import traceback
 import torch
 
 from architectures import registry
-from architectures.common.errors import ArgumentParser, command_line
+from architectures.utils.command_line import ArgumentParser, command_line
 from inference.engine import EngineConfig, LLMEngine
 from inference.kv_cache import NaiveKVCache
 from inference.paged_attention import attention_mask, paged_attention, paged_attention_reference
@@ -46,7 +46,7 @@ from inference.quantized_kv import kv_format
 from inference.sampling import SamplingParams
 from inference.triton_kivi_attention import kivi_unavailable_reason, paged_int4_decode_attention
 from inference.triton_paged_attention import paged_decode_attention, triton_unavailable_reason
-from training.device import resolve_device
+from architectures.utils.device import add_device_option, resolve_device
 
 ROWS: list[dict] = []  # every measurement, for the table at the end
 
@@ -355,7 +355,7 @@ def table() -> None:
 @command_line
 def main(argv=None) -> list[dict]:
     p = ArgumentParser(prog="python -m inference.bench_quantized_kv", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N")
+    add_device_option(p)
     p.add_argument("--quick", action="store_true", help="toy sizes and a tiny model: checks the script runs (CPU)")
     p.add_argument("--parts", default="kernel,capacity,speed,quality", help="comma list of the parts to run")
     p.add_argument("--preset", default="llama-3.2-1b", help="llama3 preset of the random model of parts 2 and 3")

@@ -10,12 +10,11 @@ linear layer but the head quantized in place (`quantize`: int8 per row, int4 and
 
 from __future__ import annotations
 
-import argparse
 import json
 
-import torch
-
 from architectures import registry
+from architectures.utils.command_line import ArgumentParser, command_line
+from architectures.utils.device import add_device_option, resolve_device
 from inference.quantized_linear import quantize
 from training.data import prepare_data
 from training.lm import evaluate_split
@@ -24,23 +23,25 @@ from training.tokenizer import Tokenizer
 FORMATS = [("int8", None, False), ("int4", 64, False), ("nf4", 64, False), ("nf4", 64, True)]
 
 
+@command_line
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="a checkpoint directory with tokenizer.json")
     ap.add_argument("--corpus", default="tinyshakespeare", help="the corpus whose last 10%% is scored")
     ap.add_argument("--block-size", type=int, default=256)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(ap)
     args = ap.parse_args(argv)
+    device = resolve_device(args.device)
     tokenizer = Tokenizer.from_file(args.checkpoint)
     tokens = prepare_data(args.corpus, tokenizer)
     per_char = 1.0 / tokens.val_chars_per_token
     base = None
     rows = []
     for fmt, group, dq in [("none", None, False)] + FORMATS:
-        model = registry.from_pretrained(args.checkpoint, device=args.device)
+        model = registry.from_pretrained(args.checkpoint, device=device)
         if fmt != "none":
             quantize(model, fmt, group_size=group, double_quant=dq)
-        nats = evaluate_split(model, tokens.val, args.block_size, device=args.device) * per_char
+        nats = evaluate_split(model, tokens.val, args.block_size, device=device) * per_char
         base = nats if base is None else base
         row = {"format": fmt + (" + double quant" if dq else ""), "group": group, "nats_per_char": nats,
                "relative_change": nats / base - 1}

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 
 from architectures import registry
-from architectures.common.config import apply_overrides
-from architectures.common.errors import ArgumentParser, UserRuntimeError, UserTypeError, command_line
+from architectures.utils.config import apply_overrides
+from architectures.utils.command_line import ArgumentParser, UserRuntimeError, UserTypeError, command_line
 from architectures.llama3.config import to_hf_config
 from inference.batched import BatchStats, generate_batch
 from inference.engine import EngineConfig, LLMEngine
 from inference.memory import kv_bytes_per_token
 from inference.sampling import SamplingParams
-from training.device import compute_dtype, resolve_device
+from architectures.utils.device import add_device_option, add_dtype_option, compute_dtype, resolve_device
 
 
 def make_prompts(n: int, min_len: int, max_len: int, vocab: int, shared_prefix: int = 0, seed: int = 0):
@@ -204,8 +204,8 @@ def main(argv=None) -> dict:
     p = ArgumentParser(prog="python -m inference.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", default="llama3", help=f"architecture family ({', '.join(registry.FAMILIES)})")
     p.add_argument("--preset", default="llama-3.2-1b", help="the family's preset: the shape of the random model")
-    p.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on cuda, else fp32")
+    add_device_option(p)
+    add_dtype_option(p, help="auto: bf16 on cuda, else fp32")
     p.add_argument("--num-prompts", type=int, default=64, help="prompts in the workload")
     p.add_argument("--min-len", type=int, default=32, help="shortest prompt, in tokens (after any shared prefix)")
     p.add_argument("--max-len", type=int, default=512, help="longest prompt, in tokens (after any shared prefix)")

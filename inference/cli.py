@@ -17,11 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from architectures.common.errors import ArgumentParser, command_line
+from architectures.utils.command_line import ArgumentParser, command_line
 from inference.generate import stream
 from inference.quantized_kv import valid_kv_dtypes
 from inference.sampling import SamplingParams, eos_ids
-from training.device import compute_dtype, resolve_device
+from architectures.utils.device import add_device_option, add_dtype_option, compute_dtype, resolve_device
 from training.tokenizer import Tokenizer
 
 
@@ -66,9 +66,8 @@ def main(family: str, from_pretrained, argv=None) -> str:
                    help="sample among the fewest tokens whose probability sums to p; 1 = all")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the sampler: same seed, same text; None = a different text each run")
-    p.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="weights' number format; auto: bf16 on a GPU, fp32 on the CPU")
+    add_device_option(p)
+    add_dtype_option(p, help="weights' number format; auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow reference)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", *valid_kv_dtypes()],
                    help="how the KV cache stores keys and values: quantized int8/fp8 (a scale per token and head) "

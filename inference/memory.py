@@ -45,7 +45,7 @@ import torch
 
 from architectures import registry
 from architectures.common.cache import KVSpec, LatentSpec, bytes_per_sequence, bytes_per_token
-from architectures.common.errors import ArgumentParser, command_line
+from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.llama3.config import LlamaConfig
 from inference.quantized_kv import PLAIN, QUANTIZED, kv_format, residual_bytes_per_sequence
 from inference.quantized_kv import bytes_per_token as quantized_bytes_per_token

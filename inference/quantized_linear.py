@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from architectures import registry
-from architectures.common.checkpoint import (SINGLE_FILE, atomic_write, atomic_write_json, load_state_dict_strict,
-                                             materialize, read_config_json)
+from architectures.common.checkpoint import SINGLE_FILE, load_state_dict_strict, materialize, read_config_json
+from architectures.utils.files import atomic_write, atomic_write_json
 from inference.quantization import (NF4Tensor, WEIGHT_FORMATS, check_format, dequantize_fp8, dequantize_int4,
                                     dequantize_int8, dequantize_nf4, quantize_fp8, quantize_int4, quantize_int8,
                                     quantize_nf4)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from architectures.common.errors import UserTypeError
+from architectures.utils.command_line import UserTypeError
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from architectures import registry
-from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
+from architectures.utils.command_line import ArgumentParser, UserRuntimeError, command_line
+from architectures.utils.device import add_device_option, add_dtype_option
 from training.lm import lm_loss
 from training.trainer import TrainConfig, train
 
@@ -125,10 +126,10 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"])
-    p.add_argument("--device", default="auto")
+    add_device_option(p)
     p.add_argument("--data-on-device", action="store_true",
                    help="draw the synthetic tokens on the GPU: no host data loading, the reference for data_fraction")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    add_dtype_option(p)
     p.add_argument("--profile-out", default=None, help="write a profiler trace of a few steps into this directory")
     args = p.parse_args(argv)
     for name in ("batch_size", "seq_len", "steps", "warmup", "grad_accum_steps"):

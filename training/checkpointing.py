@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from architectures.common.checkpoint import atomic_write, atomic_write_json
+from architectures.utils.files import atomic_write, atomic_write_json
 
 PENDING = ".pending"
 STATE_FILE = "trainer_state.pt"

@@ -40,12 +40,12 @@ from typing import Any, Callable
 import torch
 
 from architectures import registry
-from architectures.common.checkpoint import atomic_write_json
-from architectures.common.config import parse_value
-from architectures.common.errors import ArgumentParser
+from architectures.utils.files import atomic_write_json
+from architectures.utils.config import parse_value
+from architectures.utils.command_line import ArgumentParser
 from training import checkpointing
 from training.data import Corpus, TokenData, get_corpus, prepare_data, split_text, token_cache_folder
-from training.device import device_label, resolve_device
+from architectures.utils.device import device_label, resolve_device
 from training.lm import evaluate_split, lm_loss
 from training.tokenizer import KINDS, MIN_BPE_VOCAB, Tokenizer, fingerprint, get_tokenizer, tokenizer_cache_path
 from training.trainer import TrainConfig, TrainResult, train, validate

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from architectures.common.checkpoint import atomic_write, atomic_write_json
+from architectures.utils.files import atomic_write, atomic_write_json
 
 DATA_DIR_ENV = "ZOO_DATA_DIR"  # a folder holding tinyshakespeare.txt (CI points it at ../shared/data)
 CACHE_DIR_ENV = "ZOO_CACHE_DIR"  # where downloads, tokenizers and token files are cached

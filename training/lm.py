@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from architectures.utils.wrappers import unwrap
+
 IGNORE_INDEX = -100  # a target that is not trained (a prompt token, padding), as torch's cross_entropy names it
 
 
@@ -32,7 +34,7 @@ def lm_loss(model, batch, chunk_size: int = 0) -> tuple[torch.Tensor, dict[str, 
 
 def output_head(model) -> torch.nn.Linear:
     """The model's lm_head, through a DDP wrapper (`.module`) if there is one."""
-    return getattr(model, "module", model).lm_head
+    return unwrap(model).lm_head
 
 
 # ---------------------------------------------------------------------------- the chunked loss

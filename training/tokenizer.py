@@ -21,7 +21,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from architectures.common.checkpoint import atomic_write, atomic_write_json
+from architectures.utils.files import atomic_write, atomic_write_json
 from training import data
 
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>")  # ids 0..4, in this order

@@ -58,7 +58,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training import checkpointing
-from training.device import compute_dtype, resolve_device
+from architectures.utils.device import compute_dtype, resolve_device
 from training.distributed import STRATEGIES, Distributed
 
 # Dense bf16 peak of the GPUs we report MFU on (FLOP/s), from the vendors' data sheets.

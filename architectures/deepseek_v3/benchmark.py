@@ -33,13 +33,13 @@ import time
 import torch
 
 from architectures.common.cache import bytes_per_token
-from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
+from architectures.utils.command_line import ArgumentParser, UserRuntimeError, command_line
 from architectures.deepseek_v3.config import DeepseekV3Config
 from architectures.deepseek_v3.model import DeepseekV3
 from architectures.deepseek_v3.moe import DeepseekMoE
 from architectures.mixtral.benchmark import time_round_robin
 from inference.kv_cache import NaiveKVCache
-from training.device import compute_dtype, resolve_device
+from architectures.utils.device import add_device_option, add_dtype_option, compute_dtype, resolve_device
 
 # deepseek-ai/DeepSeek-V2-Lite config.json, except the routing: V2-Lite routes by softmax over all 64
 # experts, while this MoE computes DeepSeek-V3's rule, here with V3's 8 groups, top-4 groups.
@@ -237,9 +237,8 @@ def bench_moe(args, shape, device, dtype, where) -> list[dict]:
 def main(argv=None) -> list[dict]:
     p = ArgumentParser(prog="python -m architectures.deepseek_v3.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=("decode", "moe", "all"), default="all", help="which benchmark to run")
-    p.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on a GPU, fp32 on a CPU")
+    add_device_option(p)
+    add_dtype_option(p, help="auto: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU always uses them): seconds, for tests")
     p.add_argument("--compile", action="store_true",
                    help="moe: also time torch.compile of ours and of transformers' grouped_mm block")

@@ -43,14 +43,14 @@ from pathlib import Path
 
 import torch
 
-from architectures.common.checkpoint import atomic_write_json
-from architectures.common.errors import ArgumentParser, command_line
+from architectures.utils.files import atomic_write_json, read_jsonl
+from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.deepseek_v3.config import preset
 from architectures.deepseek_v3.model import DeepseekV3
 from architectures.deepseek_v3.moe import Router, update_routing_bias
 from architectures.deepseek_v3.train import deepseek_lm_loss
 from training.data import load_corpus, prepare_data, split_text
-from training.device import resolve_device
+from architectures.utils.device import add_device_option, resolve_device
 from training.lm import evaluate_split
 from training.tokenizer import get_tokenizer
 from training.trainer import TrainConfig, train
@@ -126,10 +126,6 @@ def run_one(run: str, size: dict, train_cfg: TrainConfig, data, out: Path) -> di
     return summary
 
 
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def load_series(entries: list[dict]) -> dict[int, tuple[list[int], list[float]]]:
     """{MoE layer: (steps, max/mean load of each logging window)} from `moe/l{i}/max_load`."""
     series: dict[int, tuple[list[int], list[float]]] = {}
@@ -149,7 +145,7 @@ def plot(runs: list[str], results: dict, out: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = {r: read_metrics(out / r) for r in runs}
+    metrics = {r: read_jsonl(out / r / "metrics.jsonl") for r in runs}
     layers = list(load_series(metrics[runs[0]]))
     fig, axes = plt.subplots(1, len(layers) + 1, figsize=(3.6 * (len(layers) + 1), 3.4))
     colors = dict(zip(RUNS, ("tab:blue", "tab:orange", "tab:gray")))
@@ -184,7 +180,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="runs/deepseek-expert-load")
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
-    p.add_argument("--device", default=None, help="default: cpu for --size cpu, auto for --size gpu")
+    add_device_option(p, default=None, help="default: cpu for --size cpu, auto for --size gpu")
     p.add_argument("--max-steps", type=int, default=None, help="default: the size's")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (and per evaluation batch); "
                                                                  "default: the size's")
@@ -215,7 +211,7 @@ def main(argv=None) -> dict:
                "train": dataclasses.asdict(train_cfg), "wall_s": time.perf_counter() - t0, "runs": {}}
     for r in done:
         summary = json.loads((out / r / "summary.json").read_text())
-        series = load_series(read_metrics(out / r))
+        series = load_series(read_jsonl(out / r / "metrics.jsonl"))
         quarter = max(1, len(next(iter(series.values()))[0]) // 4)
         summary["max_load"] = {f"layer{layer}": {"steps": steps, "values": [round(v, 4) for v in values],
                                                  "final": round(values[-1], 4),

@@ -39,14 +39,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from architectures.common.checkpoint import atomic_write_json
-from architectures.common.errors import ArgumentParser, command_line
+from architectures.utils.files import atomic_write_json
+from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.common.rope import rope_parameters, softmax_scale
 from architectures.deepseek_v3.config import DeepseekV3Config, preset
 from architectures.deepseek_v3.model import DeepseekV3
 from architectures.deepseek_v3.train import LOSS_FN, RECIPES, on_step
 from training.cli import load_data
-from training.device import compute_dtype, device_label, resolve_device
+from architectures.utils.device import add_device_option, compute_dtype, device_label, resolve_device
 from training.lm import evaluate_split
 from training.trainer import TrainConfig, train
 
@@ -269,7 +269,7 @@ def main(argv=None) -> dict:
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--out", default="runs/long-context")
     p.add_argument("--figure", default=None, help="where to save the figure (default: OUT/long_context.png)")
-    p.add_argument("--device", default=None, help="default: cpu for --size cpu, auto for --size gpu")
+    add_device_option(p, default=None, help="default: cpu for --size cpu, auto for --size gpu")
     p.add_argument("--train-context", type=int, default=256, help="L: the pretraining context")
     p.add_argument("--context", type=int, default=1024, help="L': the extended context (a multiple of --bucket)")
     p.add_argument("--pretrain-steps", type=int, default=None)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from architectures.common.checkpoint import atomic_write_json, build_and_load, read_config_json, save_weights
+from architectures.common.checkpoint import build_and_load, read_config_json, save_weights
+from architectures.utils.files import atomic_write_json
 from architectures.deepseek_v3.config import DeepseekV3Config, from_hf_config, to_hf_config
 from architectures.deepseek_v3.model import DeepseekV3
 from architectures.mixtral.pretrained import stack_experts, unstack_experts

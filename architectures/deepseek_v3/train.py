@@ -20,11 +20,11 @@ import dataclasses
 
 import torch
 
-from architectures.common.errors import command_line
+from architectures.utils.command_line import command_line
 from architectures.deepseek_v3.config import preset
 from architectures.deepseek_v3.moe import Router, take_balance_losses, update_routing_bias
 from architectures.llama3.train import RECIPES as LLAMA_RECIPES
-from architectures.mixtral.losses import _unwrap
+from architectures.utils.wrappers import unwrap
 from training.cli import run
 from training.lm import lm_loss
 
@@ -36,7 +36,7 @@ def deepseek_lm_loss(model, batch):
     with seq_aux_loss_alpha > 0), and `moe/l{i}/max_load`: max / mean of layer i's expert loads
     since the last bias update (or reset)."""
     loss, metrics = lm_loss(model, batch)
-    inner = _unwrap(model)
+    inner = unwrap(model)
     # The routers keep their affinities only in training with alpha > 0; the validation loss the
     # loop reports (eval mode) is therefore always pure cross-entropy.
     balance = take_balance_losses(inner) if inner.training else {}

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from architectures.common.errors import command_line
+from architectures.utils.command_line import command_line
 from architectures.llama3.config import preset
 from training.cli import DataConfig, Recipe, run
 from training.lm import lm_loss

@@ -36,11 +36,11 @@ import unittest.mock
 
 import torch
 
-from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
+from architectures.utils.command_line import ArgumentParser, UserRuntimeError, command_line
 from architectures.mamba2_hybrid.config import Mamba2HybridConfig
 from architectures.mamba2_hybrid.flops import ssd_flops
 from architectures.mamba2_hybrid.ssd import ssd_chunked, ssd_sequential
-from training.device import compute_dtype, device_label, resolve_device
+from architectures.utils.device import add_device_option, add_dtype_option, compute_dtype, device_label, resolve_device
 
 IMPLS = ("sequential", "chunked", "chunked-compiled", "chunked-bf16-compiled", "mamba-ssm", "hf-chunked")
 # Agreement with the recurrence required before timing, relative to |y|: fp32 inside differs by summation
@@ -146,7 +146,7 @@ def time_round_robin(fns, inputs, grad, warmup, iters, seq_iters, device) -> dic
 @command_line
 def main(argv=None) -> list[dict]:
     p = ArgumentParser(prog="python -m architectures.mamba2_hybrid.benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N")
+    add_device_option(p)
     p.add_argument("--batch", type=int, default=None, help="b, sequences; None: 2 on a GPU, 1 on the CPU")
     p.add_argument("--seq-len", type=int, default=None, help="T, tokens per sequence; None: 4096")
     p.add_argument("--heads", type=int, default=None, help="H, SSM heads; None: 80 on a GPU, 8 on the CPU")
@@ -154,8 +154,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--state", type=int, default=None, help="N, state size; None: 128 on a GPU, 32 on the CPU")
     p.add_argument("--groups", type=int, default=1, help="G, groups of heads sharing B and C")
     p.add_argument("--chunk", type=int, default=None, help="Q, tokens per chunk; None: 256 on a GPU, 64 on the CPU")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="of x, B and C; auto: bf16 on a GPU, fp32 on the CPU")
+    add_dtype_option(p, help="of x, B and C; auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
                    help="time forward + backward (--no-backward: the forward only)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from architectures.common.errors import ArgumentParser, command_line
+from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.llama3 import Llama3, LlamaConfig
 from architectures.mamba2_hybrid.config import Mamba2HybridConfig
 from architectures.mamba2_hybrid.model import Mamba2Hybrid
 from inference.kv_cache import NaiveKVCache
-from training.device import device_label, resolve_device
+from architectures.utils.device import add_device_option, device_label, resolve_device
 
 SIZES = {
     # ~129M parameters each (the embedding, tied, included)
@@ -165,7 +165,7 @@ def plot(results: list[dict], path: Path, where: str) -> None:
 @command_line
 def main(argv=None) -> list[dict]:
     p = ArgumentParser(prog="python -m architectures.mamba2_hybrid.decode_latency", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N")
+    add_device_option(p)
     p.add_argument("--size", choices=sorted(SIZES), default="130m", help="the two models' shapes")
     p.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768", help="comma list of context lengths")
     p.add_argument("--batches", default="1,16", help="comma list of batch sizes")

@@ -34,14 +34,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from architectures.common.checkpoint import atomic_write_json
-from architectures.common.errors import ArgumentParser, command_line
+from architectures.utils.files import atomic_write_json, read_jsonl
+from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.llama3 import Llama3, LlamaConfig
 from architectures.llama3.config import preset as llama_preset
 from architectures.mamba2_hybrid.config import preset as mamba_preset
 from architectures.mamba2_hybrid.model import Mamba2Hybrid
 from training.benchmark import interleaved_step_times as step_times_in_turns
-from training.device import compute_dtype, device_label, resolve_device
+from architectures.utils.device import add_device_option, compute_dtype, device_label, resolve_device
 from training.lm import evaluate_split, lm_loss
 from training.trainer import TrainConfig, train
 
@@ -147,10 +147,6 @@ class BestWeights:
             self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def plot(results: dict, out: Path) -> Path:
     import matplotlib
 
@@ -159,7 +155,7 @@ def plot(results: dict, out: Path) -> Path:
 
     fig, (by_budget, by_clock, by_step) = plt.subplots(1, 3, figsize=(18, 4.6), sharey=True)
     for kind, r in results["models"].items():
-        val = [e for e in read_metrics(out / kind / "metrics.jsonl") if "val_nats_per_char" in e]
+        val = [e for e in read_jsonl(out / kind / "metrics.jsonl") if "val_nats_per_char" in e]
         nats = [e["val_nats_per_char"] for e in val]
         label = f"{kind} ({r['parameters']:,} params, {r['steps']} steps of {r['step_s_interleaved'] * 1e3:.0f} ms)"
         by_budget.plot([e["step"] * r["step_s_interleaved"] for e in val], nats, marker=".", label=label)
@@ -191,7 +187,7 @@ def experiment_parser(prog: str, out: str, sizes: dict, figure: str) -> Argument
     p = ArgumentParser(prog=prog)
     p.add_argument("--out", default=out)
     p.add_argument("--size", choices=sorted(sizes), default="cpu")
-    p.add_argument("--device", default=None, help="default: cpu for --size cpu, auto (cuda if present) for gpu")
+    add_device_option(p, default=None, help="default: cpu for --size cpu, auto (cuda if present) for gpu")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the size's)")
     p.add_argument("--figure", default=None, help=f"also copy the figure here, e.g. {figure}")
     p.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's results.json; train nothing")
@@ -264,7 +260,7 @@ def main(argv=None) -> dict:
         result = train(model, lm_loss, sample_batch, run_cfg, out / kind,
                        val_units_per_token=1.0 / data.val_chars_per_token, on_log=best.see)
         val = evaluate_split(model, data.val, train_cfg.block_size, device=device) / data.val_chars_per_token
-        evals = [e for e in read_metrics(out / kind / "metrics.jsonl") if "val_nats_per_char" in e]
+        evals = [e for e in read_jsonl(out / kind / "metrics.jsonl") if "val_nats_per_char" in e]
         at_best = next(e for e in evals if e["step"] == best.step)
         if best.step != steps:  # an earlier evaluation was better: measure those weights on the whole split too
             model.load_state_dict(best.state)

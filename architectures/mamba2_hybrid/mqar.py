@@ -39,14 +39,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from architectures.common.checkpoint import atomic_write_json
-from architectures.common.errors import command_line
+from architectures.utils.files import atomic_write_json
+from architectures.utils.command_line import command_line
 from architectures.llama3.config import preset as llama_preset
 from architectures.mamba2_hybrid.config import preset as mamba_preset
 from architectures.mamba2_hybrid.experiment import (build_model, describe, experiment_parser, interleaved_step_times,
                                                     parameter_counts, parameter_spread, redraw, save_figure,
                                                     size_train_config, with_steps)
-from training.device import compute_dtype, device_label, resolve_device
+from architectures.utils.device import compute_dtype, device_label, resolve_device
 from training.lm import IGNORE_INDEX
 from training.trainer import TrainConfig, batch_generator, train
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from architectures.common.checkpoint import atomic_write_json, build_and_load, read_config_json, save_weights
+from architectures.common.checkpoint import build_and_load, read_config_json, save_weights
+from architectures.utils.files import atomic_write_json
 from architectures.mamba2_hybrid.config import Mamba2HybridConfig, from_hf_config, to_hf_config
 from architectures.mamba2_hybrid.model import Mamba2Hybrid
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from architectures.common.errors import command_line
+from architectures.utils.command_line import command_line
 from architectures.deepseek_v3.moe import update_routing_bias
 from architectures.llama3.train import RECIPES as LLAMA_RECIPES
 from architectures.mamba2_hybrid.config import preset

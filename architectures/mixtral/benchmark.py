@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from architectures.common.errors import ArgumentParser, UserRuntimeError, command_line
+from architectures.utils.command_line import ArgumentParser, UserRuntimeError, command_line
 from architectures.mixtral.config import MixtralConfig
 from architectures.mixtral.model import SparseMoE, masked_moe_reference
-from training.device import resolve_device
+from architectures.utils.device import add_device_option, resolve_device
 
 IMPLS = ("ours", "hf_grouped_mm", "hf_eager", "naive")
 
@@ -103,7 +103,7 @@ def time_round_robin(fns: dict, x, grad, params, warmup: int, iters: int, device
 @command_line
 def main(argv=None) -> list[dict]:
     p = ArgumentParser(prog="python -m architectures.mixtral.benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N")
+    add_device_option(p)
     p.add_argument("--tokens", type=int, default=None,
                    help="N = batch x sequence; None: 16384 on a GPU, 2048 on the CPU")
     p.add_argument("--hidden", type=int, default=None, help="D, the model width; None: 1024 on a GPU, 256 on the CPU")

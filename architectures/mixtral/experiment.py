@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from architectures.common.checkpoint import atomic_write_json
-from architectures.common.errors import ArgumentParser, command_line
+from architectures.utils.files import atomic_write_json, read_jsonl
+from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.llama3 import Llama3
 from architectures.llama3 import preset as llama_preset
 from architectures.mixtral.config import preset as mixtral_preset
@@ -42,7 +42,7 @@ from architectures.mixtral.model import Mixtral
 from training.data import load_corpus, prepare_data, split_text
 from training.lm import evaluate_split, lm_loss
 from training.tokenizer import get_tokenizer
-from training.device import resolve_device
+from architectures.utils.device import add_device_option, resolve_device
 from training.benchmark import interleaved_step_times as step_times_in_turns
 from training.trainer import TrainConfig, train
 
@@ -107,10 +107,6 @@ def interleaved_step_times(runs: list[str], size: str, train_cfg: TrainConfig, d
     return step_times_in_turns(setups, batch, device, autocast, rounds)
 
 
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def routing_shape(entry: dict) -> tuple[int, int]:
     """(layers, experts) from the `moe/l{l}/load_e{e}` keys that moe_lm_loss logs."""
     keys = [re.fullmatch(r"moe/l(\d+)/load_e(\d+)", k) for k in entry]
@@ -128,7 +124,7 @@ def plot(out: Path, runs: list[str], step_s: dict[str, float]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = {r: read_metrics(out / r) for r in runs}
+    metrics = {r: read_jsonl(out / r / "metrics.jsonl") for r in runs}
     fig, (by_step, by_time, by_cost) = plt.subplots(1, 3, figsize=(16, 4))
     for r, entries in metrics.items():
         val = [e for e in entries if "val_nats_per_char" in e]
@@ -180,7 +176,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="runs/mixtral-experiment")
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
-    p.add_argument("--device", default=None, help="default: cpu for --size cpu, auto for --size gpu")
+    add_device_option(p, default=None, help="default: cpu for --size cpu, auto for --size gpu")
     p.add_argument("--max-steps", type=int, default=None)
     args = p.parse_args(argv)
     runs = args.runs.split(",")
@@ -212,7 +208,7 @@ def main(argv=None) -> dict:
     for r in done:
         results["runs"][r]["step_s_interleaved"] = step_s[r]
         if r != "dense":
-            results["runs"][r]["final_routing"] = final_routing(read_metrics(out / r))
+            results["runs"][r]["final_routing"] = final_routing(read_jsonl(out / r / "metrics.jsonl"))
     atomic_write_json(out / "results.json", results)
     for r, s in results["runs"].items():
         extra = ""

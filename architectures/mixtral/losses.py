@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from architectures.utils.wrappers import unwrap
+
 
 def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """How many entries of expert_ids name each expert, as floats (E,). Unlike bincount, the output
@@ -78,13 +80,6 @@ def routing_metrics(router_logits: tuple[torch.Tensor, ...], top_k: int) -> dict
     return metrics
 
 
-def _unwrap(model):
-    """The Mixtral inside DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
 def moe_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token cross-entropy + alpha * L_balance + beta * L_z, for the shared training loop.
 
@@ -97,7 +92,7 @@ def moe_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     if not model.training:
         return ce, {}
-    cfg = _unwrap(model).config
+    cfg = unwrap(model).config
     balance = load_balancing_loss(router_logits, cfg.num_local_experts, cfg.num_experts_per_tok,
                                   per_layer=cfg.router_aux_loss_per_layer)
     z = router_z_loss(router_logits)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from architectures.common.errors import command_line
+from architectures.utils.command_line import command_line
 from architectures.llama3.train import RECIPES as LLAMA_RECIPES
 from architectures.mixtral.config import preset
 from architectures.mixtral.losses import moe_lm_loss

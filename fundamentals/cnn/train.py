@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from architectures.common.errors import command_line
+from architectures.utils.command_line import command_line
 from fundamentals.cnn.models import ResNet, SmallCNN
 from fundamentals.common import load_digits_split, parse_config, report, start
 from fundamentals.optim import warmup_cosine

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from architectures.common.errors import command_line
+from architectures.utils.command_line import command_line
 from fundamentals.autograd import Tensor, cross_entropy, no_grad
 from fundamentals.common import Stopwatch, load_digits_split, parse_config, report
 from fundamentals.nn import Dropout, LayerNorm, Linear, ReLU, Sequential

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architectures.common.errors import command_line
+from architectures.utils.command_line import command_line
 from fundamentals.common import parse_config, report, start
 from fundamentals.optim import warmup_cosine
 from fundamentals.rnn.cells import make_lstm

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from architectures.common.errors import command_line
+from architectures.utils.command_line import command_line
 from fundamentals.common import load_digits_split, parse_config, report, start
 from fundamentals.vae.model import VAE
 

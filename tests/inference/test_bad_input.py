@@ -2,7 +2,7 @@
 
 import pytest
 
-from architectures.common.errors import UserTypeError
+from architectures.utils.command_line import UserTypeError
 from inference.batched import generate_batch
 from inference.engine import EngineConfig, LLMEngine
 from inference.generate import stream

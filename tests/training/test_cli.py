@@ -17,7 +17,7 @@ from architectures.llama3.train import main as llama_main
 from architectures.mixtral.train import RECIPES as MIXTRAL_RECIPES
 from architectures.mixtral.train import main as mixtral_main
 from training import checkpointing, cli, data
-from training.device import device_label, resolve_device
+from architectures.utils.device import device_label, resolve_device
 from training.trainer import TrainConfig
 
 # Small enough that a run with a full validation pass and a sample takes a second or two.

@@ -12,7 +12,7 @@ from architectures.llama3 import from_pretrained, save_pretrained
 from training import checkpointing
 from training.distributed import Distributed
 from training.lm import lm_loss
-from training.device import resolve_device
+from architectures.utils.device import resolve_device
 from training.trainer import lr_at, make_optimizer, train
 
 sys.path.insert(0, str(Path(__file__).parent))

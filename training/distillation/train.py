@@ -37,16 +37,17 @@ import torch
 import torch.nn.functional as F
 
 from architectures import registry
-from architectures.common.checkpoint import atomic_write, atomic_write_json
-from architectures.common.config import apply_overrides
-from architectures.common.errors import command_line
+from architectures.utils.files import atomic_write, atomic_write_json
+from architectures.utils.config import apply_overrides
+from architectures.utils.command_line import command_line
+from architectures.utils.wrappers import unwrap
 from inference.generate import generate
 from inference.sampling import SamplingParams
 from training import checkpointing
 from training.cli import Args, Recipe, RunData, build_model, checkpoint_saver, check_same_data, data_record, \
     final_report, is_main_process, parse, pretrained_dir, rederive, say
 from training.data import get_corpus, prepare_data, token_cache_folder
-from training.device import compute_dtype, resolve_device
+from architectures.utils.device import compute_dtype, resolve_device
 from training.distillation.loss import KINDS, distillation_loss
 from training.lm import IGNORE_INDEX, evaluate_split
 from training.tokenizer import Tokenizer, fingerprint
@@ -231,7 +232,7 @@ def student_rollouts(model, batch: dict, cfg: DistillConfig) -> tuple[torch.Tens
     the row's first prompt_tokens data tokens, then T + 1 - prompt_tokens tokens the student samples
     (`inference.generate`, with a KV cache). Its labels cover the sampled tokens only; it has no
     hard labels (-100), since the data's cross-entropy belongs to the data's text."""
-    net = getattr(model, "module", model)  # under DDP, generate with the module itself
+    net = unwrap(model)  # under DDP, generate with the module itself
     was_training = net.training
     net.eval()  # no dropout while the student writes
     x, labels = batch["input_ids"].clone(), batch["labels"].clone()  # (B, T)

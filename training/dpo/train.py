@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from architectures import registry
-from architectures.common.errors import command_line
+from architectures.utils.command_line import command_line
+from architectures.utils.wrappers import unwrap
 from training import tasks
 from training.chat import chat_format
 from training.cli import Recipe, parse, say
-from training.device import resolve_device
+from architectures.utils.device import resolve_device
 from training.dpo.data import PairBatches, arithmetic_pairs, collate, encode_pairs, load_pairs
 from training.dpo.loss import LOSS_TYPES, dpo_loss, dpo_metrics, sequence_logps
 from training.sft.train import method_saver, policy_and_reference, sft_checkpoint, write_summary
@@ -75,10 +76,6 @@ RECIPES = {
         data=PreferenceDataConfig(train_pairs=10000, test_pairs=500, arithmetic_digits=3),
     ),
 }
-
-
-def unwrap(model):
-    return getattr(model, "module", model)
 
 
 def dpo_step(model, batch: dict, frozen=None, *, beta: float, loss_type: str, label_smoothing: float,

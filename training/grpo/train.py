@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from architectures import registry
-from architectures.common.errors import command_line
+from architectures.utils.command_line import command_line
 from training import tasks
 from training.chat import chat_format
 from training.cli import Recipe, parse, say
-from training.device import resolve_device
+from architectures.utils.device import resolve_device
 from training.grpo.loss import grpo_loss
 from training.grpo.rollout import Rollouts, arithmetic_reward, token_logps
 from training.sft.train import method_saver, policy_and_reference, sft_checkpoint, write_summary

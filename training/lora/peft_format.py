@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from architectures.common.checkpoint import atomic_write, atomic_write_json
+from architectures.utils.files import atomic_write, atomic_write_json
 from training.lora.lora import LoRAConfig, apply_lora, find_targets, lora_layers
 
 CONFIG_FILE = "adapter_config.json"

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from architectures.common.errors import command_line
+from architectures.utils.command_line import command_line
 from training.cli import parse, say
 from training.lora import apply_lora, trainable_parameters
 from training.lora.train import RECIPES

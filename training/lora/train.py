@@ -19,7 +19,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from architectures.common.errors import command_line
+from architectures.utils.command_line import command_line
 from training.cli import Recipe, parse, say
 from training.lora import ALL_PROJECTIONS, LoRAConfig, apply_lora, save_adapter, trainable_parameters
 from training.sft import train as sft

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 from architectures import registry
-from architectures.common.checkpoint import atomic_write_json
-from architectures.common.errors import command_line
+from architectures.utils.files import atomic_write_json
+from architectures.utils.command_line import command_line
 from training import tasks
 from training.chat import ChatFormat, chat_format, load_conversations
 from training.cli import Args, Recipe, checkpoint_saver, parse, pretrained_dir, say
 from training.data import get_corpus
-from training.device import device_label, resolve_device
+from architectures.utils.device import device_label, resolve_device
 from training.sft.batch import SFTBatches, encode_all
 from training.sft.loss import sft_loss
 from training.tokenizer import Tokenizer

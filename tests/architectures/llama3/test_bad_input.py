@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from architectures.common.config import apply_overrides, config_from_dict
+from architectures.utils.config import apply_overrides, config_from_dict
 from architectures.llama3 import Llama3, LlamaConfig, from_pretrained, preset, save_pretrained
 from architectures.llama3.train import main as train_main
 

@@ -19,7 +19,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from architectures.common.errors import UserTypeError
+from architectures.utils.command_line import UserTypeError
 
 C = TypeVar("C")
 

@@ -48,3 +48,17 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+DEVICE_HELP = "auto (the first GPU, else the CPU), cpu, cuda or cuda:N"
+DTYPE_HELP = "number format: auto is bf16 on a GPU, fp32 on the CPU"
+
+
+def add_device_option(parser, default: str | None = "auto", help: str = DEVICE_HELP) -> None:
+    """The one `--device` option every command line takes, read by `resolve_device`."""
+    parser.add_argument("--device", default=default, help=help)
+
+
+def add_dtype_option(parser, help: str = DTYPE_HELP) -> None:
+    """The one `--dtype` option (auto, bf16, fp32), read by `compute_dtype`."""
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=help)
