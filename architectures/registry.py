@@ -2,8 +2,8 @@
 `model_type`s that package loads.
 
 Everything that has to find an architecture by name reads this table: `from_pretrained` below
-(dispatch on a checkpoint's config.json), `inference.memory`, `inference.benchmark` and
-`training.benchmark`. Adding a family is one line here plus its folder; no shared file spells
+(dispatch on a checkpoint's config.json), `inference.memory`, `inference.benchmarks.throughput` and
+`training.benchmarks.throughput`. Adding a family is one line here plus its folder; no shared file spells
 a family's name anywhere else.
 
 Every package named here has the face of the zoo's contract (shared/GUIDE.md): `PRESETS`,

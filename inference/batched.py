@@ -7,7 +7,7 @@ no new prompt can join until the whole batch ends. `BatchStats` records what tha
 slots reserved versus slots holding tokens that some unfinished sequence still needs.
 
 This is the baseline the paged engine (inference/engine.py) is measured against, in the
-same process, by inference/benchmark.py; tests/inference/test_engine.py checks that both
+same process, by inference/benchmarks/throughput.py; tests/inference/test_engine.py checks that both
 give the same greedy tokens as recomputing without a cache.
 """
 

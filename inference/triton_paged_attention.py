@@ -47,7 +47,7 @@ x = code x scale, the scale moved out of the sums where it is a common factor: a
 multiplies its score, s_t = (q . code_t) x scale_t, and a value's scale its softmax weight,
 acc += (p_t x scale_t) code_t. The codes (integers up to 127, or e4m3 numbers) are exact in bf16,
 fp16 and fp32, so the dot products read them unrounded; the scales cost one multiply per token, not
-per number. tests/inference/test_quantized_kv.py (on a GPU) and inference/bench_quantized_kv.py
+per number. tests/inference/test_quantized_kv.py (on a GPU) and inference/benchmarks/quantized_kv.py
 check the kernel's output against the gather path's.
 
 Triton is imported when the kernel is first needed, never at import time: the CPU test suite
@@ -66,7 +66,7 @@ from inference.quantization import FP8_DTYPE
 
 # Keys per loop iteration (4 blocks of 16; a power of 2, as tl.arange needs). With the launch
 # defaults (4 warps, 2 stages) it is within 10% of the fastest of the 27 settings that
-# `python -m inference.bench_paged_decode --sweep` times on an H100 (notes/paged-attention.md).
+# `python -m inference.benchmarks.paged_decode --sweep` times on an H100 (notes/paged-attention.md).
 TILE_TOKENS = 64
 # Keys per iteration for one-byte codes (int8, fp8): 128 codes are the bytes of 64 bf16 numbers.
 CODE_TILE_TOKENS = 128
@@ -294,7 +294,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     cache then holds codes, dequantized as code x scale; None for plain caches.
     values_in_keys: v_cache is a view of k_cache's first dv numbers (MLA's latent), so the kernel reads
     each key row once and uses its prefix as the value; see `paged_latent_decode_attention`.
-    Launch settings (inference/bench_paged_decode.py sweeps them): tile keys per loop iteration (64; 128
+    Launch settings (inference/benchmarks/paged_decode.py sweeps them): tile keys per loop iteration (64; 128
     for int8 and fp8 codes, 256 for int8 over tables of LONG_CONTEXT keys or more); max_registers per thread (Triton's maxnreg; None: the compiler's choice, but
     CODE_MAX_REGISTERS for codes at the default tile); num_warps (4, or 8 for keys wider than 256 numbers); heads_per_program query heads of
     one KV head per program (all r, at most 64); splits parts per context, FlashDecoding (None: enough to fill the GPU,

@@ -371,7 +371,7 @@ def final_report(model: torch.nn.Module, data: RunData, args: Args, result: Trai
           f"{summary['val_nats_per_char']:.4f} nats/char; {summary['parameters']:,} parameters; "
           f"{summary['total_s']:.0f} s in all ({summary['device']})", flush=True)
     if sample:
-        from inference.generate import generate
+        from inference.sampling import generate
         from inference.sampling import SamplingParams
 
         prompt = data.tokenizer.encode(args.recipe.data.sample_prompt)

@@ -62,7 +62,7 @@ def on_step(step: int, model) -> None:
     update_routing_bias(model)
 
 
-LOSS_FN = deepseek_lm_loss  # what the loop minimises (training.benchmark times the same step)
+LOSS_FN = deepseek_lm_loss  # what the loop minimises (training.benchmarks.throughput times the same step)
 LOSS_LABEL = "train loss"  # its name in the terminal
 
 

@@ -12,7 +12,7 @@ from training.cli import DataConfig, Recipe, run
 from training.lm import lm_loss
 from training.trainer import TrainConfig
 
-LOSS_FN = lm_loss  # what the loop minimises (training.benchmark times the same step)
+LOSS_FN = lm_loss  # what the loop minimises (training.benchmarks.throughput times the same step)
 LOSS_LABEL = "train loss"  # its name in the terminal
 
 RECIPES = {

@@ -22,7 +22,7 @@ from training.lm import lm_loss
 
 RECIPES = {name: dataclasses.replace(LLAMA_RECIPES[name], model=preset(name)) for name in ("tiny", "shakespeare")}
 
-LOSS_FN = lm_loss  # what the loop minimises (training.benchmark times the same step)
+LOSS_FN = lm_loss  # what the loop minimises (training.benchmarks.throughput times the same step)
 LOSS_LABEL = "train loss"  # its name in the terminal
 
 

@@ -17,7 +17,7 @@ pooled over the tokens of ALL layers before the product. That only balances how 
 expert *index* is used summed over layers; layer 2 may send everything to expert 0 if layer 3
 avoids it. With `per_layer=True` each layer's loss is computed on its own and the losses are
 averaged (Switch adds one loss per layer; the mean keeps alpha's scale), so every layer must
-balance. notes/mixtral.md shows the difference measured (architectures/mixtral/experiment.py).
+balance. notes/mixtral.md shows the difference measured (architectures/mixtral/experiments/dense_vs_moe.py).
 
 Router z-loss (ST-MoE: "ST-MoE: Designing Stable and Transferable Sparse Expert Models", 2022,
 arXiv:2202.08906, eq. 5): L_z = mean over tokens (and layers) of logsumexp(logits)^2. It keeps

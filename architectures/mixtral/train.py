@@ -22,7 +22,7 @@ from architectures.mixtral.losses import moe_lm_loss
 from training.cli import run
 
 RECIPES = {name: dataclasses.replace(LLAMA_RECIPES[name], model=preset(name)) for name in ("tiny", "shakespeare")}
-LOSS_FN = moe_lm_loss  # what the loop minimises (training.benchmark times the same step)
+LOSS_FN = moe_lm_loss  # what the loop minimises (training.benchmarks.throughput times the same step)
 LOSS_LABEL = "train loss (lm + aux)"  # its name in the terminal: more than the cross-entropy
 
 

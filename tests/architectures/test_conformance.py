@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 import transformers
 
 from architectures import registry
-from inference.generate import generate
+from inference.sampling import generate
 from inference.sampling import SamplingParams
 
 PROMPT = [5, 17, 42, 8, 3, 77]

@@ -24,7 +24,7 @@ from architectures.llama3 import Llama3, LlamaConfig
 from architectures.llama3.model import Attention, RotaryEmbedding, SwiGLU
 from inference.batched import generate_batch
 from inference.engine import EngineConfig, LLMEngine
-from inference.generate import generate
+from inference.sampling import generate
 from inference.kv_cache import NaiveKVCache
 from inference.paged_cache import PagedKVPool
 from inference.sampling import SamplingParams

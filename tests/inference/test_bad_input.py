@@ -5,7 +5,7 @@ import pytest
 from architectures.utils.command_line import UserTypeError
 from inference.batched import generate_batch
 from inference.engine import EngineConfig, LLMEngine
-from inference.generate import stream
+from inference.sampling import stream
 from inference.sampling import SamplingParams, eos_ids
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from inference.benchmark import main
+from inference.benchmarks.throughput import main
 
 
 def parse(out: str) -> dict[str, dict[str, str]]:

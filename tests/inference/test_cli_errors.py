@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from architectures import registry
-from architectures.llama3 import Llama3, LlamaConfig, from_pretrained, save_pretrained
-from inference.cli import fit_to_context, main as generate_main
+from architectures.llama3 import Llama3, LlamaConfig, save_pretrained
+from inference.generate import fit_to_context, main as generate_main
 from training.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +81,7 @@ BENCH = ["--device", "cpu", "--preset", "tiny", "--num-prompts", "2", "--min-len
 MISSING = "no/such/checkpoint"
 UNKNOWN_FAMILY = f"unknown architecture family 'gpt2'; the registered ones are {', '.join(registry.FAMILIES)}"
 CASES = {
-    "architectures.llama3.generate": [  # after --checkpoint (the tiny one) --prompt "Line 3" --device cpu
+    "inference.generate": [  # after --checkpoint (the tiny one) --prompt "Line 3" --device cpu
         (["--device", "gpu0"], "unknown device 'gpu0'"),
         (["--device", "cuda"], "'cuda' requested but this torch sees no CUDA GPU"),
         (["--temperature", "nan"], "temperature must be a finite number, got nan"),
@@ -91,11 +91,7 @@ CASES = {
         (["--prompt", ""], "--prompt is empty"),
         (["--checkpoint", MISSING], f"checkpoint directory {MISSING} does not exist"),
     ],
-    "architectures.mixtral.generate": [
-        (["--checkpoint", MISSING, "--prompt", "x"], f"checkpoint directory {MISSING} does not exist"),
-        (["--checkpoint", MISSING, "--prompt", "x", "--device", "gpu0"], "unknown device 'gpu0'"),
-    ],
-    "inference.benchmark": [  # after BENCH
+    "inference.benchmarks.throughput": [  # after BENCH
         (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
         (["--min-len", "9"], "--min-len 9 is above --max-len 8"),
         (["--new-tokens", "0"], "--new-tokens must be >= 1, got 0"),
@@ -115,14 +111,14 @@ CASES = {
         (["--mean-len", "0"], "--mean-len must be in [1, --seq-len=8192], got 0"),  # 0 used to mean "the default"
         (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
     ],
-    "inference.bench_paged_decode": [
+    "inference.benchmarks.paged_decode": [
         (["--iters", "0"], "--iters must be >= 1, got 0"),
         ([], "needs a CUDA GPU"),
         (["--grid", "tile=64 warps=4"], "--grid entry 'warps=4': write NAME=V1,V2 with NAME one of tile, num_warps"),
         (["--shape", "deepseek-v3", "--kv-dtype", "int8"], "times the latent cache in bf16; drop --kv-dtype int8"),
         (["--kv-dtype", "int4", "--sweep"], "for int4 give --grid"),
     ],
-    "architectures.mixtral.benchmark": [
+    "architectures.mixtral.benchmarks.moe_layer": [
         (["--device", "gpu0"], "unknown device 'gpu0'"),
         (["--device", "cpu", "--iters", "0"], "--iters must be >= 1, got 0"),
         (["--device", "cpu", "--impls", "ours,fast"], "unknown --impls 'fast'"),
@@ -134,7 +130,7 @@ CASES = {
 def outcome(checkpoint):
     """outcome(module, argv) -> what the command printed and returned; a command's cases run together."""
     generate = ["--checkpoint", str(checkpoint), "--prompt", "Line 3", "--device", "cpu"]
-    before = {"architectures.llama3.generate": generate, "inference.benchmark": BENCH}
+    before = {"inference.generate": generate, "inference.benchmarks.throughput": BENCH}
     done: dict[str, dict] = {}
 
     def get(module: str, argv: list[str]) -> dict:
@@ -166,7 +162,7 @@ def test_a_bad_input_ends_the_command_with_one_error_line(outcome, module, argv,
 
 
 def test_benchmark_without_transformers_runs_the_zoo_engines_and_says_why_hf_is_left_out():
-    ran, asked = run_each("inference.benchmark", [BENCH, BENCH + ["--engines", "hf"]], no_transformers=True)
+    ran, asked = run_each("inference.benchmarks.throughput", [BENCH, BENCH + ["--engines", "hf"]], no_transformers=True)
     assert ran["code"] == 0 and "Traceback" not in ran["stderr"], ran["stderr"]
     engines = [line.split()[1] for line in ran["stdout"].splitlines() if line.startswith("bench ")]
     assert engines == ["engine=naive", "engine=paged"]
@@ -197,7 +193,7 @@ def test_generate_cli_says_in_one_line_how_many_tokens_fit(checkpoint, capsys):
     text = "Line 3: to be, or not to be, that is the question."
     P = len(Tokenizer.from_file(checkpoint / "tokenizer.json").encode(text))
     assert P < CONTEXT - 1
-    out = generate_main("llama3", from_pretrained, ["--checkpoint", str(checkpoint), "--prompt", text,
+    out = generate_main(["--checkpoint", str(checkpoint), "--prompt", text,
                                                     "--max-new-tokens", "200", "--temperature", "0"])
     captured = capsys.readouterr()
     assert captured.err == (f"note: the prompt has {P} tokens and the model's context is {CONTEXT}: "
@@ -209,7 +205,7 @@ def test_generate_cli_crops_a_prompt_longer_than_the_context_from_the_left(check
     text = TEXT[:400]
     P = len(Tokenizer.from_file(checkpoint / "tokenizer.json").encode(text))
     assert P > CONTEXT
-    generate_main("llama3", from_pretrained, ["--checkpoint", str(checkpoint), "--prompt", text,
+    generate_main(["--checkpoint", str(checkpoint), "--prompt", text,
                                               "--max-new-tokens", "8", "--temperature", "0"])
     assert capsys.readouterr().err == (f"note: the prompt has {P} tokens and the model's context is {CONTEXT}: "
                                        f"keeping its last {CONTEXT - 8} tokens\n")
@@ -217,7 +213,7 @@ def test_generate_cli_crops_a_prompt_longer_than_the_context_from_the_left(check
 
 def test_generate_help_shows_every_default(capsys):
     with pytest.raises(SystemExit) as exit:
-        generate_main("llama3", from_pretrained, ["--help"])
+        generate_main(["--help"])
     assert exit.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for default in ("(default: 200)", "(default: 0.8)", "(default: 50)", "(default: 1.0)", "(default: auto)"):
@@ -228,7 +224,7 @@ def test_generate_help_shows_every_default(capsys):
 # ---- --family -----------------------------------------------------------------------------------
 
 def test_benchmark_runs_a_mixtral_model_with_the_zoo_engines(capsys):
-    from inference.benchmark import main as benchmark_main
+    from inference.benchmarks.throughput import main as benchmark_main
 
     results = benchmark_main([*BENCH, "--family", "mixtral"])
     assert list(results) == ["naive", "paged"], "hf is a Llama 3 baseline: left out of the default for mixtral"

@@ -11,7 +11,7 @@ import torch
 
 from inference.batched import generate_batch
 from inference.engine import EngineConfig, LLMEngine
-from inference.generate import generate
+from inference.sampling import generate
 from inference.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)

@@ -15,7 +15,7 @@ import torch
 from architectures.mamba2_hybrid import Mamba2Hybrid, Mamba2HybridConfig
 from inference.block_manager import StateSlots
 from inference.engine import EngineConfig, LLMEngine
-from inference.generate import generate
+from inference.sampling import generate
 from inference.memory import main as memory_main
 from inference.paged_cache import PagedKVPool
 from inference.sampling import SamplingParams

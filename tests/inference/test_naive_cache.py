@@ -50,7 +50,7 @@ def test_a_finished_row_keeps_its_slots_until_the_batch_ends(model, prompts):
 
 def test_tokens_through_the_model_with_and_without_cache(model, prompts):
     """notes/kv-cache.md: nP + n(n-1)/2 positions without a cache, P + n - 1 with one."""
-    from inference.generate import generate
+    from inference.sampling import generate
 
     seen = []
     # On the decoder stack: generation calls hidden_states and the head, not model(ids).

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.engine import EngineConfig, LLMEngine
-from inference.generate import generate
+from inference.sampling import generate
 from inference.paged_attention import attention_mask, paged_attention, paged_attention_reference
 from inference.paged_cache import (PagedBatch, ScheduledSeq, StepMetadata, TableRows, _decode_metadata,
                                    _packed_metadata, build_metadata, host_metadata)
@@ -377,7 +377,7 @@ def test_engine_serves_latent_attention_with_the_triton_kernel_on_gpu(cuda_graph
 
 
 def test_benchmark_grid_is_every_combination_of_the_listed_settings():
-    from inference.bench_paged_decode import grid_settings
+    from inference.benchmarks.paged_decode import grid_settings
 
     assert grid_settings("tile=64,128 splits=None,4") == [
         {"tile": 64, "splits": None}, {"tile": 64, "splits": 4}, {"tile": 128, "splits": None},

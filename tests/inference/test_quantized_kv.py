@@ -27,7 +27,7 @@ from architectures.common.cache import KVSpec
 from architectures.llama3 import Llama3, LlamaConfig, preset
 from inference import quantization
 from inference.engine import EngineConfig, LLMEngine
-from inference.generate import generate
+from inference.sampling import generate
 from inference.kv_cache import NaiveKVCache
 from inference.memory import cache_specs
 from inference.memory import main as memory_main
@@ -283,7 +283,7 @@ def test_int4_kernel_refuses_mismatched_inputs_before_it_needs_a_gpu():
 @needs_triton
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8", "int4"])
 def test_triton_kernel_on_quantized_blocks_matches_the_gather_path_on_gpu(kv_dtype):
-    from inference.bench_quantized_kv import kernel_vs_gather
+    from inference.benchmarks.quantized_kv import kernel_vs_gather
 
     # bf16 queries; the two differ by bf16 roundings only (the kernel rounds p x scale, the gather code x scale).
     assert kernel_vs_gather(kv_dtype, device="cuda") < 2e-2
@@ -341,7 +341,7 @@ def test_engine_reading_quantized_blocks_with_the_kernel_gives_the_gather_paths_
 
 
 def test_gpu_script_runs_every_part_at_toy_sizes(capsys):
-    from inference.bench_quantized_kv import main as bench_main
+    from inference.benchmarks.quantized_kv import main as bench_main
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # toy sizes: one thread is faster, and the machine is shared

@@ -1,4 +1,4 @@
-"""training/benchmark.py: it runs the real loop and reports, and the baseline's FLOPs formula is right."""
+"""training/benchmarks/throughput.py: it runs the real loop and reports, and the baseline's FLOPs formula is right."""
 
 import sys
 
@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from architectures.llama3 import PRESETS, Llama3, LlamaConfig
-from training import benchmark
+from training.benchmarks import throughput as benchmark
 
 
 def test_benchmark_runs_the_loop_and_prints_one_line(capsys):

@@ -72,5 +72,5 @@ def test_mixtral_train_refuses_bad_input_in_one_line(corpus, tmp_path):
 
 
 def test_benchmark_refuses_bad_input_in_one_line(tmp_path):
-    proc = run("training.benchmark", "--arch", "mixtral", "--device", "cpu", cwd=tmp_path)
+    proc = run("training.benchmarks.throughput", "--arch", "mixtral", "--device", "cpu", cwd=tmp_path)
     assert_one_line_error(proc, "mixtral has no gpt2-124m preset", "'tiny'")

@@ -41,7 +41,7 @@ from architectures.utils.files import atomic_write, atomic_write_json
 from architectures.utils.config import apply_overrides
 from architectures.utils.command_line import command_line
 from architectures.utils.wrappers import unwrap
-from inference.generate import generate
+from inference.sampling import generate
 from inference.sampling import SamplingParams
 from training import checkpointing
 from training.cli import Args, Recipe, RunData, build_model, checkpoint_saver, check_same_data, data_record, \

@@ -1,13 +1,13 @@
 """The DeepSeek-V3 benchmark runs both parts on a CPU with tiny shapes in seconds, checks that what it
 times beside each other computes the same function, and prints one parseable line per measurement.
 
-Tiny shape (architectures/deepseek_v3/benchmark.py `TINY`): 2 layers, 4 heads, d_c 32, d_r 8, d_n 16,
+Tiny shape (architectures/deepseek_v3/benchmarks/layers.py `TINY`): 2 layers, 4 heads, d_c 32, d_r 8, d_n 16,
 d_v 16; 8 routed experts in 4 groups (top-2 groups), top-2, 2 shared. The GPU sizes are run by hand.
 """
 
 import pytest
 
-from architectures.deepseek_v3.benchmark import main
+from architectures.deepseek_v3.benchmarks.layers import main
 
 
 def parse(out: str) -> list[dict[str, str]]:

@@ -1,4 +1,4 @@
-"""The expert-load experiment (architectures/deepseek_v3/expert_load.py) end to end, for a few
+"""The expert-load experiment (architectures/deepseek_v3/experiments/expert_load.py) end to end, for a few
 steps on the small test corpus: three runs, results.json with every field the note reads, the
 figure, and a second call that reuses the finished runs instead of training them again."""
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from architectures.deepseek_v3.expert_load import RUNS, main
+from architectures.deepseek_v3.experiments.expert_load import RUNS, main
 
 
 @pytest.fixture

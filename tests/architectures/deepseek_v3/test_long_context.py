@@ -1,4 +1,4 @@
-"""The context-extension experiment (architectures/deepseek_v3/long_context.py): its helpers, the
+"""The context-extension experiment (architectures/deepseek_v3/experiments/long_context.py): its helpers, the
 models its configs build, and the script end to end on a few steps."""
 
 import json
@@ -9,7 +9,7 @@ import torch
 
 from architectures.common.rope import default_inverse_frequencies, yarn_inverse_frequencies
 from architectures.deepseek_v3 import DeepseekV3, DeepseekV3Config
-from architectures.deepseek_v3.long_context import (ABLATIONS, METHODS, ScaledRopeConfig, bucket_nats_per_char,
+from architectures.deepseek_v3.experiments.long_context import (ABLATIONS, METHODS, ScaledRopeConfig, bucket_nats_per_char,
                                                     extend, extended_config, main, nats_per_char, position_losses,
                                                     validation_windows)
 from training.lm import evaluate_split

@@ -17,7 +17,7 @@ from architectures import registry
 from architectures.deepseek_v3 import DeepseekV3, from_pretrained, save_pretrained
 from inference.batched import generate_batch
 from inference.engine import EngineConfig, LLMEngine
-from inference.generate import generate
+from inference.sampling import generate
 from inference.sampling import SamplingParams
 
 # The oracle is imported, never skipped: without it these tests must fail, not pass vacuously.

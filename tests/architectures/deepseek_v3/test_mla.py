@@ -12,7 +12,7 @@ import torch
 from architectures.common.cache import LatentSpec, bytes_per_token
 from architectures.deepseek_v3 import DeepseekV3, DeepseekV3Config, preset
 from architectures.deepseek_v3.model import MultiHeadLatentAttention
-from inference.generate import generate
+from inference.sampling import generate
 from inference.kv_cache import NaiveKVCache
 from inference.sampling import SamplingParams
 

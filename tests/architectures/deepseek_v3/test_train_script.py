@@ -9,7 +9,7 @@ from architectures.deepseek_v3 import DeepseekV3, DeepseekV3Config, from_pretrai
 from architectures.deepseek_v3.train import deepseek_lm_loss, on_step
 from architectures.deepseek_v3.train import main as train_main
 from training.trainer import TrainConfig, train
-from inference.cli import main as generate_main
+from inference.generate import main as generate_main
 
 
 def test_train_logs_expert_loads_and_generate_reads_the_checkpoint(tiny_train_run, tmp_path, capsys):
@@ -22,8 +22,7 @@ def test_train_logs_expert_loads_and_generate_reads_the_checkpoint(tiny_train_ru
         assert 1.0 <= e["moe/l1/max_load"] <= 8.0  # 8 experts: from perfectly balanced to all on one
     model = from_pretrained(out)
     assert model.config.n_routed_experts == 8 and not model.training
-    text = generate_main("deepseek_v3", from_pretrained,
-                         ["--checkpoint", str(out), "--prompt", "Line 3", "--max-new-tokens", "10", "--seed", "1"])
+    text = generate_main(["--checkpoint", str(out), "--prompt", "Line 3", "--max-new-tokens", "10", "--seed", "1"])
     assert text.startswith("Line 3") and len(text) > len("Line 3")
 
 

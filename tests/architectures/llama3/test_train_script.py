@@ -5,7 +5,7 @@ import json
 import pytest
 
 from architectures.llama3.train import main as train_main
-from inference.cli import main as generate_main
+from inference.generate import main as generate_main
 from architectures.llama3.pretrained import from_pretrained as llama_from_pretrained
 
 
@@ -25,8 +25,7 @@ def test_train_writes_contract_files_and_generate_reads_them(corpus, tmp_path, c
     assert "---- sample ----" in printed and "nats/char" in printed
     model = llama_from_pretrained(out)
     assert model.config.vocab_size == 300 and not model.training
-    text = generate_main("llama3", llama_from_pretrained,
-                         ["--checkpoint", str(out), "--prompt", "Line 3", "--max-new-tokens", "10", "--seed", "1"])
+    text = generate_main(["--checkpoint", str(out), "--prompt", "Line 3", "--max-new-tokens", "10", "--seed", "1"])
     assert text.startswith("Line 3") and len(text) > len("Line 3")
 
 
@@ -68,7 +67,7 @@ def test_generate_rejects_bad_sampling_settings(corpus, tmp_path, capsys):
                                  ("--top-p", "1.5", "top_p must be in (0, 1]"),
                                  ("--top-k", "-2", "top_k must be >= 0")]:
         with pytest.raises(SystemExit) as refused:
-            generate_main("llama3", llama_from_pretrained, ["--checkpoint", str(out), "--prompt", "x", flag, value])
+            generate_main(["--checkpoint", str(out), "--prompt", "x", flag, value])
         assert message in str(refused.value.code) + capsys.readouterr().err
 
 
@@ -91,7 +90,7 @@ def test_generate_works_on_a_hugging_face_directory(corpus, tmp_path):
         vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1))
     hf.save_pretrained(tmp_path)
-    text = generate_main("llama3", llama_from_pretrained, ["--checkpoint", str(tmp_path), "--prompt", "Line 3",
+    text = generate_main(["--checkpoint", str(tmp_path), "--prompt", "Line 3",
                                                           "--temperature", "0", "--max-new-tokens", "12"])
     prompt = [0] + backend.encode("Line 3").ids  # generate.py prepends <|begin_of_text|> for pretrained tokenizers
     expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=1,

@@ -1,4 +1,4 @@
-"""architectures/mamba2_hybrid/benchmark.py: on tiny sizes it prints one parseable line per implementation,
+"""architectures/mamba2_hybrid/benchmarks/ssd.py: on tiny sizes it prints one parseable line per implementation,
 the implementations agree with the recurrence before they are timed, transformers' scan called on slices
 of heads is the scan called once, and bad arguments are one-line errors."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from architectures.mamba2_hybrid import benchmark
+from architectures.mamba2_hybrid.benchmarks import ssd as benchmark
 from architectures.mamba2_hybrid.ssd import ssd_sequential
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -84,7 +84,7 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
 
 
 def test_the_command_line_refuses_a_bad_argument_in_one_line():
-    done = subprocess.run([sys.executable, "-m", "architectures.mamba2_hybrid.benchmark", "--device", "cpu",
+    done = subprocess.run([sys.executable, "-m", "architectures.mamba2_hybrid.benchmarks.ssd", "--device", "cpu",
                            "--chunk", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == ["error: --chunk must be >= 1, got 0"]

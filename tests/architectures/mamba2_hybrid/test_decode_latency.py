@@ -1,7 +1,7 @@
 """The decode-latency script runs end to end on the CPU and measures what it says: the Mamba-2 cache keeps
 the same bytes at every context while Llama 3's grows with it (the latency itself is timed on a GPU)."""
 
-from architectures.mamba2_hybrid.decode_latency import main
+from architectures.mamba2_hybrid.benchmarks.decode_latency import main
 
 
 def test_decode_latency_script_runs_and_only_the_attention_cache_grows(tmp_path):

@@ -1,4 +1,4 @@
-"""The Tiny Shakespeare experiment of architectures/mamba2_hybrid/experiment.py: its three models weigh
+"""The Tiny Shakespeare experiment of architectures/mamba2_hybrid/experiments/equal_time.py: its three models weigh
 the same, each run keeps the schedule's shape at its own step count, and the script runs end to end."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from architectures.mamba2_hybrid.experiment import (KINDS, PARAMETER_TOLERANCE, BestWeights, build_model, main,
+from architectures.mamba2_hybrid.experiments.equal_time import (KINDS, PARAMETER_TOLERANCE, BestWeights, build_model, main,
                                                     model_configs, parameter_spread, with_steps)
 from training.trainer import TrainConfig, lr_at
 

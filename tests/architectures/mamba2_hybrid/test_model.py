@@ -11,7 +11,7 @@ import transformers
 from architectures.common.cache import StateSpec, bytes_per_sequence, bytes_per_token
 from architectures.mamba2_hybrid import Mamba2Hybrid, Mamba2HybridConfig, from_pretrained, save_pretrained
 from inference.batched import generate_batch
-from inference.generate import generate
+from inference.sampling import generate
 from inference.kv_cache import NaiveKVCache
 from inference.sampling import SamplingParams
 

@@ -1,4 +1,4 @@
-"""The MQAR task of architectures/mamba2_hybrid/mqar.py: the generator lays sequences out as Zoology
+"""The MQAR task of architectures/mamba2_hybrid/experiments/mqar.py: the generator lays sequences out as Zoology
 defines them, the loss counts the answers only, the three models weigh the same, and the script
 runs end to end."""
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from architectures.mamba2_hybrid.experiment import PARAMETER_TOLERANCE, build_model, parameter_spread
-from architectures.mamba2_hybrid.mqar import (IGNORE_INDEX, PAD, SIZES, main, model_configs, mqar_batch,
+from architectures.mamba2_hybrid.experiments.equal_time import PARAMETER_TOLERANCE, build_model, parameter_spread
+from architectures.mamba2_hybrid.experiments.mqar import (IGNORE_INDEX, PAD, SIZES, main, model_configs, mqar_batch,
                                               mqar_examples, mqar_loss, token_ranges)
 
 T, V = 64, 128

@@ -5,7 +5,7 @@ import transformers
 
 from architectures.mamba2_hybrid import from_pretrained
 from architectures.mamba2_hybrid.train import main as train_main
-from inference.cli import main as generate_main
+from inference.generate import main as generate_main
 
 
 def test_train_writes_a_checkpoint_that_generate_and_transformers_read(tiny_train_run, tmp_path, capsys):
@@ -13,6 +13,5 @@ def test_train_writes_a_checkpoint_that_generate_and_transformers_read(tiny_trai
     model = from_pretrained(out)
     assert model.config.hybrid_override_pattern == "M-M*M-M-" and not model.training
     assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "NemotronHForCausalLM"
-    text = generate_main("mamba2_hybrid", from_pretrained,
-                         ["--checkpoint", str(out), "--prompt", "Line 3", "--max-new-tokens", "10", "--seed", "1"])
+    text = generate_main(["--checkpoint", str(out), "--prompt", "Line 3", "--max-new-tokens", "10", "--seed", "1"])
     assert text.startswith("Line 3") and len(text) > len("Line 3")

@@ -7,7 +7,7 @@ import pytest
 
 from architectures.mixtral import from_pretrained
 from architectures.mixtral.train import main as train_main
-from inference.cli import main as generate_main
+from inference.generate import main as generate_main
 
 
 def test_train_logs_routing_and_generate_reads_the_checkpoint(tiny_train_run, tmp_path, capsys):
@@ -24,6 +24,5 @@ def test_train_logs_routing_and_generate_reads_the_checkpoint(tiny_train_run, tm
         assert e["loss"] == pytest.approx(e["lm_loss"] + 0.01 * e["aux_loss"] + 0.001 * e["z_loss"], rel=1e-5)
     model = from_pretrained(out)
     assert model.config.num_local_experts == 8 and not model.training
-    text = generate_main("mixtral", from_pretrained,
-                         ["--checkpoint", str(out), "--prompt", "Line 3", "--max-new-tokens", "10", "--seed", "1"])
+    text = generate_main(["--checkpoint", str(out), "--prompt", "Line 3", "--max-new-tokens", "10", "--seed", "1"])
     assert text.startswith("Line 3") and len(text) > len("Line 3")

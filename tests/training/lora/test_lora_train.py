@@ -39,7 +39,7 @@ def test_lora_rank_below_one_is_a_one_line_error(chat_base, tmp_path, command_er
 
 @pytest.mark.parametrize("mode", ["special", "all"])
 def test_token_rows_experiment_trains_the_chosen_embedding_rows_only(chat_base, tmp_path, monkeypatch, mode):
-    from training.lora.token_rows_experiment import main
+    from training.lora.experiments.token_rows import main
 
     monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
     before = from_pretrained(chat_base).model.embed_tokens.weight

@@ -1,8 +1,8 @@
 """Experiment: how evenly DeepSeekMoE loads its experts with the auxiliary-loss-free bias update,
 with the sequence-wise balance loss alone, and with neither, on Tiny Shakespeare.
 
-    python -m architectures.deepseek_v3.expert_load --out runs/deepseek-expert-load --figure     # 2-core CPU
-    python -m architectures.deepseek_v3.expert_load --size gpu --out DIR --figure                # one GPU
+    python -m architectures.deepseek_v3.experiments.expert_load --out runs/deepseek-expert-load --figure     # 2-core CPU
+    python -m architectures.deepseek_v3.experiments.expert_load --size gpu --out DIR --figure                # one GPU
 
 Paper: "DeepSeek-V3 Technical Report" (2024, arXiv:2412.19437, section 2.1.2); the bias rule is
 from "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts" (2024, arXiv:2408.15664).
@@ -176,7 +176,7 @@ def plot(runs: list[str], results: dict, out: Path, title: str) -> Path:
 
 @command_line
 def main(argv=None) -> dict:
-    p = ArgumentParser(prog="python -m architectures.deepseek_v3.expert_load")
+    p = ArgumentParser(prog="python -m architectures.deepseek_v3.experiments.expert_load")
     p.add_argument("--out", default="runs/deepseek-expert-load")
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
@@ -205,7 +205,7 @@ def main(argv=None) -> dict:
     for r in runs:
         run_one(r, size, train_cfg, data, out / r)
     done = [r for r in RUNS if (out / r / "summary.json").is_file()]
-    results = {"command": "python -m architectures.deepseek_v3.expert_load " +
+    results = {"command": "python -m architectures.deepseek_v3.experiments.expert_load " +
                           " ".join(sys.argv[1:] if argv is None else argv),
                "size": args.size, "preset": size["preset"], "alpha": size["alpha"], "gamma": size["gamma"],
                "train": dataclasses.asdict(train_cfg), "wall_s": time.perf_counter() - t0, "runs": {}}

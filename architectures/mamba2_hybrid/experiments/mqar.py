@@ -1,7 +1,7 @@
 """Experiment: multi-query associative recall (MQAR) for attention, Mamba-2 and a hybrid at equal parameters.
 
-    python -m architectures.mamba2_hybrid.mqar --out runs/mamba2-mqar                   # 2-core CPU
-    python -m architectures.mamba2_hybrid.mqar --size gpu --out runs/mamba2-mqar-gpu    # one GPU, ~3 minutes
+    python -m architectures.mamba2_hybrid.experiments.mqar --out runs/mamba2-mqar                   # 2-core CPU
+    python -m architectures.mamba2_hybrid.experiments.mqar --size gpu --out runs/mamba2-mqar-gpu    # one GPU, ~3 minutes
 
 Task: "Zoology: Measuring and Improving Recall in Efficient Language Models" (Arora et al., 2023,
 arXiv:2312.04927). A sequence lists N key-value pairs, then asks for some of the keys again; after
@@ -43,7 +43,7 @@ from architectures.utils.files import atomic_write_json
 from architectures.utils.command_line import command_line
 from architectures.llama3.config import preset as llama_preset
 from architectures.mamba2_hybrid.config import preset as mamba_preset
-from architectures.mamba2_hybrid.experiment import (build_model, describe, experiment_parser, interleaved_step_times,
+from architectures.mamba2_hybrid.experiments.equal_time import (build_model, describe, experiment_parser, interleaved_step_times,
                                                     parameter_counts, parameter_spread, redraw, save_figure,
                                                     size_train_config, with_steps)
 from architectures.utils.device import compute_dtype, device_label, resolve_device
@@ -216,7 +216,7 @@ def plot(results: dict, out: Path) -> Path:
 
 @command_line
 def main(argv=None) -> dict:
-    p = experiment_parser("python -m architectures.mamba2_hybrid.mqar", "runs/mamba2-mqar", SIZES,
+    p = experiment_parser("python -m architectures.mamba2_hybrid.experiments.mqar", "runs/mamba2-mqar", SIZES,
                           "notes/figures/mamba2-mqar-cpu.png")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps of every model")
     p.add_argument("--budget-s", type=float, default=None,
@@ -260,7 +260,7 @@ def main(argv=None) -> dict:
             steps = fits
     run_cfg = with_steps(train_cfg, steps, evals=5)
 
-    results = {"command": "python -m architectures.mamba2_hybrid.mqar " + " ".join(sys.argv[1:] if argv is None else argv),
+    results = {"command": "python -m architectures.mamba2_hybrid.experiments.mqar " + " ".join(sys.argv[1:] if argv is None else argv),
                "size": args.size, "device": device_label(device), "dtype": str(dtype).replace("torch.", ""),
                "steps": steps, "train": dataclasses.asdict(run_cfg),
                "setup": {"width": s["width"], "seq_len": T, "vocab_size": V, "pairs": list(pairs),

@@ -1,9 +1,9 @@
 """Experiment: extend a DeepSeek-V3 trained at 256 tokens of context to 1024, the way Kimi K2 and
 DeepSeek-V3 extend theirs with YaRN, beside no change and position interpolation.
 
-    python -m architectures.deepseek_v3.long_context --size cpu --out runs/long-context-cpu \\
+    python -m architectures.deepseek_v3.experiments.long_context --size cpu --out runs/long-context-cpu \\
         --figure notes/figures/long-context-cpu.png                                # 2-core CPU
-    python -m architectures.deepseek_v3.long_context --size gpu --out runs/long-context-gpu   # one GPU
+    python -m architectures.deepseek_v3.experiments.long_context --size gpu --out runs/long-context-gpu   # one GPU
 
 1. Pretrain the `tiny` (cpu) or `shakespeare` (gpu) preset at a context of L = 256 on Tiny
    Shakespeare through the shared loop (`training.trainer.train`), tokenizer and data layer,
@@ -264,7 +264,7 @@ def finetune(model: DeepseekV3, cfg: TrainConfig, data, out: Path) -> float:
 
 @command_line
 def main(argv=None) -> dict:
-    p = ArgumentParser(prog="python -m architectures.deepseek_v3.long_context",
+    p = ArgumentParser(prog="python -m architectures.deepseek_v3.experiments.long_context",
                                 description="Extend a DeepSeek-V3 from 256 to 1024 tokens of context: none, PI, YaRN.")
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--out", default="runs/long-context")
@@ -340,7 +340,7 @@ def main(argv=None) -> dict:
 
     wall = time.perf_counter() - t0
     results = {
-        "command": "python -m architectures.deepseek_v3.long_context "
+        "command": "python -m architectures.deepseek_v3.experiments.long_context "
                    + " ".join(sys.argv[1:] if argv is None else argv),
         "size": args.size, "preset": size.recipe, "device": device_label(device),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",

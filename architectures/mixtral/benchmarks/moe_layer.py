@@ -1,8 +1,8 @@
 """Benchmark one MoE layer, forward + backward: our grouped dispatch vs transformers' own
 MixtralSparseMoeBlock on the same weights vs a naive masked per-expert loop, in one process.
 
-    python -m architectures.mixtral.benchmark                      # GPU: 16k tokens, D=1024, F=3584, bf16
-    python -m architectures.mixtral.benchmark --device cpu         # CPU: 2k tokens, D=256, F=896, fp32
+    python -m architectures.mixtral.benchmarks.moe_layer                      # GPU: 16k tokens, D=1024, F=3584, bf16
+    python -m architectures.mixtral.benchmarks.moe_layer --device cpu         # CPU: 2k tokens, D=256, F=896, fp32
 
 Implementations (same router and expert weights, same input, same upstream gradient):
   ours          `SparseMoE`: sort (token, expert) pairs by expert, one grouped GEMM per projection
@@ -102,7 +102,7 @@ def time_round_robin(fns: dict, x, grad, params, warmup: int, iters: int, device
 
 @command_line
 def main(argv=None) -> list[dict]:
-    p = ArgumentParser(prog="python -m architectures.mixtral.benchmark", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m architectures.mixtral.benchmarks.moe_layer", description=__doc__.split("\n\n")[0])
     add_device_option(p)
     p.add_argument("--tokens", type=int, default=None,
                    help="N = batch x sequence; None: 16384 on a GPU, 2048 on the CPU")

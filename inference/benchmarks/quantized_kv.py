@@ -1,9 +1,9 @@
 """Quantized KV caches on a GPU: kernel correctness, capacity, speed and quality, in one run.
 
-    python -m inference.bench_quantized_kv                          # parts 1-3 (GPU), part 4 skipped
+    python -m inference.benchmarks.quantized_kv                          # parts 1-3 (GPU), part 4 skipped
     python -m architectures.llama3.train --preset shakespeare --compile --out runs/shakespeare
-    python -m inference.bench_quantized_kv --checkpoint runs/shakespeare    # all four parts
-    python -m inference.bench_quantized_kv --quick --device cpu     # every part at toy sizes (the CPU test)
+    python -m inference.benchmarks.quantized_kv --checkpoint runs/shakespeare    # all four parts
+    python -m inference.benchmarks.quantized_kv --quick --device cpu     # every part at toy sizes (the CPU test)
 
 1. kernel: the Triton decode kernels on int8 / fp8 / int4 blocks against the gather path on the same blocks
    (Llama-3.2-1B attention shape, bf16 queries, contexts across block and tile edges): max abs diff.
@@ -16,7 +16,7 @@
    decode tokens/s with every sequence decoding (`decode_heavy` says how), int4 without CUDA graphs;
    (b) the same at the same KV memory, as a full server runs it: the bytes that --long-seqs bf16 sequences
    take hold more int8 or fp8 ones, and each format decodes as many sequences as fit in them;
-   (c) the workload of `python -m inference.benchmark` (64 prompts of U[32, 512] tokens, 256 new
+   (c) the workload of `python -m inference.benchmarks.throughput` (64 prompts of U[32, 512] tokens, 256 new
    tokens, CUDA-graph decode), through `run_paged`.
 4. quality: nats per character on Tiny Shakespeare's validation split (its last 10%) for a checkpoint
    (--checkpoint), teacher-forced through a naive cache of each kv_dtype: each window of the model's
@@ -254,7 +254,7 @@ def part_speed(args, model, device) -> None:
         report(part="speed", workload="decode_heavy_same_memory", kv_dtype=kv, seqs=seqs, prompt_len=L,
                new_tokens=new, kv_budget_gib=budget / 2**30, **r,
                decode_speedup_vs_bf16=r["decode_tok_per_s"] / base["decode_tok_per_s"])
-    from inference.benchmark import make_prompts, run_paged
+    from inference.benchmarks.throughput import make_prompts, run_paged
 
     num, lo, hi, new = (3, 8, 24, 4) if args.quick else (64, 32, 512, 256)
     prompts = make_prompts(num, lo, hi, model.config.vocab_size, 0, 0)
@@ -265,11 +265,11 @@ def part_speed(args, model, device) -> None:
                                 max_num_batched_tokens=4096, cuda_graphs=cuda, kv_dtype=kv)
             r = run_paged(model, prompts, [new] * num, device, ecfg)
         except Exception as e:
-            report(part="speed", workload="inference.benchmark", kv_dtype=kv, error=f"{type(e).__name__}: {e}")
+            report(part="speed", workload="inference.benchmarks.throughput", kv_dtype=kv, error=f"{type(e).__name__}: {e}")
             continue
         tok_s = r["output_tokens"] / r["seconds"]
         base = base or tok_s
-        report(part="speed", workload="inference.benchmark", kv_dtype=kv, prompts=num, new_tokens=new,
+        report(part="speed", workload="inference.benchmarks.throughput", kv_dtype=kv, prompts=num, new_tokens=new,
                output_tokens=r["output_tokens"], seconds=r["seconds"], tok_per_s=tok_s, speedup_vs_bf16=tok_s / base,
                attention=r["attention"], graphs=cuda, peak_mem_gib=r["peak_mem_gib"])
         _free(device)
@@ -354,7 +354,7 @@ def table() -> None:
 
 @command_line
 def main(argv=None) -> list[dict]:
-    p = ArgumentParser(prog="python -m inference.bench_quantized_kv", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m inference.benchmarks.quantized_kv", description=__doc__.split("\n\n")[0])
     add_device_option(p)
     p.add_argument("--quick", action="store_true", help="toy sizes and a tiny model: checks the script runs (CPU)")
     p.add_argument("--parts", default="kernel,capacity,speed,quality", help="comma list of the parts to run")

@@ -1,10 +1,10 @@
 """One workload through three generators in one process: transformers' `generate` (padded static
 batches), our naive batched decoding (inference/batched.py) and our paged engine (inference/engine.py).
 
-    python -m inference.benchmark --out runs/bench                       # the default workload (GPU)
-    python -m inference.benchmark --shared-prefix 256 --out runs/prefix  # prefix caching on vs off
-    python -m inference.benchmark --device cpu --preset tiny --num-prompts 8 --max-len 64 --new-tokens 16
-    python -m inference.benchmark --family mixtral --preset tiny --device cpu --max-len 64 --new-tokens 16
+    python -m inference.benchmarks.throughput --out runs/bench                       # the default workload (GPU)
+    python -m inference.benchmarks.throughput --shared-prefix 256 --out runs/prefix  # prefix caching on vs off
+    python -m inference.benchmarks.throughput --device cpu --preset tiny --num-prompts 8 --max-len 64 --new-tokens 16
+    python -m inference.benchmarks.throughput --family mixtral --preset tiny --device cpu --max-len 64 --new-tokens 16
 
 Default workload: 64 prompts of random token ids, lengths uniform in [32, 512], 256 new tokens
 each, greedy, EOS ignored, a randomly initialised Llama-3.2-1B-shaped model in bf16 on a GPU;
@@ -201,7 +201,7 @@ def check_workload(args) -> None:
 
 @command_line
 def main(argv=None) -> dict:
-    p = ArgumentParser(prog="python -m inference.benchmark", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m inference.benchmarks.throughput", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", default="llama3", help=f"architecture family ({', '.join(registry.FAMILIES)})")
     p.add_argument("--preset", default="llama-3.2-1b", help="the family's preset: the shape of the random model")
     add_device_option(p)

@@ -1,8 +1,8 @@
 """Experiment: dense Llama 3 vs sparse MoE at matched active parameters on Tiny Shakespeare,
 and the expert utilisation with and without the load-balancing loss.
 
-    python -m architectures.mixtral.experiment --out runs/mixtral-experiment        # 2-core CPU, about 5 minutes
-    python -m architectures.mixtral.experiment --size gpu --runs dense --out DIR    # one GPU, a run or two per call
+    python -m architectures.mixtral.experiments.dense_vs_moe --out runs/mixtral-experiment        # 2-core CPU, about 5 minutes
+    python -m architectures.mixtral.experiments.dense_vs_moe --size gpu --runs dense --out DIR    # one GPU, a run or two per call
 
 Four runs through the shared loop (`training.trainer.train`), same data, batches, schedule and seed:
   dense                Llama 3 with a SwiGLU of width d_ff                          (loss: lm_loss)
@@ -43,7 +43,7 @@ from training.data import load_corpus, prepare_data, split_text
 from training.lm import evaluate_split, lm_loss
 from training.tokenizer import get_tokenizer
 from architectures.utils.device import add_device_option, resolve_device
-from training.benchmark import interleaved_step_times as step_times_in_turns
+from training.benchmarks.throughput import interleaved_step_times as step_times_in_turns
 from training.trainer import TrainConfig, train
 
 RUNS = ("dense", "moe_balanced", "moe_balanced_pooled", "moe_no_balance")
@@ -96,7 +96,7 @@ def run_one(run: str, size: str, train_cfg: TrainConfig, data, out: Path) -> dic
 
 def interleaved_step_times(runs: list[str], size: str, train_cfg: TrainConfig, data, rounds: int = 5) -> dict:
     """Median seconds of one training step of each run's model, the runs taking turns on one batch
-    (`training.benchmark.interleaved_step_times`)."""
+    (`training.benchmarks.throughput.interleaved_step_times`)."""
     device = resolve_device(train_cfg.device)
     autocast = torch.bfloat16 if (train_cfg.dtype == "bf16" or (train_cfg.dtype == "auto" and device.type == "cuda")) else None
     batch = data.get_batch("train", train_cfg.batch_size, train_cfg.block_size, torch.Generator().manual_seed(0))
@@ -172,7 +172,7 @@ def final_routing(entries: list[dict]) -> dict:
 
 @command_line
 def main(argv=None) -> dict:
-    p = ArgumentParser(prog="python -m architectures.mixtral.experiment")
+    p = ArgumentParser(prog="python -m architectures.mixtral.experiments.dense_vs_moe")
     p.add_argument("--out", default="runs/mixtral-experiment")
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
         step_s = interleaved_step_times(done, args.size, train_cfg, data)
         atomic_write_json(timing_file, step_s)
     plot(out, done, step_s)
-    results = {"command": "python -m architectures.mixtral.experiment " + " ".join(sys.argv[1:] if argv is None else argv),
+    results = {"command": "python -m architectures.mixtral.experiments.dense_vs_moe " + " ".join(sys.argv[1:] if argv is None else argv),
                "size": args.size, "train": dataclasses.asdict(train_cfg), "wall_s": time.perf_counter() - t0,
                "runs": {r: json.loads((out / r / "summary.json").read_text()) for r in done}}
     for r in done:

@@ -1,8 +1,8 @@
 """Benchmark the SSD of Mamba-2 on one set of random inputs: the recurrence (the baseline) vs the
 chunked algorithm, eager and compiled, vs transformers' pure-PyTorch chunked scan, in one process.
 
-    python -m architectures.mamba2_hybrid.benchmark               # GPU: bf16, B=2, T=4096, H=80 x P=64, N=128, Q=256
-    python -m architectures.mamba2_hybrid.benchmark --device cpu  # CPU: fp32, B=1, T=4096, H=8 x P=32, N=32, Q=64
+    python -m architectures.mamba2_hybrid.benchmarks.ssd               # GPU: bf16, B=2, T=4096, H=80 x P=64, N=128, Q=256
+    python -m architectures.mamba2_hybrid.benchmarks.ssd --device cpu  # CPU: fp32, B=1, T=4096, H=8 x P=32, N=32, Q=64
 
 Inputs as the mixer gives them to ssd.py: x (b, l, h, p), B and C (b, l, g, n) in --dtype, dt and A fp32;
 every implementation computes in fp32 inside and returns y (b, l, h, p) in fp32.
@@ -145,7 +145,7 @@ def time_round_robin(fns, inputs, grad, warmup, iters, seq_iters, device) -> dic
 
 @command_line
 def main(argv=None) -> list[dict]:
-    p = ArgumentParser(prog="python -m architectures.mamba2_hybrid.benchmark", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m architectures.mamba2_hybrid.benchmarks.ssd", description=__doc__.split("\n\n")[0])
     add_device_option(p)
     p.add_argument("--batch", type=int, default=None, help="b, sequences; None: 2 on a GPU, 1 on the CPU")
     p.add_argument("--seq-len", type=int, default=None, help="T, tokens per sequence; None: 4096")

@@ -1,7 +1,7 @@
 """Memory and speed of fine-tuning a Llama-3.2-1B-shaped model: full vs LoRA, plain vs chunked loss, bf16 vs NF4 base.
 
-    python -m training.lora.benchmark                 # one GPU, about 3 minutes
-    python -m training.lora.benchmark --quick         # tiny sizes on the CPU: checks the script runs
+    python -m training.lora.benchmarks.chunked_loss                 # one GPU, about 3 minutes
+    python -m training.lora.benchmarks.chunked_loss --quick         # tiny sizes on the CPU: checks the script runs
 
 Random weights of the published shape (128,256-token vocabulary, 16 layers of 2,048), rows of
 2,048 tokens, bf16 autocast, eager mode, AdamW. Each configuration trains `--steps` steps on the

@@ -1,9 +1,9 @@
 """Benchmark DeepSeek-V3's two signature layers, each beside its baseline in the same process.
 
-    python -m architectures.deepseek_v3.benchmark                      # GPU: both parts, bf16, default sizes
-    python -m architectures.deepseek_v3.benchmark --part decode --batch 32 --context 8192 --steps 50 --rounds 3
-    python -m architectures.deepseek_v3.benchmark --part moe --tokens 16384
-    python -m architectures.deepseek_v3.benchmark --device cpu         # CPU: tiny shapes, fp32, seconds
+    python -m architectures.deepseek_v3.benchmarks.layers                      # GPU: both parts, bf16, default sizes
+    python -m architectures.deepseek_v3.benchmarks.layers --part decode --batch 32 --context 8192 --steps 50 --rounds 3
+    python -m architectures.deepseek_v3.benchmarks.layers --part moe --tokens 16384
+    python -m architectures.deepseek_v3.benchmarks.layers --device cpu         # CPU: tiny shapes, fp32, seconds
 
 decode  Greedy decode steps (one token per sequence) at a long context, over a latent cache (`NaiveKVCache`
         of context + steps slots). Model: DeepSeek-V2-Lite's attention and widths (hidden 2048, 16
@@ -37,7 +37,7 @@ from architectures.utils.command_line import ArgumentParser, UserRuntimeError, c
 from architectures.deepseek_v3.config import DeepseekV3Config
 from architectures.deepseek_v3.model import DeepseekV3
 from architectures.deepseek_v3.moe import DeepseekMoE
-from architectures.mixtral.benchmark import time_round_robin
+from architectures.mixtral.benchmarks.moe_layer import time_round_robin
 from inference.kv_cache import NaiveKVCache
 from architectures.utils.device import add_device_option, add_dtype_option, compute_dtype, resolve_device
 
@@ -235,7 +235,7 @@ def bench_moe(args, shape, device, dtype, where) -> list[dict]:
 
 @command_line
 def main(argv=None) -> list[dict]:
-    p = ArgumentParser(prog="python -m architectures.deepseek_v3.benchmark", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m architectures.deepseek_v3.benchmarks.layers", description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=("decode", "moe", "all"), default="all", help="which benchmark to run")
     add_device_option(p)
     add_dtype_option(p, help="auto: bf16 on a GPU, fp32 on a CPU")

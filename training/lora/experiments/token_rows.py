@@ -1,6 +1,6 @@
 """Experiment: does LoRA fall short on the tiny base because the chat tokens' rows are frozen?
 
-    python -m training.lora.token_rows_experiment special --preset tiny --speaker-examples 0
+    python -m training.lora.experiments.token_rows special --preset tiny --speaker-examples 0
     (modes: none | special | all; every other option is training/lora/train.py's)
 
 The tiny base was pretrained on plain Shakespeare, where <|bos|>, <|eos|>, <|pad|>, <|user|> and
@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     if not argv or argv[0] not in MODES:
         raise ValueError(f"the first argument is the mode, one of {MODES}")
     mode, argv = argv[0], argv[1:]
-    args = parse(argv, RECIPES, "lora", prog="python -m training.lora.token_rows_experiment MODE")
+    args = parse(argv, RECIPES, "lora", prog="python -m training.lora.experiments.token_rows MODE")
     p = sft.prepare(args)
     apply_lora(p.model, args.recipe.model.lora())
     emb = p.model.model.embed_tokens.weight

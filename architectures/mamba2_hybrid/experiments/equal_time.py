@@ -1,7 +1,7 @@
 """Experiment: attention, Mamba-2 and a hybrid at equal parameters AND equal training time on Tiny Shakespeare.
 
-    python -m architectures.mamba2_hybrid.experiment --out runs/mamba2-shakespeare              # 2-core CPU
-    python -m architectures.mamba2_hybrid.experiment --size gpu --out runs/mamba2-shakespeare-gpu
+    python -m architectures.mamba2_hybrid.experiments.equal_time --out runs/mamba2-shakespeare              # 2-core CPU
+    python -m architectures.mamba2_hybrid.experiments.equal_time --size gpu --out runs/mamba2-shakespeare-gpu
 
 Three models of (nearly) one parameter count, `KINDS`:
   attention  Llama 3: every layer grouped-query attention (RoPE) + SwiGLU
@@ -9,7 +9,7 @@ Three models of (nearly) one parameter count, `KINDS`:
   hybrid     Nemotron-H: Mamba-2, MLP and a few attention layers without position encoding
 Each trains for the same wall-time budget on the same device. Run times read minutes apart on
 a shared machine are not comparable, so each model's step time is measured first with the
-three taking turns on one batch (`interleaved_step_times`, as architectures/mixtral/experiment.py
+three taking turns on one batch (`interleaved_step_times`, as architectures/mixtral/experiments/dense_vs_moe.py
 does), and each model then gets the number of steps that fits the budget at that step time:
 steps = budget / step time. Everything else is shared: data, tokenizer, batch, seed (hence
 the same batch order: a faster model simply reads further), optimizer, and the schedule's
@@ -40,7 +40,7 @@ from architectures.llama3 import Llama3, LlamaConfig
 from architectures.llama3.config import preset as llama_preset
 from architectures.mamba2_hybrid.config import preset as mamba_preset
 from architectures.mamba2_hybrid.model import Mamba2Hybrid
-from training.benchmark import interleaved_step_times as step_times_in_turns
+from training.benchmarks.throughput import interleaved_step_times as step_times_in_turns
 from architectures.utils.device import add_device_option, compute_dtype, device_label, resolve_device
 from training.lm import evaluate_split, lm_loss
 from training.trainer import TrainConfig, train
@@ -83,7 +83,7 @@ def describe(cfg) -> str:
 def interleaved_step_times(models: dict[str, nn.Module], loss_fn: Callable, batch, device: torch.device,
                            dtype: torch.dtype, rounds: int = 5) -> dict[str, float]:
     """Median seconds of one training step of each model, the models taking turns on one batch
-    (`training.benchmark.interleaved_step_times`). The models train a few steps, so pass copies."""
+    (`training.benchmarks.throughput.interleaved_step_times`). The models train a few steps, so pass copies."""
     autocast = dtype if dtype != torch.float32 else None
     return step_times_in_turns({name: (m, loss_fn) for name, m in models.items()}, batch, device, autocast, rounds)
 
@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
     from training.data import load_corpus, prepare_data, split_text
     from training.tokenizer import get_tokenizer
 
-    p = experiment_parser("python -m architectures.mamba2_hybrid.experiment", "runs/mamba2-shakespeare", SIZES,
+    p = experiment_parser("python -m architectures.mamba2_hybrid.experiments.equal_time", "runs/mamba2-shakespeare", SIZES,
                           "notes/figures/mamba2-shakespeare-cpu.png")
     p.add_argument("--budget-s", type=float, default=None, help="training seconds per model (default: the size's)")
     p.add_argument("--dataset", default="tinyshakespeare", help="the corpus (tests pass a small .txt)")
@@ -244,7 +244,7 @@ def main(argv=None) -> dict:
 
     batch = sample_batch("train", train_cfg.batch_size, torch.Generator().manual_seed(0))
     step_s = interleaved_step_times({k: fresh(k) for k in KINDS}, lm_loss, batch, device, dtype)
-    results = {"command": "python -m architectures.mamba2_hybrid.experiment "
+    results = {"command": "python -m architectures.mamba2_hybrid.experiments.equal_time "
                           + " ".join(sys.argv[1:] if argv is None else argv),
                "size": args.size, "device": device_label(device), "dtype": str(dtype).replace("torch.", ""),
                "dataset": args.dataset, "bpe_vocab_size": data.vocab_size, "budget_s": budget,

@@ -1,11 +1,11 @@
 """Time one decode step's attention, per layer: the batched gather against the Triton kernel.
 
-    python -m inference.bench_paged_decode            # the defaults, on the GPU
-    python -m inference.bench_paged_decode --sweep    # every (tile, warps, stages) setting
-    python -m inference.bench_paged_decode --shape deepseek-v3 --batch 32 --context 8192 [--sweep]
-    python -m inference.bench_paged_decode --kv-dtype int8 --batch 32 --context 8192 [--sweep]
+    python -m inference.benchmarks.paged_decode            # the defaults, on the GPU
+    python -m inference.benchmarks.paged_decode --sweep    # every (tile, warps, stages) setting
+    python -m inference.benchmarks.paged_decode --shape deepseek-v3 --batch 32 --context 8192 [--sweep]
+    python -m inference.benchmarks.paged_decode --kv-dtype int8 --batch 32 --context 8192 [--sweep]
 
-The batch is a mid-run decode step of `python -m inference.benchmark`'s workload: 64 sequences
+The batch is a mid-run decode step of `python -m inference.benchmarks.throughput`'s workload: 64 sequences
 whose contexts are a prompt of U[32, 512] tokens plus 128 generated ones, the attention shape of
 Llama-3.2-1B (H=32 query heads, K=8 KV heads, d=64), blocks of 16 scattered at random over the
 pool, bf16. The kernel is checked against `paged_attention` before it is timed. Prints one
@@ -32,7 +32,7 @@ import torch
 from architectures.common.cache import KVSpec
 from architectures.utils.command_line import ArgumentParser, UserRuntimeError, command_line
 from inference.paged_attention import attention_mask, paged_attention
-from inference.bench_quantized_kv import quantized_blocks
+from inference.benchmarks.quantized_kv import quantized_blocks
 from inference.paged_cache import ScheduledSeq, build_metadata
 from inference.quantized_kv import bytes_per_token, kv_format
 from inference.triton_kivi_attention import paged_int4_decode_attention
@@ -72,7 +72,7 @@ def grid_settings(spec: str) -> list[dict]:
 
 @command_line
 def main(argv=None) -> None:
-    p = ArgumentParser(prog="python -m inference.bench_paged_decode", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m inference.benchmarks.paged_decode", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64, help="sequences in the decode step")
     p.add_argument("--generated", type=int, default=128, help="tokens generated so far, on top of each prompt")
     p.add_argument("--iters", type=int, default=200, help="calls timed per measurement")

@@ -1,6 +1,6 @@
 """Quality of weight-only quantization: validation nats per character of a trained checkpoint, per format.
 
-    python -m inference.bench_quantized_weights --checkpoint DIR [--corpus tinyshakespeare]
+    python -m inference.benchmarks.quantized_weights --checkpoint DIR [--corpus tinyshakespeare]
 
 Loads the checkpoint (with its tokenizer.json), scores the corpus's validation split (its last
 10%, read whole in non-overlapping windows: `evaluate_split`) in full precision, then with every

@@ -1,7 +1,7 @@
 """Per-token decoding latency against context length: pure Mamba-2 stays flat, Llama 3 grows.
 
-    python -m architectures.mamba2_hybrid.decode_latency --figure notes/figures/mamba2-decode-latency-h100.png
-    python -m architectures.mamba2_hybrid.decode_latency --device cpu --size tiny --contexts 64,256   # seconds
+    python -m architectures.mamba2_hybrid.benchmarks.decode_latency --figure notes/figures/mamba2-decode-latency-h100.png
+    python -m architectures.mamba2_hybrid.benchmarks.decode_latency --device cpu --size tiny --contexts 64,256   # seconds
 
 Why: a Mamba-2 layer decodes from its fixed-size state (conv window + SSM state, `StateSpec`), so a
 step's work does not depend on how many tokens came before; an attention layer reads every cached
@@ -164,7 +164,7 @@ def plot(results: list[dict], path: Path, where: str) -> None:
 
 @command_line
 def main(argv=None) -> list[dict]:
-    p = ArgumentParser(prog="python -m architectures.mamba2_hybrid.decode_latency", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m architectures.mamba2_hybrid.benchmarks.decode_latency", description=__doc__.split("\n\n")[0])
     add_device_option(p)
     p.add_argument("--size", choices=sorted(SIZES), default="130m", help="the two models' shapes")
     p.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768", help="comma list of context lengths")

@@ -1,7 +1,7 @@
 """Training throughput of the shared loop: tokens/s, step time, peak memory and MFU.
 
-    python -m training.benchmark --preset gpt2-124m --compile --batch-size 16 --seq-len 1024
-    torchrun --nproc-per-node 2 -m training.benchmark --preset gpt2-124m --compile --parallel ddp
+    python -m training.benchmarks.throughput --preset gpt2-124m --compile --batch-size 16 --seq-len 1024
+    torchrun --nproc-per-node 2 -m training.benchmarks.throughput --preset gpt2-124m --compile --parallel ddp
 
 It runs the real loop (`training.trainer.train`, not a copy) on synthetic tokens, so the
 figure is the loop's own speed with data loading included but no dataset to prepare. The
@@ -114,7 +114,7 @@ def gpt2_baseline():
 
 @command_line
 def main(argv=None) -> dict:
-    p = ArgumentParser(prog="python -m training.benchmark", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m training.benchmarks.throughput", description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="llama3", choices=[*registry.FAMILIES, BASELINE],
                    help=f"an architecture family, or {BASELINE}: the baseline, transformers' GPT-2 in the same loop")
     p.add_argument("--preset", default=None, help="a preset of --arch (default: gpt2-124m where it has one)")
