@@ -1,14 +1,23 @@
-"""The one list of the zoo's architecture families: family name -> package, and the Hugging Face
-`model_type`s that package loads.
+"""The one list of the zoo's architecture families, each with its whole contract.
 
 Everything that has to find an architecture by name reads this table: `from_pretrained` below
-(dispatch on a checkpoint's config.json), `inference.memory`, `inference.benchmarks.throughput` and
-`training.benchmarks.throughput`. Adding a family is one line here plus its folder; no shared file spells
-a family's name anywhere else.
+(dispatch on a checkpoint's config.json), `python -m inference.generate`, `inference.memory`, the
+benchmarks, the shared training command line (training/cli.py) and every post-training method.
+Adding a family is its folder plus one entry here; no shared file spells a family's name anywhere
+else. notes/contributing.md walks through adding one.
 
-Every package named here has the face of the zoo's contract (shared/GUIDE.md): `PRESETS`,
-`preset(name)`, `from_pretrained(path, dtype, device)`, `save_pretrained(model, path)`, the model
-class named below, and a `flops` module with `flops_per_token(cfg, seq_len)`.
+A `Family` declares what the rest of the zoo relies on:
+- `model_class`: the causal LM; `model(input_ids)` (B, T) -> logits (B, T, V), with the hidden
+  states and the head as separate calls (`hidden_states`, `compute_logits`);
+- `config`: its config module, with `PRESETS`, `preset(name)` and the config dataclass;
+- `from_pretrained(path, dtype, device)` / `save_pretrained(model, path)`: Hugging Face-format
+  checkpoint directories; `model_types`: the config.json `model_type`s it loads;
+- `flops_per_token(cfg, seq_len)`: training FLOPs per token, for MFU;
+- `loss(model, batch) -> (loss, metrics)`: the pretraining objective, auxiliary terms included;
+- `aux_loss(model) -> (terms or None, metrics)`: those auxiliary terms alone, read from the forward
+  pass just run, which a post-training method adds to its own loss;
+- `on_step(step, model)`: the hook the loop calls after every optimizer step (a router's bias
+  update), or None.
 """
 
 from __future__ import annotations
@@ -17,23 +26,60 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
+
+from architectures import deepseek_v3, llama3, mamba2_hybrid, mixtral
+from architectures.common.checkpoint import read_config_json
+from architectures.common.loss import lm_loss
+from architectures.deepseek_v3 import config as deepseek_v3_config
+from architectures.deepseek_v3.flops import flops_per_token as deepseek_v3_flops
+from architectures.deepseek_v3.losses import bias_update_step, deepseek_aux_loss, deepseek_lm_loss
+from architectures.llama3 import config as llama3_config
+from architectures.llama3.flops import flops_per_token as llama3_flops
+from architectures.mamba2_hybrid import config as mamba2_hybrid_config
+from architectures.mamba2_hybrid.flops import flops_per_token as mamba2_hybrid_flops
+from architectures.mixtral import config as mixtral_config
+from architectures.mixtral.flops import flops_per_token as mixtral_flops
+from architectures.mixtral.losses import moe_aux_loss, moe_lm_loss
+
+Loss = Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]]
 
 
 @dataclass(frozen=True)
 class Family:
     package: str  # the Python package under architectures/
-    model_class: str  # the name of its causal-LM class in that package
+    model_class: type  # its causal-LM class
+    config: ModuleType  # its config module: PRESETS, preset(name), the config dataclass
     model_types: tuple[str, ...]  # the `model_type`s of Hugging Face config.json files it loads
+    from_pretrained: Callable  # (path, dtype=torch.float32, device="cpu") -> the model, in eval mode
+    save_pretrained: Callable  # (model, path, state_dict=None): config.json + model.safetensors
+    flops_per_token: Callable  # (cfg, seq_len) -> training FLOPs per token
+    loss: Loss = lm_loss  # the pretraining objective, auxiliary terms included
+    aux_loss: Callable | None = None  # model -> (auxiliary terms of the last forward or None, metrics)
+    on_step: Callable | None = None  # (step, model) after every optimizer step
+    loss_label: str = "train loss"  # the loss's name in the terminal
 
 
 FAMILIES: dict[str, Family] = {
-    "llama3": Family("architectures.llama3", "Llama3", ("llama",)),
-    "mixtral": Family("architectures.mixtral", "Mixtral", ("mixtral",)),
-    "deepseek_v3": Family("architectures.deepseek_v3", "DeepseekV3", ("deepseek_v3", "kimi_k2")),
-    "mamba2_hybrid": Family("architectures.mamba2_hybrid", "Mamba2Hybrid", ("mamba2", "nemotron_h")),
+    "llama3": Family("architectures.llama3", llama3.Llama3, llama3_config, ("llama",),
+                     llama3.from_pretrained, llama3.save_pretrained, llama3_flops),
+    "mixtral": Family("architectures.mixtral", mixtral.Mixtral, mixtral_config, ("mixtral",),
+                      mixtral.from_pretrained, mixtral.save_pretrained, mixtral_flops,
+                      loss=moe_lm_loss, aux_loss=moe_aux_loss, loss_label="train loss (lm + aux)"),
+    "deepseek_v3": Family("architectures.deepseek_v3", deepseek_v3.DeepseekV3, deepseek_v3_config,
+                          ("deepseek_v3", "kimi_k2"), deepseek_v3.from_pretrained, deepseek_v3.save_pretrained,
+                          deepseek_v3_flops, loss=deepseek_lm_loss, aux_loss=deepseek_aux_loss,
+                          on_step=bias_update_step),
+    "mamba2_hybrid": Family("architectures.mamba2_hybrid", mamba2_hybrid.Mamba2Hybrid, mamba2_hybrid_config,
+                            ("mamba2", "nemotron_h"), mamba2_hybrid.from_pretrained, mamba2_hybrid.save_pretrained,
+                            mamba2_hybrid_flops, on_step=bias_update_step),
 }
+
+# The family and preset of the README's quick start, which is also every post-training method's
+# default base model (trained on first use when no --base is given).
+QUICK_START_FAMILY = "llama3"
 
 
 def family(name: str) -> Family:
@@ -43,16 +89,16 @@ def family(name: str) -> Family:
 
 
 def package(name: str) -> ModuleType:
-    """The family's package, imported on first use (so listing families imports no model code)."""
+    """The family's package (`architectures.<name>`), imported above like every family."""
     return importlib.import_module(family(name).package)
 
 
 def model_class(name: str) -> type:
-    return getattr(package(name), family(name).model_class)
+    return family(name).model_class
 
 
-def flops_per_token(name: str):
-    return importlib.import_module(f"{family(name).package}.flops").flops_per_token
+def flops_per_token(name: str) -> Callable:
+    return family(name).flops_per_token
 
 
 def family_for_model_type(model_type: str | None) -> str | None:
@@ -71,19 +117,20 @@ def loader_hint(model_type: str | None) -> str:
 
 def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load any Hugging Face-format checkpoint the zoo has an architecture for, by its config.json."""
-    from architectures.common.checkpoint import read_config_json
-
     model_type = read_config_json(path).get("model_type")
     name = family_for_model_type(model_type)
     if name is None:
         raise ValueError(f"{path}/config.json has model_type={model_type!r}, which no zoo architecture loads; "
                          f"{loader_hint(model_type)}")
-    return package(name).from_pretrained(path, dtype=dtype, device=device)
+    return FAMILIES[name].from_pretrained(path, dtype=dtype, device=device)
 
 
 def family_of(model: torch.nn.Module) -> str:
     """The family name of a zoo model (to save it with its family's `save_pretrained`)."""
-    for name in FAMILIES:
-        if isinstance(model, model_class(name)):
+    for name, f in FAMILIES.items():
+        if type(model) is f.model_class:
+            return name
+    for name, f in FAMILIES.items():
+        if isinstance(model, f.model_class):
             return name
     raise ValueError(f"{type(model).__name__} is not a model of any zoo family ({', '.join(FAMILIES)})")

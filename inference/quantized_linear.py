@@ -26,7 +26,6 @@ precision; their routers and every attention and dense projection are quantized.
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import json
 from pathlib import Path
 
@@ -283,7 +282,7 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.float32,
     if name is None:
         raise ValueError(f"{directory}/config.json has model_type={raw.get('model_type')!r}; "
                          f"{registry.loader_hint(raw.get('model_type'))}")
-    config_module = importlib.import_module(f"{registry.family(name).package}.config")
+    config_module = registry.family(name).config
     cfg = config_module.from_hf_config(raw, where=f"{directory}/config.json")
     with torch.device("meta"):
         model = registry.model_class(name)(cfg)

@@ -46,24 +46,10 @@ from architectures.utils.command_line import ArgumentParser
 from training import checkpointing
 from training.data import Corpus, TokenData, get_corpus, prepare_data, split_text, token_cache_folder
 from architectures.utils.device import device_label, resolve_device
-from training.lm import evaluate_split, lm_loss
+from training.lm import evaluate_split
 from training.tokenizer import KINDS, MIN_BPE_VOCAB, Tokenizer, fingerprint, get_tokenizer, tokenizer_cache_path
+from training.recipes import DataConfig, Recipe, pretraining_recipes
 from training.trainer import TrainConfig, TrainResult, train, validate
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "tinyshakespeare"  # "tinyshakespeare", a local .txt/.jsonl file, or a hub dataset name
-    tokenizer: str = "bpe"  # "bpe" (byte-level BPE trained on the train split) or "char"
-    bpe_vocab_size: int = 512  # BPE vocabulary size, the 5 special tokens included
-    sample_prompt: str = "\n"  # text the end-of-run sample continues
-
-
-@dataclass
-class Recipe:
-    model: Any  # the architecture's config dataclass (vocab_size is set from the tokenizer)
-    train: TrainConfig
-    data: DataConfig
 
 
 @dataclass
@@ -305,13 +291,10 @@ def load_data(data_cfg: DataConfig, saved_record: dict | None = None, out: Path 
 
 # ---------------------------------------------------------------------------- model, checkpoint, report
 
-# Where the quick start leaves each preset's Llama 3 (`python -m architectures.llama3.train --preset P`).
-QUICK_START = {"tiny": ("runs/llama3-tiny", "tiny"), "shakespeare": ("runs/llama3-shakespeare", "shakespeare")}
-
-
 def pretrained_dir(given: str, flag: str, preset: str, why_tokenizer: str) -> Path:
     """The checkpoint a method starts from: `given` (checked to hold config.json and tokenizer.json),
-    or, when empty, the quick start's for this preset, trained now if it is missing."""
+    or, when empty, the quick start's (the registry's QUICK_START_FAMILY) for this preset, trained
+    now if it is missing; a preset the quick start does not have uses its `tiny`."""
     if given:
         path = Path(given)
         if not (path / "config.json").is_file():
@@ -319,14 +302,13 @@ def pretrained_dir(given: str, flag: str, preset: str, why_tokenizer: str) -> Pa
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{flag} {path} has no tokenizer.json; {why_tokenizer}")
         return path
-    out, quick_preset = QUICK_START.get(preset, QUICK_START["tiny"])
-    path = Path(out)
+    family = registry.QUICK_START_FAMILY
+    quick_preset = preset if preset in pretraining_recipes(family) else "tiny"
+    path = Path(f"runs/{family}-{quick_preset}")
     if not (path / "config.json").is_file():
-        from architectures.llama3.train import main as pretrain
-
         say(f"{flag.lstrip('-')}: {path} does not exist yet, so the quick start trains it first "
-            f"(python -m architectures.llama3.train --preset {quick_preset} --out {path})")
-        pretrain(["--preset", quick_preset, "--out", str(path)])
+            f"(python -m architectures.{family}.train --preset {quick_preset} --out {path})")
+        run(family, argv=["--preset", quick_preset, "--out", str(path)])
     return path
 
 
@@ -383,33 +365,27 @@ def final_report(model: torch.nn.Module, data: RunData, args: Args, result: Trai
     return summary
 
 
-def run(family: str, recipes: dict[str, Recipe], model_cls=None, save_pretrained: Callable | None = None,
-        from_pretrained: Callable | None = None, argv=None, loss_fn=lm_loss, flops_per_token: Callable | None = None,
-        loss_label: str = "train loss", on_step: Callable | None = None) -> dict:
-    """Train a registered family on a recipe; returns (and writes to DIR/summary.json) the final
-    figures. The model class, save/load functions and FLOPs formula default to the registry's;
-    `on_step(step, model)` is the loop's hook after every optimizer step (a router's bias update)."""
-    package = registry.package(family)
-    model_cls = model_cls or registry.model_class(family)
-    save_pretrained = save_pretrained or package.save_pretrained
-    from_pretrained = from_pretrained or package.from_pretrained
-    flops_per_token = flops_per_token or registry.flops_per_token(family)
-    args = parse(argv, recipes, family)
+def run(family: str, argv=None, recipes: dict[str, Recipe] | None = None) -> dict:
+    """Train a registered family on one of its recipes (by default its pretraining recipes) with the
+    family's whole contract from the registry: model class, loss, per-step hook, save/load, FLOPs.
+    Returns (and writes to DIR/summary.json) the final figures."""
+    contract = registry.family(family)
+    args = parse(argv, recipes or pretraining_recipes(family), family)
     t_start = time.perf_counter()
     train_cfg = args.recipe.train
     data = load_data(args.recipe.data, args.saved_record, args.out)
     data.check_fits(train_cfg.block_size)
-    model = build_model(model_cls, args.recipe.model, train_cfg, data.tokenizer)
+    model = build_model(contract.model_class, args.recipe.model, train_cfg, data.tokenizer)
     say(f"model: {family} {args.preset}, {sum(p.numel() for p in model.parameters()):,} parameters; "
         f"training {train_cfg.max_steps} steps into {args.out}" + (" (resumed)" if args.resume else ""))
     t_prep = time.perf_counter() - t_start
     result = train(
-        model, loss_fn, data.batches(train_cfg.block_size), train_cfg, args.out,
-        save_model=checkpoint_saver(save_pretrained, data.tokenizer), resume=args.resume,
+        model, contract.loss, data.batches(train_cfg.block_size), train_cfg, args.out,
+        save_model=checkpoint_saver(contract.save_pretrained, data.tokenizer), resume=args.resume,
         val_units_per_token=1.0 / data.tokens.val_chars_per_token,
         config_record={"model": dataclasses.asdict(model.config), "data": dataclasses.asdict(args.recipe.data),
                        **data.record()},
-        flops_per_token=flops_per_token(model.config, train_cfg.block_size), loss_label=loss_label,
-        on_step=on_step,
+        flops_per_token=contract.flops_per_token(model.config, train_cfg.block_size), loss_label=contract.loss_label,
+        on_step=contract.on_step,
     )
-    return final_report(model, data, args, result, from_pretrained, t_start, t_prep)
+    return final_report(model, data, args, result, contract.from_pretrained, t_start, t_prep)

@@ -80,8 +80,29 @@ def routing_metrics(router_logits: tuple[torch.Tensor, ...], top_k: int) -> dict
     return metrics
 
 
+def router_aux_terms(cfg, router_logits: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """alpha * L_balance + beta * L_z over one forward's router logits (one (N, E) per layer), and
+    the metrics that carry each term and the routing statistics of `routing_metrics`."""
+    balance = load_balancing_loss(router_logits, cfg.num_local_experts, cfg.num_experts_per_tok,
+                                  per_layer=cfg.router_aux_loss_per_layer)
+    z = router_z_loss(router_logits)
+    metrics = {"aux_loss": balance.detach(), "z_loss": z.detach()}
+    metrics.update(routing_metrics(router_logits, cfg.num_experts_per_tok))
+    return cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z, metrics
+
+
+def moe_aux_loss(model) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The auxiliary terms of the forward pass the model just ran, read from each MoE layer's
+    `router_logits`: what a post-training method adds to its own loss (`Family.aux_loss`).
+    None in eval mode, where only the method's own loss counts."""
+    inner = unwrap(model)
+    if not inner.training:
+        return None, {}
+    return router_aux_terms(inner.config, tuple(layer.mlp.router_logits for layer in inner.model.layers))
+
+
 def moe_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Next-token cross-entropy + alpha * L_balance + beta * L_z, for the shared training loop.
+    """Next-token cross-entropy + alpha * L_balance + beta * L_z: Mixtral's pretraining loss.
 
     In eval mode the auxiliary terms are left out, so the validation loss the loop reports is
     pure cross-entropy and compares with a dense model's. The metrics (averaged and logged by
@@ -92,12 +113,5 @@ def moe_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     if not model.training:
         return ce, {}
-    cfg = unwrap(model).config
-    balance = load_balancing_loss(router_logits, cfg.num_local_experts, cfg.num_experts_per_tok,
-                                  per_layer=cfg.router_aux_loss_per_layer)
-    z = router_z_loss(router_logits)
-    loss = ce + cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z
-    metrics = {"lm_loss": ce.detach(), "aux_loss": balance.detach(), "z_loss": z.detach()}
-    metrics.update(routing_metrics(router_logits, cfg.num_experts_per_tok))
-    return loss, metrics
-
+    aux, metrics = router_aux_terms(unwrap(model).config, router_logits)
+    return ce + aux, {"lm_loss": ce.detach(), **metrics}

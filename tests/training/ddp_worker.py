@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from toy import config, masked_batch, sample_batch, summed_loss_with_reference, tiny_model  # noqa: E402
 
 from architectures.llama3 import save_pretrained  # noqa: E402
-from training.lm import lm_loss  # noqa: E402
+from architectures.common.loss import lm_loss  # noqa: E402
 from training.trainer import train  # noqa: E402
 
 if __name__ == "__main__":

@@ -12,13 +12,16 @@ import urllib.request
 import pytest
 import torch
 
-from architectures.llama3.train import RECIPES as LLAMA_RECIPES
+from architectures import registry
 from architectures.llama3.train import main as llama_main
-from architectures.mixtral.train import RECIPES as MIXTRAL_RECIPES
 from architectures.mixtral.train import main as mixtral_main
-from training import checkpointing, cli, data
 from architectures.utils.device import device_label, resolve_device
+from training import checkpointing, cli, data
+from training.recipes import pretraining_recipes
 from training.trainer import TrainConfig
+
+LLAMA_RECIPES = pretraining_recipes("llama3")
+MIXTRAL_RECIPES = pretraining_recipes("mixtral")
 
 # Small enough that a run with a full validation pass and a sample takes a second or two.
 TINY = ["--max-steps", "1", "--batch-size", "2", "--block-size", "32", "--eval-batches", "1", "--hidden-size", "32",
@@ -188,17 +191,19 @@ def test_corpus_too_short_for_a_block_is_refused_before_training(tmp_path, capsy
     assert not out.exists()
 
 
-def test_run_passes_the_on_step_hook_to_the_loop(corpus, tmp_path):
-    """What a family whose routers move a bias after every step (DeepSeek-V3) hands to `run`."""
+def test_run_passes_the_familys_on_step_hook_to_the_loop(corpus, tmp_path, monkeypatch):
+    """A family whose routers move a bias after every step (DeepSeek-V3) declares the hook in the
+    registry; `run` hands it to the loop, which calls it after each optimizer step."""
     steps = []
-    cli.run("llama3", LLAMA_RECIPES, argv=run_args(corpus, tmp_path / "run", "--max-steps", "3"),
-            on_step=lambda step, model: steps.append(step))
+    hooked = dataclasses.replace(registry.family("llama3"), on_step=lambda step, model: steps.append(step))
+    monkeypatch.setitem(registry.FAMILIES, "llama3", hooked)
+    cli.run("llama3", argv=run_args(corpus, tmp_path / "run", "--max-steps", "3"))
     assert steps == [1, 2, 3]
 
 
 def test_overriding_the_width_derives_head_dim_again_unless_it_is_set(tmp_path):
     from training.cli import parse
-    from architectures.llama3.train import RECIPES
+    RECIPES = LLAMA_RECIPES
 
     out = ["--out", str(tmp_path / "run")]  # not the default runs/llama3-tiny, which may hold a real run
     assert parse(["--hidden-size", "64"] + out, RECIPES, "llama3").recipe.model.head_dim == 16  # tiny: 4 heads

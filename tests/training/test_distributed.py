@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from architectures.llama3 import from_pretrained, save_pretrained
-from training.lm import lm_loss
+from architectures.common.loss import lm_loss
 from training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))

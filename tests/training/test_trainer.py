@@ -11,7 +11,7 @@ import torch
 from architectures.llama3 import from_pretrained, save_pretrained
 from training import checkpointing
 from training.distributed import Distributed
-from training.lm import lm_loss
+from architectures.common.loss import lm_loss
 from architectures.utils.device import resolve_device
 from training.trainer import lr_at, make_optimizer, train
 

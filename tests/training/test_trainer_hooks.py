@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from architectures.llama3 import from_pretrained, save_pretrained
-from training.lm import lm_loss
+from architectures.common.loss import lm_loss
 from training.trainer import NUM_TOKENS, batch_generator, lr_at, make_optimizer, train
 
 sys.path.insert(0, str(Path(__file__).parent))

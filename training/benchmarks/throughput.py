@@ -19,8 +19,6 @@ Prints one parseable line: `train_benchmark key=value ...`.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import os
 import statistics
 import time
@@ -31,7 +29,7 @@ from torch import nn
 from architectures import registry
 from architectures.utils.command_line import ArgumentParser, UserRuntimeError, command_line
 from architectures.utils.device import add_device_option, add_dtype_option
-from training.lm import lm_loss
+from architectures.common.loss import lm_loss
 from training.trainer import TrainConfig, train
 
 BASELINE = "gpt2-transformers"
@@ -71,11 +69,10 @@ def architecture(name: str):
     """(presets, build_model(config), flops_per_token, loss_fn) of a registered family, or of the baseline."""
     if name == BASELINE:
         return (*gpt2_baseline(), lm_loss)
-    # The step a family's train.py takes (its LOSS_FN), so a mixture of experts is timed with its
-    # auxiliary losses; a family without a train.py is timed with the plain language-model loss.
-    script = f"{registry.family(name).package}.train"
-    loss_fn = getattr(importlib.import_module(script), "LOSS_FN", lm_loss) if importlib.util.find_spec(script) else lm_loss
-    return registry.package(name).PRESETS, registry.model_class(name), registry.flops_per_token(name), loss_fn
+    # The step the family's train.py takes (its registered loss), so a mixture of experts is timed
+    # with its auxiliary losses.
+    f = registry.family(name)
+    return f.config.PRESETS, f.model_class, f.flops_per_token, f.loss
 
 
 def gpt2_baseline():

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from training.lm import IGNORE_INDEX
+from architectures.common.loss import IGNORE_INDEX
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 

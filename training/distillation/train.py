@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import json
 import time
 from dataclasses import dataclass
@@ -44,12 +43,14 @@ from architectures.utils.wrappers import unwrap
 from inference.sampling import generate
 from inference.sampling import SamplingParams
 from training import checkpointing
-from training.cli import Args, Recipe, RunData, build_model, checkpoint_saver, check_same_data, data_record, \
-    final_report, is_main_process, parse, pretrained_dir, rederive, say
+from training.cli import (Args, RunData, build_model, check_same_data, checkpoint_saver, data_record, final_report,
+                          is_main_process, parse, pretrained_dir, rederive, say)
+from training.recipes import Recipe
 from training.data import get_corpus, prepare_data, token_cache_folder
 from architectures.utils.device import compute_dtype, resolve_device
 from training.distillation.loss import KINDS, distillation_loss
-from training.lm import IGNORE_INDEX, evaluate_split
+from architectures.common.loss import IGNORE_INDEX
+from training.lm import evaluate_split
 from training.tokenizer import Tokenizer, fingerprint
 from training.trainer import NUM_TOKENS, TrainConfig, batch_generator, train
 
@@ -352,10 +353,10 @@ def plot_curves(curves: dict[str, list[dict]], teacher_nats: float, path: Path, 
 
 
 def family_hooks(student) -> tuple:
-    """(pretraining loss, on_step or None) of the student's family, from its train.py: the
+    """(pretraining loss, on_step or None) of the student's family, from the registry: the
     baseline trains exactly as the family's own script would, and both runs keep its hook."""
-    module = importlib.import_module(f"{registry.family(registry.family_of(student)).package}.train")
-    return module.LOSS_FN, getattr(module, "on_step", None)
+    contract = registry.family(registry.family_of(student))
+    return contract.loss, contract.on_step
 
 
 @command_line

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training.lm import IGNORE_INDEX
+from architectures.common.loss import IGNORE_INDEX
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 

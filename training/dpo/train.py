@@ -31,7 +31,8 @@ from architectures.utils.command_line import command_line
 from architectures.utils.wrappers import unwrap
 from training import tasks
 from training.chat import chat_format
-from training.cli import Recipe, parse, say
+from training.cli import parse, say
+from training.recipes import Recipe
 from architectures.utils.device import resolve_device
 from training.dpo.data import PairBatches, arithmetic_pairs, collate, encode_pairs, load_pairs
 from training.dpo.loss import LOSS_TYPES, dpo_loss, dpo_metrics, sequence_logps

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from training.chat import ChatFormat
 from training.grpo.loss import check_rewards, group_advantages
-from training.lm import IGNORE_INDEX
+from architectures.common.loss import IGNORE_INDEX
 
 INTEGER = re.compile(r"-?\d+")
 

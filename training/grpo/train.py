@@ -29,7 +29,8 @@ from architectures import registry
 from architectures.utils.command_line import command_line
 from training import tasks
 from training.chat import chat_format
-from training.cli import Recipe, parse, say
+from training.cli import parse, say
+from training.recipes import Recipe
 from architectures.utils.device import resolve_device
 from training.grpo.loss import grpo_loss
 from training.grpo.rollout import Rollouts, arithmetic_reward, token_logps

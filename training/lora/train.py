@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 
 from architectures.utils.command_line import command_line
-from training.cli import Recipe, parse, say
+from training.cli import parse, say
+from training.recipes import Recipe
 from training.lora import ALL_PROJECTIONS, LoRAConfig, apply_lora, save_adapter, trainable_parameters
 from training.sft import train as sft
 

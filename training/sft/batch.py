@@ -32,7 +32,7 @@ import torch
 
 from architectures.common.cache import CacheView
 from training.chat import ChatFormat
-from training.lm import IGNORE_INDEX
+from architectures.common.loss import IGNORE_INDEX
 
 
 @dataclass

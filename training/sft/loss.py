@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training.lm import IGNORE_INDEX, linear_cross_entropy, output_head
+from architectures.common.loss import IGNORE_INDEX, linear_cross_entropy, output_head
 from training.sft.batch import PackedRows
 from training.trainer import NUM_TOKENS
 

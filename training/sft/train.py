@@ -32,7 +32,8 @@ from architectures.utils.files import atomic_write_json
 from architectures.utils.command_line import command_line
 from training import tasks
 from training.chat import ChatFormat, chat_format, load_conversations
-from training.cli import Args, Recipe, checkpoint_saver, parse, pretrained_dir, say
+from training.cli import Args, checkpoint_saver, parse, pretrained_dir, say
+from training.recipes import Recipe
 from training.data import get_corpus
 from architectures.utils.device import device_label, resolve_device
 from training.sft.batch import SFTBatches, encode_all

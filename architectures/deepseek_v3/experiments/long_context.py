@@ -44,8 +44,9 @@ from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.common.rope import rope_parameters, softmax_scale
 from architectures.deepseek_v3.config import DeepseekV3Config, preset
 from architectures.deepseek_v3.model import DeepseekV3
-from architectures.deepseek_v3.train import LOSS_FN, RECIPES, on_step
+from architectures.deepseek_v3.losses import bias_update_step as on_step, deepseek_lm_loss as LOSS_FN
 from training.cli import load_data
+from training.recipes import pretraining_recipes
 from architectures.utils.device import add_device_option, compute_dtype, device_label, resolve_device
 from training.lm import evaluate_split
 from training.trainer import TrainConfig, train
@@ -63,6 +64,8 @@ class Size:
     finetune: TrainConfig  # the short fine-tune at the long context (its block_size is L')
     bucket: int  # positions per bucket of the figure and the table
 
+
+RECIPES = pretraining_recipes("deepseek_v3")  # the schedules DeepSeek-V3 pretrains with
 
 SIZES = {
     # 2-core CPU, about 6-7 minutes on an idle machine (estimated from the quiet stretches of two

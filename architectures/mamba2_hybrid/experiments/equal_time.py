@@ -42,7 +42,8 @@ from architectures.mamba2_hybrid.config import preset as mamba_preset
 from architectures.mamba2_hybrid.model import Mamba2Hybrid
 from training.benchmarks.throughput import interleaved_step_times as step_times_in_turns
 from architectures.utils.device import add_device_option, compute_dtype, device_label, resolve_device
-from training.lm import evaluate_split, lm_loss
+from architectures.common.loss import lm_loss
+from training.lm import evaluate_split
 from training.trainer import TrainConfig, train
 
 KINDS = ("attention", "mamba2", "hybrid")

@@ -47,7 +47,7 @@ from architectures.mamba2_hybrid.experiments.equal_time import (build_model, des
                                                     parameter_counts, parameter_spread, redraw, save_figure,
                                                     size_train_config, with_steps)
 from architectures.utils.device import compute_dtype, device_label, resolve_device
-from training.lm import IGNORE_INDEX
+from architectures.common.loss import IGNORE_INDEX
 from training.trainer import TrainConfig, batch_generator, train
 
 PAD = 0  # the token after the last query; never a target

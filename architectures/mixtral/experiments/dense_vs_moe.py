@@ -40,7 +40,8 @@ from architectures.mixtral.flops import active_parameters
 from architectures.mixtral.losses import moe_lm_loss
 from architectures.mixtral.model import Mixtral
 from training.data import load_corpus, prepare_data, split_text
-from training.lm import evaluate_split, lm_loss
+from architectures.common.loss import lm_loss
+from training.lm import evaluate_split
 from training.tokenizer import get_tokenizer
 from architectures.utils.device import add_device_option, resolve_device
 from training.benchmarks.throughput import interleaved_step_times as step_times_in_turns

@@ -21,8 +21,8 @@ import transformers  # the oracle, a declared test dependency
 
 from architectures.deepseek_v3 import DeepseekV3, DeepseekV3Config, update_routing_bias
 from architectures.deepseek_v3.moe import Router, sequence_balance_loss, take_balance_losses
-from architectures.deepseek_v3.train import deepseek_lm_loss
-from training.lm import lm_loss
+from architectures.deepseek_v3.losses import deepseek_lm_loss
+from architectures.common.loss import lm_loss
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -6,7 +6,7 @@ import json
 import torch
 
 from architectures.deepseek_v3 import DeepseekV3, DeepseekV3Config, from_pretrained
-from architectures.deepseek_v3.train import deepseek_lm_loss, on_step
+from architectures.deepseek_v3.losses import bias_update_step as on_step, deepseek_lm_loss
 from architectures.deepseek_v3.train import main as train_main
 from training.trainer import TrainConfig, train
 from inference.generate import main as generate_main

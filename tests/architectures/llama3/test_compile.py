@@ -7,7 +7,7 @@ from functorch.compile import make_boxed_func, min_cut_rematerialization_partiti
 from torch._functorch.aot_autograd import aot_module_simplified
 
 from architectures.llama3 import Llama3, LlamaConfig
-from training.lm import lm_loss
+from architectures.common.loss import lm_loss
 
 
 def test_compiled_step_matches_eager_and_keeps_the_rope_tables():

@@ -14,7 +14,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 
 from architectures.mixtral import Mixtral, MixtralConfig, load_balancing_loss, moe_lm_loss, router_z_loss
 from architectures.mixtral.model import SparseMoE, masked_moe_reference, route
-from training.lm import lm_loss
+from architectures.common.loss import lm_loss
 
 
 def moe_layer(experts, top_k, seed=0, D=32, Fd=48):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.lm import linear_cross_entropy, lm_loss
+from architectures.common.loss import linear_cross_entropy, lm_loss
 
 
 def plain(hidden, weight, targets, reduction="mean"):
