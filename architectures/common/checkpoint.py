@@ -23,6 +23,19 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def check_model_type(d: dict, expected: str, where: str) -> None:
+    """Refuse a config.json written for another architecture, and say how to load it: the registry
+    (`architectures.registry.from_pretrained`, `python -m inference.generate`) picks the family from
+    config.json's model_type, so only a family's own loader can be handed the wrong directory."""
+    model_type = d.get("model_type")
+    if model_type != expected:
+        archs = ", ".join(d.get("architectures") or [])
+        raise ValueError(
+            f"{where} describes model_type={model_type!r}{f' ({archs})' if archs else ''}, not a {expected!r} model; "
+            f"load it with architectures.registry.from_pretrained, which picks the family from its model_type"
+        )
+
+
 def read_config_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():

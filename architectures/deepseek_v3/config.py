@@ -15,7 +15,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from architectures.common.cache import KVSpec
-from architectures.utils.config import check_model_type, config_from_dict, get_preset
+from architectures.common.checkpoint import check_model_type
+from architectures.utils.config import config_from_dict, get_preset
 from architectures.common.rope import YARN_KEYS, read_hf_rope
 
 # Every key a YaRN rope_scaling may carry (transformers' required and optional keys).

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from architectures.utils.config import check_model_type, config_from_dict, get_preset
+from architectures.common.checkpoint import check_model_type
+from architectures.utils.config import config_from_dict, get_preset
 from architectures.common.rope import read_hf_rope
 
 # The rope_scaling keys of Llama 3.1's frequency scaling (see model.rope_inverse_frequencies).

@@ -26,7 +26,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from architectures.utils.config import check_model_type, config_from_dict, get_preset
+from architectures.common.checkpoint import check_model_type
+from architectures.utils.config import config_from_dict, get_preset
 
 LETTERS = {"M": "Mamba-2", "*": "attention", "-": "MLP", "E": "mixture of experts"}
 # transformers' NemotronH `layers_block_type` names of the letters

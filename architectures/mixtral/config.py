@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from architectures.utils.config import check_model_type, config_from_dict, get_preset
+from architectures.common.checkpoint import check_model_type
+from architectures.utils.config import config_from_dict, get_preset
 from architectures.llama3.config import LlamaConfig
 from architectures.llama3.config import from_hf_config as llama_from_hf_config
 from architectures.llama3.config import to_hf_config as llama_to_hf_config

@@ -116,16 +116,3 @@ def get_preset(presets: dict[str, C], name: str, family: str) -> C:
     if name not in presets:
         raise ValueError(f"unknown {family} preset '{name}'; choose one of {sorted(presets)}")
     return presets[name]
-
-
-def check_model_type(d: dict, expected: str, where: str) -> None:
-    """Refuse a config.json written for another architecture, naming it and the package that loads it."""
-    from architectures.registry import loader_hint  # the registry imports packages that import this module
-
-    model_type = d.get("model_type")
-    if model_type != expected:
-        archs = ", ".join(d.get("architectures") or [])
-        raise ValueError(
-            f"{where} describes model_type={model_type!r}{f' ({archs})' if archs else ''}, not a {expected!r} model; "
-            f"{loader_hint(model_type)}"
-        )

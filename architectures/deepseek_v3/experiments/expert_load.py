@@ -48,7 +48,7 @@ from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.deepseek_v3.config import preset
 from architectures.deepseek_v3.model import DeepseekV3
 from architectures.deepseek_v3.moe import Router, update_routing_bias
-from architectures.deepseek_v3.train import deepseek_lm_loss
+from architectures.deepseek_v3.losses import deepseek_lm_loss
 from training.data import load_corpus, prepare_data, split_text
 from architectures.utils.device import add_device_option, resolve_device
 from training.lm import evaluate_split
