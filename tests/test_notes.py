@@ -98,3 +98,33 @@ def test_checker_catches_a_missing_symbol_and_path():
     assert check("no_such_function", names) is not None
     assert check("training/no_such_file.py", names) is not None
     assert check("TokenData.no_such_method", names) is not None
+
+
+ZOO_PACKAGES = ("architectures", "training", "inference", "fundamentals")
+SOURCES = DOCS + [f for d in ZOO_PACKAGES for f in sorted((REPO / d).rglob("*.py"))]
+
+
+def missing_modules(text: str) -> list[str]:
+    """The zoo modules that `python -m MODULE` commands in `text` name and that do not exist."""
+    missing = []
+    for module in re.findall(r"python -m ([A-Za-z_][\w.]*)", text):
+        parts = module.split(".")
+        if parts[0] not in ZOO_PACKAGES or module.endswith("."):
+            continue  # pytest, pip, torch.distributed.run, ...; or a template (architectures.<name>.train)
+        path = REPO / Path(*parts)
+        if not (path.with_suffix(".py").exists() or (path / "__main__.py").exists()):
+            missing.append(module)
+    return missing
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=[str(s.relative_to(REPO)) for s in SOURCES])
+def test_every_command_names_a_module_that_exists(source):
+    """A `python -m ...` in a note, the README or a docstring is what a reader pastes into a shell."""
+    missing = missing_modules(source.read_text())
+    assert not missing, f"{source.relative_to(REPO)} tells readers to run modules that do not exist: {missing}"
+
+
+def test_command_checker_catches_a_moved_module():
+    assert missing_modules("python -m architectures.llama3.train --preset tiny") == []
+    assert missing_modules("python -m architectures.<name>.train") == []
+    assert missing_modules("python -m architectures.llama3.generate --checkpoint DIR") == ["architectures.llama3.generate"]
