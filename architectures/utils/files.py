@@ -19,6 +19,9 @@ def atomic_write(path: str | Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    # mkstemp makes the file readable by its owner alone (0600); the renamed file gets the mode
+    # any other file the user writes gets (0666 less the umask), like every other output.
+    os.chmod(tmp, 0o666 & ~current_umask())
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -27,6 +30,13 @@ def atomic_write(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (os.umask can only be read by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
