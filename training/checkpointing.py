@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from architectures.utils.files import atomic_write, atomic_write_json
+from training.plots import Curve, plot_curves
 
 PENDING = ".pending"
 STATE_FILE = "trainer_state.pt"
@@ -188,23 +189,11 @@ def load(out: Path, model, optimizer, scheduler, record: dict, may_change: set[s
 
 def plot_losses(history: list[dict], path: Path) -> None:
     """Training and validation loss against step, written atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
-    val = [(e["step"], e["val_loss"]) for e in history if "val_loss" in e]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [e for e in history if "loss" in e]
+    val = [e for e in history if "val_loss" in e]
+    curves = []
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        curves.append(Curve("train loss", [e["step"] for e in train], [e["loss"] for e in train]))
     if val:
-        ax.plot(*zip(*val), marker="o", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    if train or val:  # a checkpoint before the first log line has nothing to label yet
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+        curves.append(Curve("validation loss", [e["step"] for e in val], [e["val_loss"] for e in val], marker="o"))
+    plot_curves(curves, path, ylabel="loss (nats per token)")

@@ -13,8 +13,8 @@ The run is one function per step; `run` composes them, and a method's train.py c
 ones it needs:
   parse         the command line -> `Args`; checks what can be checked at once (the device, the
                 loop's config, the checkpoint on --resume) before anything slow starts
-  load_data     corpus -> tokenizer (trained once, cached) -> tokenized splits (cached), with the
-                corpus's and the tokenizer's sha256, which a resumed run must match
+  load_data     corpus -> tokenizer (trained once, cached; or one given, a teacher's) -> tokenized
+                splits (cached), with the corpus's and the tokenizer's sha256, which a resumed run must match
   build_model   the model config with the tokenizer's vocabulary -> the model
   train         the shared loop (training/trainer.py) -> a checkpoint in DIR
   final_report  validation over the whole split, summary.json, the printed line, a sample
@@ -262,13 +262,31 @@ def check_same_data(saved: dict | None, now: dict, out: Path, origin: str = "") 
                            "same ZOO_DATA_DIR, cache or network), or start a new run in another --out")
 
 
-def load_data(data_cfg: DataConfig, saved_record: dict | None = None, out: Path | None = None) -> RunData:
+def load_data(data_cfg, saved_record: dict | None = None, out: Path | None = None,
+              tokenizer: Tokenizer | None = None, whose: str = "the given one") -> RunData:
     """Corpus -> tokenizer -> token ids of both splits, saying what it does. On a resume
     (`saved_record` given) the corpus and tokenizer must match the checkpoint's before any
-    token is cached or any file in `out` is touched."""
+    token is cached or any file in `out` is touched. A `tokenizer` given (`whose`: "the teacher's")
+    is used as it is, and only `data_cfg.dataset` is read; otherwise one is trained on the corpus
+    as `data_cfg` (a `DataConfig`) says, once, and cached."""
     t0 = time.perf_counter()
     corpus = get_corpus(data_cfg.dataset)
     say(f"corpus: {corpus.name}, {len(corpus.text):,} characters, from {corpus.origin}")
+    if tokenizer is not None:
+        say(f"tokenizer: {whose}, {tokenizer.kind} {tokenizer.vocab_size}")
+    else:
+        tokenizer = train_tokenizer(corpus, data_cfg)
+    check_same_data(saved_record, data_record(corpus, tokenizer), out, corpus.origin)
+    if not (token_cache_folder(corpus.text, tokenizer) / "meta.json").is_file():
+        say("tokens: encoding the train and validation splits (once: they are cached)")
+    tokens = prepare_data(data_cfg.dataset, tokenizer, text=corpus.text)
+    say(f"tokens: {len(tokens.train):,} train, {len(tokens.val):,} validation "
+        f"({tokens.val_chars_per_token:.2f} characters per token); data ready in {time.perf_counter() - t0:.1f} s")
+    return RunData(corpus, tokenizer, tokens)
+
+
+def train_tokenizer(corpus: Corpus, data_cfg: DataConfig) -> Tokenizer:
+    """The tokenizer `data_cfg` asks for, fitted to the corpus (from the cache after the first time)."""
     train_text, _ = split_text(corpus.text)
     # BPE merges are learned from the training split only; a char vocabulary needs every character.
     fit_text = corpus.text if data_cfg.tokenizer == "char" else train_text
@@ -279,38 +297,10 @@ def load_data(data_cfg: DataConfig, saved_record: dict | None = None, out: Path 
     else:
         say(f"tokenizer: training {data_cfg.tokenizer}{size} on {len(fit_text):,} characters "
             f"(once: it is cached in {cached.parent})")
-    tokenizer = get_tokenizer(fit_text, data_cfg.tokenizer, data_cfg.bpe_vocab_size)
-    check_same_data(saved_record, data_record(corpus, tokenizer), out, corpus.origin)
-    if not (token_cache_folder(corpus.text, tokenizer) / "meta.json").is_file():
-        say("tokens: encoding the train and validation splits (once: they are cached)")
-    tokens = prepare_data(data_cfg.dataset, tokenizer, text=corpus.text)
-    say(f"tokens: {len(tokens.train):,} train, {len(tokens.val):,} validation "
-        f"({tokens.val_chars_per_token:.2f} characters per token); data ready in {time.perf_counter() - t0:.1f} s")
-    return RunData(corpus, tokenizer, tokens)
+    return get_tokenizer(fit_text, data_cfg.tokenizer, data_cfg.bpe_vocab_size)
 
 
 # ---------------------------------------------------------------------------- model, checkpoint, report
-
-def pretrained_dir(given: str, flag: str, preset: str, why_tokenizer: str) -> Path:
-    """The checkpoint a method starts from: `given` (checked to hold config.json and tokenizer.json),
-    or, when empty, the quick start's (the registry's QUICK_START_FAMILY) for this preset, trained
-    now if it is missing; a preset the quick start does not have uses its `tiny`."""
-    if given:
-        path = Path(given)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{flag} {path} has no config.json; pass a zoo or Hugging Face checkpoint directory")
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{flag} {path} has no tokenizer.json; {why_tokenizer}")
-        return path
-    family = registry.QUICK_START_FAMILY
-    quick_preset = preset if preset in pretraining_recipes(family) else "tiny"
-    path = Path(f"runs/{family}-{quick_preset}")
-    if not (path / "config.json").is_file():
-        say(f"{flag.lstrip('-')}: {path} does not exist yet, so the quick start trains it first "
-            f"(python -m architectures.{family}.train --preset {quick_preset} --out {path})")
-        run(family, argv=["--preset", quick_preset, "--out", str(path)])
-    return path
-
 
 def build_model(model_cls: type, model_cfg, train_cfg: TrainConfig, tokenizer: Tokenizer) -> torch.nn.Module:
     """The model of `model_cfg` with the tokenizer's vocabulary, initialised from the run's seed."""

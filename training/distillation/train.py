@@ -19,15 +19,16 @@ With `--baseline` (on in both presets) the same student, from the same initial w
 trains on the same token windows for the same steps with its family's own pretraining loss, into
 OUT/baseline. Both runs' validation cross-entropy is measured at the loop's evaluation steps on
 the loop's validation batches (OUT/student_val.jsonl, OUT/baseline/student_val.jsonl) and plotted
-against the teacher's in OUT/distillation.png; the end prints the whole validation split's nats
-per character of teacher, distilled student and baseline (notes/distillation.md).
+against the teacher's in OUT/distillation.png (training/distillation/curves.py); the end prints the
+whole validation split's nats per character of teacher, distilled student and baseline
+(notes/distillation.md). A mixture-of-experts student keeps its family's auxiliary losses and
+router-bias update in both runs (training/posttrain.py).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,26 +37,23 @@ import torch
 import torch.nn.functional as F
 
 from architectures import registry
-from architectures.utils.files import atomic_write, atomic_write_json
-from architectures.utils.config import apply_overrides
-from architectures.utils.command_line import command_line
-from architectures.utils.wrappers import unwrap
-from inference.sampling import generate
-from inference.sampling import SamplingParams
-from training import checkpointing
-from training.cli import (Args, RunData, build_model, check_same_data, checkpoint_saver, data_record, final_report,
-                          is_main_process, parse, pretrained_dir, rederive, say)
-from training.recipes import Recipe
-from training.data import get_corpus, prepare_data, token_cache_folder
-from architectures.utils.device import compute_dtype, resolve_device
-from training.distillation.loss import KINDS, distillation_loss
 from architectures.common.loss import IGNORE_INDEX
+from architectures.utils.command_line import command_line
+from architectures.utils.config import apply_overrides
+from architectures.utils.device import resolve_device
+from architectures.utils.files import atomic_write_json
+from architectures.utils.wrappers import unwrap
+from inference.sampling import SamplingParams, generate
+from training import checkpointing
+from training.cli import (Args, RunData, build_model, checkpoint_saver, final_report, is_main_process, load_data,
+                          parse, rederive, say)
+from training.distillation.curves import ValidationCurve, plot_runs
+from training.distillation.loss import KINDS, distillation_loss
 from training.lm import evaluate_split
+from training.posttrain import family_on_step, pretrained_dir, with_aux_loss
+from training.recipes import Recipe
 from training.tokenizer import Tokenizer, fingerprint
-from training.trainer import NUM_TOKENS, TrainConfig, batch_generator, train
-
-# Each preset's default teacher: the quick start's checkpoint, and the llama3 preset that trains it.
-VAL_CURVE = "student_val.jsonl"  # per run: validation cross-entropy at the loop's evaluation steps
+from training.trainer import NUM_TOKENS, TrainConfig, train
 
 
 @dataclass
@@ -155,21 +153,6 @@ def teacher_dir(args: Args) -> Path:
     return pretrained_dir(args.recipe.model.teacher, "--teacher", args.preset,
                           "the student learns the teacher's distributions over the teacher's tokens, so it needs "
                           "the teacher's tokenizer")
-
-
-def load_data_with(tokenizer: Tokenizer, dataset: str, saved_record: dict | None, out: Path) -> RunData:
-    """training.cli.load_data with a given tokenizer (the teacher's) instead of one trained on the corpus."""
-    t0 = time.perf_counter()
-    corpus = get_corpus(dataset)
-    say(f"corpus: {corpus.name}, {len(corpus.text):,} characters, from {corpus.origin}")
-    say(f"tokenizer: the teacher's, {tokenizer.kind} {tokenizer.vocab_size}")
-    check_same_data(saved_record, data_record(corpus, tokenizer), out, corpus.origin)
-    if not (token_cache_folder(corpus.text, tokenizer) / "meta.json").is_file():
-        say("tokens: encoding the train and validation splits (once: they are cached)")
-    tokens = prepare_data(dataset, tokenizer, text=corpus.text)
-    say(f"tokens: {len(tokens.train):,} train, {len(tokens.val):,} validation "
-        f"({tokens.val_chars_per_token:.2f} characters per token); data ready in {time.perf_counter() - t0:.1f} s")
-    return RunData(corpus, tokenizer, tokens)
 
 
 def warn_if_other_corpus(teacher_path: Path, data: RunData) -> None:
@@ -272,91 +255,7 @@ def make_loss(cfg: DistillConfig):
     return loss_fn
 
 
-# ---------------------------------------------------------------------------- the curves both runs are compared by
-
-
-class ValidationCurve:
-    """The loop's `on_step` hook: at the loop's evaluation steps, the student's cross-entropy on the
-    loop's validation batches (the same batches every time, for both runs), in nats per token and
-    per character, appended to DIR/student_val.jsonl. (The distilled run's own validation loss is
-    its divergence to the teacher, which says nothing about the data.) `then` runs first: the
-    family's own hook, such as a routing-bias update."""
-
-    def __init__(self, out: Path, data: RunData, cfg: TrainConfig, then=None, resume: bool = False):
-        self.path, self.cfg, self.then = out / VAL_CURVE, cfg, then
-        self.chars_per_token = data.tokens.val_chars_per_token
-        self.device = resolve_device(cfg.device)
-        self.autocast = compute_dtype(cfg.dtype, self.device)
-        micro = cfg.batch_size // cfg.grad_accum_steps  # the loop's validation batch on one process
-        self.batches = [data.tokens.get_batch("val", micro, cfg.block_size, batch_generator(cfg.seed, "val", i))
-                        for i in range(cfg.eval_batches)]
-        self.points = read_curve(out) if resume else []
-        self.first = True
-
-    @torch.no_grad()
-    def measure(self, model) -> float:
-        was_training = model.training
-        model.eval()
-        total = 0.0
-        for x, y in self.batches:
-            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast != torch.float32):
-                logits = model(x.to(self.device))
-            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten()))
-        model.train(was_training)
-        return total / len(self.batches)
-
-    def record(self, step: int, model) -> None:
-        loss = self.measure(model)
-        self.points.append({"step": step, "val_loss": loss, "val_nats_per_char": loss / self.chars_per_token})
-        if is_main_process():
-            text = "".join(json.dumps(p) + "\n" for p in self.points)
-            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
-
-    def __call__(self, step: int, model) -> None:
-        if self.then is not None:
-            self.then(step, model)
-        if self.first:  # on a resume, points after the checkpoint belong to the interrupted attempt
-            self.points = [p for p in self.points if p["step"] < step]
-            self.first = False
-        if step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps:
-            self.record(step, model)
-
-
-def read_curve(out: Path) -> list[dict]:
-    path = out / VAL_CURVE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def plot_curves(curves: dict[str, list[dict]], teacher_nats: float, path: Path, title: str) -> None:
-    """Validation nats/char against step for each run, and the teacher's as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, points in curves.items():
-        if points:
-            ax.plot([p["step"] for p in points], [p["val_nats_per_char"] for p in points], marker="o", label=label)
-    ax.axhline(teacher_nats, color="gray", linestyle="--", label=f"teacher ({teacher_nats:.3f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation nats per character")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------- the two runs
-
-
-def family_hooks(student) -> tuple:
-    """(pretraining loss, on_step or None) of the student's family, from the registry: the
-    baseline trains exactly as the family's own script would, and both runs keep its hook."""
-    contract = registry.family(registry.family_of(student))
-    return contract.loss, contract.on_step
 
 
 @command_line
@@ -374,12 +273,11 @@ def main(argv=None) -> dict:
     device = resolve_device(train_cfg.device)
     teacher = registry.from_pretrained(teacher_path, device=device)
     tokenizer = Tokenizer.from_file(teacher_path)
-    data = load_data_with(tokenizer, args.recipe.data.dataset, args.saved_record, args.out)
+    data = load_data(args.recipe.data, args.saved_record, args.out, tokenizer=tokenizer, whose="the teacher's")
     data.check_fits(block)
     warn_if_other_corpus(teacher_path, data)
     student = make_student(cfg, train_cfg, teacher, teacher_path, tokenizer)
     initial = copy.deepcopy(student) if cfg.baseline else None  # the baseline starts from the same weights
-    family_loss, family_on_step = family_hooks(student)
     n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
     cpt = data.tokens.val_chars_per_token
     teacher_nats = evaluate_split(teacher, data.tokens.val, block, device=device) / cpt
@@ -395,14 +293,18 @@ def main(argv=None) -> dict:
     method = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "baseline"}  # --baseline changes nothing here
     record = {"model": dataclasses.asdict(student.config), "data": dataclasses.asdict(args.recipe.data),
               **data.record()}
-    save_model = checkpoint_saver(registry.package(registry.family_of(student)).save_pretrained, tokenizer)
-    curve = ValidationCurve(args.out, data, train_cfg, family_on_step, args.resume)
+    contract = registry.family(registry.family_of(student))
+    save_model = checkpoint_saver(contract.save_pretrained, tokenizer)
+    curve = ValidationCurve(args.out, data, train_cfg, args.resume)
     if not args.resume:
         if is_main_process():  # the loop does the same in train(); here first, for the step-0 point
             checkpointing.start_fresh(args.out)
         curve.record(0, student)
-    result = train(student, make_loss(cfg), distillation_batches(data, cfg, block), train_cfg, args.out,
-                   save_model=save_model, resume=args.resume, on_step=curve, frozen={"teacher": teacher},
+    # A mixture-of-experts student keeps its family's auxiliary losses and router-bias update; the
+    # family's hook runs before the curve's measurement, as in the baseline.
+    result = train(student, with_aux_loss(make_loss(cfg), student), distillation_batches(data, cfg, block), train_cfg,
+                   args.out, save_model=save_model, resume=args.resume, on_step=family_on_step(student, curve),
+                   frozen={"teacher": teacher},
                    config_record={**record, "method": method, "teacher": {"path": str(teacher_path),
                                                                           "model": dataclasses.asdict(teacher.config)}},
                    loss_label=f"train loss ({cfg.kind})")
@@ -413,13 +315,14 @@ def main(argv=None) -> dict:
         say(f"baseline: the same student from the same weights, {train_cfg.max_steps} steps on the same tokens "
             f"with its family's own loss, into {baseline_out}")
         t_base = time.perf_counter()
-        base_curve = ValidationCurve(baseline_out, data, train_cfg, family_on_step, resume_baseline)
+        base_curve = ValidationCurve(baseline_out, data, train_cfg, resume_baseline)
         if not resume_baseline:
             if is_main_process():
                 checkpointing.start_fresh(baseline_out)
             base_curve.record(0, initial.to(device))
-        base_result = train(initial, family_loss, data.batches(block), train_cfg, baseline_out, save_model=save_model,
-                            resume=resume_baseline, on_step=base_curve, val_units_per_token=1.0 / cpt,
+        base_result = train(initial, contract.loss, data.batches(block), train_cfg, baseline_out, save_model=save_model,
+                            resume=resume_baseline, on_step=family_on_step(initial, base_curve),
+                            val_units_per_token=1.0 / cpt,
                             config_record={**record, "method": "baseline: the family's loss on the data"})
         base_summary = final_report(initial, data, dataclasses.replace(args, out=baseline_out), base_result,
                                     registry.from_pretrained, t_base, 0.0, sample=False)
@@ -437,8 +340,8 @@ def main(argv=None) -> dict:
         summary["baseline_train_s"] = base_summary["train_s"]
         line += f"; the same student from scratch {base_summary['val_nats_per_char']:.4f}"
     atomic_write_json(args.out / "summary.json", summary)
-    plot_curves(curves, teacher_nats, args.out / "distillation.png",
-                f"{n_student:,}-parameter student of a {n_teacher:,}-parameter teacher, {data.corpus.name}")
+    plot_runs(curves, teacher_nats, args.out / "distillation.png",
+              f"{n_student:,}-parameter student of a {n_teacher:,}-parameter teacher, {data.corpus.name}")
     say(line)
     say(f"---- distillation.png, summary.json in {args.out}; {summary['total_s']:.0f} s in all "
         f"({summary['device']}) ----")

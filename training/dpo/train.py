@@ -8,9 +8,10 @@
 It starts from an SFT checkpoint (default: runs/sft-PRESET, made first by training/sft/train.py if
 missing), builds preference pairs from the built-in arithmetic task with the model's own wrong
 answers as the rejected replies (training/dpo/data.py), and minimises `dpo_loss` against a frozen
-reference: a copy of the starting model passed to the loop as `frozen={"reference": ...}`, or,
-with --lora, the same model with its adapters switched off (`disable_adapters`), which costs no
-second copy. Logged as TRL logs it: rewards/chosen, rewards/rejected, rewards/margins,
+reference (`Reference`, training/posttrain.py): a copy of the starting model passed to the loop as
+`frozen={"reference": ...}`, or, with --lora, the same model with its adapters switched off
+(`disable_adapters`), which costs no second copy. A mixture-of-experts base keeps its family's
+auxiliary losses and router-bias update (`with_aux_loss`, `family_on_step`). Logged as TRL logs it: rewards/chosen, rewards/rejected, rewards/margins,
 rewards/accuracies. Before and after it reports held-out preference accuracy (how often the
 implicit reward ranks the chosen reply above the rejected one), exact match on the held-out
 arithmetic questions, and the KL from the reference.
@@ -28,7 +29,6 @@ import torch.nn.functional as F
 
 from architectures import registry
 from architectures.utils.command_line import command_line
-from architectures.utils.wrappers import unwrap
 from training import tasks
 from training.chat import chat_format
 from training.cli import parse, say
@@ -36,7 +36,9 @@ from training.recipes import Recipe
 from architectures.utils.device import resolve_device
 from training.dpo.data import PairBatches, arithmetic_pairs, collate, encode_pairs, load_pairs
 from training.dpo.loss import LOSS_TYPES, dpo_loss, dpo_metrics, sequence_logps
-from training.sft.train import method_saver, policy_and_reference, sft_checkpoint, write_summary
+from training.posttrain import (Reference, family_on_step, method_saver, policy_and_reference, with_aux_loss,
+                                 write_summary)
+from training.sft.finetune import sft_checkpoint
 from training.tokenizer import Tokenizer
 from training.trainer import TrainConfig, train
 
@@ -81,7 +83,8 @@ RECIPES = {
 
 def dpo_step(model, batch: dict, frozen=None, *, beta: float, loss_type: str, label_smoothing: float,
              rpo_alpha: float = 0.0):
-    """The loop's loss: both replies of each pair through the policy and the reference in one pass each.
+    """The loop's loss: both replies of each pair through the policy and the reference in one pass each
+(the reference: `frozen["reference"]`, or with none, the policy with its LoRA adapters off).
 
     With rpo_alpha > 0, plus rpo_alpha x the mean NLL per token of the chosen replies, as TRL's
     rpo_alpha adds it ("Iterative Reasoning Preference Optimization", Pang et al. 2024,
@@ -90,14 +93,7 @@ def dpo_step(model, batch: dict, frozen=None, *, beta: float, loss_type: str, la
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     n = batch["chosen_input_ids"].shape[0]
     logps = sequence_logps(model(ids), labels)  # (2n,)
-    with torch.no_grad():
-        if frozen:
-            ref = sequence_logps(frozen["reference"](ids), labels)
-        else:  # LoRA: the reference is the base, the same weights with the adapters off
-            from training.lora import disable_adapters
-
-            with disable_adapters(unwrap(model)):
-                ref = sequence_logps(model(ids), labels)
+    ref = sequence_logps(Reference.from_frozen(frozen).logits(model, ids), labels)
     losses, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=beta, loss_type=loss_type,
                                         label_smoothing=label_smoothing)
     metrics = dpo_metrics(chosen, rejected)
@@ -110,7 +106,8 @@ def dpo_step(model, batch: dict, frozen=None, *, beta: float, loss_type: str, la
 
 
 @torch.no_grad()
-def held_out(model, reference, pairs, block: int, pad: int, step, batch_size: int = 64) -> dict[str, float]:
+def held_out(model, reference: Reference, pairs, block: int, pad: int, step,
+             batch_size: int = 64) -> dict[str, float]:
     """Preference accuracy and mean margin over the held-out pairs, and the per-token KL(policy || reference)
     on their chosen replies (the exact KL of the two next-token distributions, averaged over reply tokens)."""
     model.eval()
@@ -119,19 +116,12 @@ def held_out(model, reference, pairs, block: int, pad: int, step, batch_size: in
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in collate(pairs[i:i + batch_size], block, pad).items()}
         n = batch["chosen_input_ids"].shape[0]
-        _, m = step(model, batch, {"reference": reference} if reference is not None else None)
+        _, m = step(model, batch, reference.frozen)
         acc += float(m["rewards/accuracies"]) * n
         margin += float(m["rewards/margins"]) * n
         mask = batch["chosen_labels"] != -100
         logp = F.log_softmax(model(batch["chosen_input_ids"]).float(), -1)[mask]  # (tokens, V)
-        if reference is not None:
-            ref = reference(batch["chosen_input_ids"])
-        else:
-            from training.lora import disable_adapters
-
-            with disable_adapters(model):
-                ref = model(batch["chosen_input_ids"])
-        logq = F.log_softmax(ref.float(), -1)[mask]
+        logq = F.log_softmax(reference.logits(model, batch["chosen_input_ids"]).float(), -1)[mask]
         kl_sum += float((logp.exp() * (logp - logq)).sum())
         kl_n += int(mask.sum())
     model.train()
@@ -173,13 +163,12 @@ def main(argv=None) -> dict:
     em_before = tasks.exact_match(model, fmt, test_examples, data_cfg.max_new_tokens)
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters from {base}; DPO ({method.loss_type}, "
         f"beta {method.beta}) for {cfg.max_steps} steps into {args.out}")
-    result = train(model, step, batches, cfg, args.out, save_model=method_saver(model, tokenizer, base, method.lora),
-                   resume=args.resume,
-                   frozen={"reference": reference} if reference is not None else None,
+    result = train(model, with_aux_loss(step, model), batches, cfg, args.out,
+                   save_model=method_saver(model, tokenizer, base, method.lora), resume=args.resume,
+                   frozen=reference.frozen, on_step=family_on_step(model),
                    config_record={"method": dataclasses.asdict(method), "data": dataclasses.asdict(data_cfg),
                                   "base": str(base)}, loss_label=f"train loss (dpo {method.loss_type})")
-    ref_model = reference.to(device) if reference is not None else None
-    after = held_out(model, ref_model, test_enc, cfg.block_size, pad, step)
+    after = held_out(model, reference.to(device), test_enc, cfg.block_size, pad, step)
     em_after = tasks.exact_match(model, fmt, test_examples, data_cfg.max_new_tokens)
     say(f"held-out preference accuracy: {after['preference_accuracy']:.1%} (chosen ranked above rejected, "
         f"{len(test_enc)} pairs; mean margin {after['margin']:.3f}); KL(policy || reference) "

@@ -4,7 +4,8 @@ One rollout: draw P prompts, sample G completions of each with `LLMEngine` (Samp
 the prompt's K/V is computed once and shared by its G completions through the engine's prefix
 blocks), score every completion with the reward function, normalise rewards within each group
 (`group_advantages`), and record, for every completion token, its log-probability under the policy
-that sampled it (old_logps) and under the frozen reference (ref_logps). The loop then takes
+that sampled it (old_logps) and under the frozen reference (ref_logps, from a
+`training.posttrain.Reference`). The loop then takes
 `updates_per_rollout` optimizer steps on the same rollout (the ratio pi / pi_old moves away from 1
 after the first, which is what the clipping is for) before the next one is drawn.
 
@@ -45,14 +46,15 @@ def token_logps(model, ids: torch.Tensor, targets: torch.Tensor, temperature: fl
 
 class Rollouts:
     """The loop's `sample_batch`: a new rollout every `updates_per_rollout` training steps.
-    `reference_logps(ids, targets, temperature)` gives the frozen reference's `token_logps`."""
+    `reference` is the policy's `Reference` (training/posttrain.py): a frozen copy, or the policy
+    with its LoRA adapters off."""
 
-    def __init__(self, model, reference_logps, fmt: ChatFormat, examples: dict, group_size: int,
+    def __init__(self, model, reference, fmt: ChatFormat, examples: dict, group_size: int,
                  updates_per_rollout: int, temperature: float, max_new_tokens: int, reward_fn=arithmetic_reward):
         group_advantages(torch.zeros(group_size), group_size)  # a group size < 2 fails here, before any sampling
         if updates_per_rollout < 1:
             raise ValueError(f"updates_per_rollout must be >= 1, got {updates_per_rollout}")
-        self.model, self.reference_logps, self.fmt = model, reference_logps, fmt
+        self.model, self.reference, self.fmt = model, reference, fmt
         self.examples = examples  # split -> Examples
         self.G, self.mu = group_size, updates_per_rollout
         self.temperature, self.max_new_tokens, self.reward_fn = temperature, max_new_tokens, reward_fn
@@ -103,7 +105,8 @@ class Rollouts:
             targets[i, len(p) - 1:len(seq) - 1] = seq[len(p):]  # the completion's tokens, predicted from the position before
         ids, targets = ids.to(device), targets.to(device)
         old = token_logps(self.model, ids, targets, self.temperature)
-        ref = self.reference_logps(ids, targets, self.temperature)
+        with self.reference.model(self.model) as reference:
+            ref = token_logps(reference, ids, targets, self.temperature)
         self.model.train(was_training)
         correct = torch.tensor([float(r == a) for r, a in zip(replies, answers)])
         return {"input_ids": ids, "targets": targets, "old_logps": old, "ref_logps": ref,

@@ -7,7 +7,9 @@ It starts from an SFT checkpoint (default: runs/sft-PRESET, made first if missin
 built-in arithmetic task: every step's batch is a rollout of groups of sampled answers
 (training/grpo/rollout.py), every answer is scored by the exact-answer reward, and the loss is
 `grpo_loss` (training/grpo/loss.py): the clipped ratio objective with advantages normalised within
-each group and a k3 KL penalty to the frozen reference, averaged over tokens. Logged per step:
+each group and a k3 KL penalty to the frozen reference (`Reference`, training/posttrain.py),
+averaged over tokens. A mixture-of-experts base keeps its family's auxiliary losses and
+router-bias update (`with_aux_loss`, `family_on_step`). Logged per step:
 reward, accuracy (exact answers among the samples), mean completion length, KL, clip ratio; the
 reward curve is drawn to DIR/grpo.png. Before and after, greedy exact match on held-out questions.
 
@@ -34,7 +36,9 @@ from training.recipes import Recipe
 from architectures.utils.device import resolve_device
 from training.grpo.loss import grpo_loss
 from training.grpo.rollout import Rollouts, arithmetic_reward, token_logps
-from training.sft.train import method_saver, policy_and_reference, sft_checkpoint, write_summary
+from training.plots import Curve, plot_curves
+from training.posttrain import family_on_step, method_saver, policy_and_reference, with_aux_loss, write_summary
+from training.sft.finetune import sft_checkpoint
 from training.tokenizer import Tokenizer
 from training.trainer import TrainConfig, train
 
@@ -99,20 +103,11 @@ def no_dropout(model: nn.Module) -> None:
 
 
 def plot_rewards(metrics_path, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [json.loads(line) for line in open(metrics_path) if '"reward"' in line]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], label="mean reward of the samples")
-    ax.plot([r["step"] for r in rows], [r["accuracy"] for r in rows], label="exact answers among the samples")
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    steps = [r["step"] for r in rows]
+    plot_curves([Curve("mean reward of the samples", steps, [r["reward"] for r in rows]),
+                 Curve("exact answers among the samples", steps, [r["accuracy"] for r in rows])],
+                path, size=(6, 3.5), dpi=120, grid=False)
 
 
 @command_line
@@ -135,15 +130,7 @@ def main(argv=None) -> dict:
     examples = {"train": tasks.arithmetic("train", data_cfg.train_prompts, seed=2, max_digits=data_cfg.arithmetic_digits),
                 "val": tasks.arithmetic("test", data_cfg.eval_examples, max_digits=data_cfg.arithmetic_digits)}
     reference = policy_and_reference(model, method.lora, method.lora_r)
-
-    def reference_logps(ids, targets, temperature):
-        if reference is not None:
-            return token_logps(reference, ids, targets, temperature)
-        from training.lora import disable_adapters
-
-        with disable_adapters(model):
-            return token_logps(model, ids, targets, temperature)
-    rollouts = Rollouts(model, reference_logps, fmt, examples, method.group_size, method.updates_per_rollout,
+    rollouts = Rollouts(model, reference, fmt, examples, method.group_size, method.updates_per_rollout,
                         method.temperature, data_cfg.max_new_tokens,
                         functools.partial(arithmetic_reward, format_weight=method.format_reward))
     before = tasks.exact_match(model, fmt, examples["val"], data_cfg.max_new_tokens)
@@ -152,8 +139,9 @@ def main(argv=None) -> dict:
         f"updates per rollout, {cfg.max_steps} steps into {args.out}")
     step = functools.partial(grpo_step, clip_eps=method.clip_eps, kl_coef=method.kl_coef,
                              temperature=method.temperature)
-    result = train(model, step, rollouts, cfg, args.out, save_model=method_saver(model, tokenizer, base, method.lora),
-                   resume=args.resume,
+    result = train(model, with_aux_loss(step, model), rollouts, cfg, args.out,
+                   save_model=method_saver(model, tokenizer, base, method.lora), resume=args.resume,
+                   on_step=family_on_step(model),
                    config_record={"method": dataclasses.asdict(method), "data": dataclasses.asdict(data_cfg),
                                   "base": str(base)}, loss_label="train loss (grpo)")
     after = tasks.exact_match(model, fmt, examples["val"], data_cfg.max_new_tokens)

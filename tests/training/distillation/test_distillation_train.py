@@ -123,10 +123,11 @@ def test_on_policy_rows_are_the_students_continuations_of_the_data(corpus, teach
 
 
 def test_batches_are_the_baselines_windows_with_an_on_policy_draw(corpus, teacher, tmp_path):
-    from training.distillation.train import load_data_with
+    from training.cli import load_data
+    from training.distillation.train import DistillDataConfig
     from training.tokenizer import Tokenizer
 
-    data = load_data_with(Tokenizer.from_file(teacher), str(corpus), None, tmp_path)
+    data = load_data(DistillDataConfig(dataset=str(corpus)), None, tmp_path, tokenizer=Tokenizer.from_file(teacher))
     sample = distillation_batches(data, DistillConfig(on_policy=0.5), 16)
     plain = data.batches(16)
     flags = []

@@ -43,15 +43,15 @@ def test_token_rows_experiment_trains_the_chosen_embedding_rows_only(chat_base, 
 
     monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
     before = from_pretrained(chat_base).model.embed_tokens.weight
-    import training.sft.train as sft
+    from training.sft import finetune
 
     seen = {}
-    real_fit = sft.fit
+    real_fit = finetune.fit
 
     def fit(p, args, save):  # keep the trained model to compare its embedding with the base's
         seen["model"] = p.model
         return real_fit(p, args, save)
-    monkeypatch.setattr(sft, "fit", fit)
+    monkeypatch.setattr(finetune, "fit", fit)
     main([mode, "--preset", "tiny", "--base", str(chat_base), "--out", str(tmp_path / "x")] + TINY)
     changed = (seen["model"].model.embed_tokens.weight.detach() != before).any(dim=1)
     assert changed[[0, 1, 3, 4]].all()  # bos, eos, user, assistant (padding sits where no loss reaches it)

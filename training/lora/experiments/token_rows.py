@@ -20,8 +20,8 @@ import torch
 from architectures.utils.command_line import command_line
 from training.cli import parse, say
 from training.lora import apply_lora, trainable_parameters
-from training.lora.train import RECIPES
-from training.sft import train as sft
+from training.lora.recipes import RECIPES
+from training.sft import finetune
 
 MODES = ("none", "special", "all")
 SPECIAL_IDS = 5  # the zoo tokenizers' reserved ids 0..4
@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"the first argument is the mode, one of {MODES}")
     mode, argv = argv[0], argv[1:]
     args = parse(argv, RECIPES, "lora", prog="python -m training.lora.experiments.token_rows MODE")
-    p = sft.prepare(args)
+    p = finetune.prepare(args)
     apply_lora(p.model, args.recipe.model.lora())
     emb = p.model.model.embed_tokens.weight
     extra = 0
@@ -49,8 +49,8 @@ def main(argv=None) -> dict:
     adapters, total = trainable_parameters(p.model)
     adapters -= emb.numel() if mode != "none" else 0
     say(f"mode {mode}: {adapters + extra:,} trainable of {total:,} ({(adapters + extra) / total:.2%})")
-    sft.fit(p, args, None)
-    after = sft.score(p, args.recipe.data.max_new_tokens)
+    finetune.fit(p, args, None)
+    after = finetune.score(p, args.recipe.data.max_new_tokens)
     say(f"held-out exact match after training ({mode}): " + ", ".join(f"{k} {v:.1%}" for k, v in after.items()))
     return after
 
