@@ -16,6 +16,7 @@ The attention layer is Llama 3's grouped-query attention, imported, without RoPE
 attention has no position encoding (the Mamba-2 layers before it carry order), so it is given
 the identity rotation cos = 1, sin = 0. The MoE layer routes with DeepSeek-V3's router, imported,
 to the zoo's stacked experts (architectures/common/moe.py), here non-gated: W_down act(W_up x).
+The blocks run through the shared stack's loop (`run_layers`), under the checkpoints' names.
 
 Symbols: B batch, T tokens, D hidden_size, V vocab_size, E experts, k experts per token.
 """
@@ -25,10 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from architectures.common.cache import CacheSpec
-from architectures.common.decoder import CausalLM, RMSNorm
+from architectures.common.decoder import CausalLM, RMSNorm, run_layers
 from architectures.common.moe import StackedExperts
 from architectures.deepseek_v3.moe import Router
 from architectures.llama3.model import Attention
@@ -119,11 +119,7 @@ class Backbone(nn.Module):
         x = self.embeddings(input_ids)  # (B, T, D)
         # No position encoding: attention gets the identity rotation (cos 1, sin 0), computed once.
         rope = (x.new_ones(()), x.new_zeros(())) if self.uses_attention else None
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, rope, cache, use_reentrant=False)
-            else:
-                x = layer(x, rope, cache)
+        x = run_layers(self.layers, x, rope, cache, self.gradient_checkpointing and self.training)
         return self.norm_f(x.to(self.norm_f.weight.dtype))  # (B, T, D)
 
 
