@@ -27,7 +27,7 @@ k experts per token, M = N*k (token, expert) pairs.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

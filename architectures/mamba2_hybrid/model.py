@@ -23,7 +23,6 @@ Symbols: B batch, T tokens, D hidden_size, V vocab_size, E experts, k experts pe
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
