@@ -69,6 +69,20 @@ class DecoderLayer(nn.Module):
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, rope, cache, checkpointing: bool) -> torch.Tensor:
+    """x (B, T, D) through every block in order, each called as layer(x, rope, cache); every stack of
+    the zoo runs its blocks through here, whatever it names its embedding and final norm.
+
+    checkpointing: keep only each block's input during the forward and recompute the block in
+    backward (activation memory from O(L) blocks to O(1), for ~1/3 more compute)."""
+    for layer in layers:
+        if checkpointing:
+            x = checkpoint(layer, x, rope, cache, use_reentrant=False)
+        else:
+            x = layer(x, rope, cache)
+    return x  # (B, T, D)
+
+
 class DecoderModel(nn.Module):
     """Embedding, the stack of blocks and the final norm (transformers' `model.*`): ids -> hidden states."""
 
@@ -79,18 +93,12 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = rotary
         self.dropout = nn.Dropout(getattr(cfg, "dropout", 0.0))
-        # Activation checkpointing: keep only each block's input during the forward and recompute
-        # the block in backward. Activation memory drops from O(L) blocks to O(1), for ~1/3 more compute.
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # activation checkpointing while training (`run_layers`)
 
     def forward(self, input_ids, positions, cache=None):
         x = self.dropout(self.embed_tokens(input_ids))  # (B, T, D)
         rope = self.rotary_emb(positions) if self.rotary_emb is not None else None
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, rope, cache, use_reentrant=False)
-            else:
-                x = layer(x, rope, cache)
+        x = run_layers(self.layers, x, rope, cache, self.gradient_checkpointing and self.training)
         return self.norm(x)  # (B, T, D)
 
 

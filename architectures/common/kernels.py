@@ -3,12 +3,13 @@
 `silu_and_mul`: SwiGLU's activation on one GEMM's output, [gate ; up] (M, 2F) -> silu(gate) * up (M, F),
 in one pass.
 
-When one matrix multiply computes both halves (Mixtral's and DeepSeek's stacked experts, whose
-gate_up_proj is [W_gate; W_up]), `gate, up = h.chunk(2, -1)` gives two strided views, and eager
-PyTorch runs silu, the product and, in the backward, three more products and a concatenation as
-separate kernels over those strided halves (the slower, non-vectorised elementwise path on a GPU).
-`silu_and_mul` does the forward in one Triton kernel and the backward in another, which writes the
-gradient of [gate ; up] directly. Elsewhere (a CPU, no Triton) it is the plain formula:
+When one matrix multiply computes both halves (the stacked SwiGLU experts of Mixtral and DeepSeek,
+`StackedExperts` in moe.py, whose gate_up_proj is [W_gate; W_up]), `gate, up = h.chunk(2, -1)` gives
+two strided views, and eager PyTorch runs silu, the product and, in the backward, three more
+products and a concatenation as separate kernels over those strided halves (the slower,
+non-vectorised elementwise path on a GPU). `silu_and_mul` does the forward in one Triton kernel and
+the backward in another, which writes the gradient of [gate ; up] directly. Elsewhere (a CPU, no
+Triton) it is the plain formula:
 
     out   = silu(g) * u = g sigmoid(g) u
     d g   = d out * u * sigmoid(g) (1 + g (1 - sigmoid(g)))

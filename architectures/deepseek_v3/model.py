@@ -31,11 +31,11 @@ from torch import nn
 from architectures.common.attention import causal_attention, grouped_attention
 from architectures.common.cache import CacheView, LatentSpec
 from architectures.common.decoder import CausalLM, RMSNorm
+from architectures.common.moe import StackedExperts
 from architectures.common.rope import RotaryEmbedding, apply_rope, deinterleave, softmax_scale
 from architectures.deepseek_v3.config import DeepseekV3Config
 from architectures.deepseek_v3.moe import DeepseekMoE, Router
 from architectures.llama3.model import SwiGLU
-from architectures.mixtral.model import MixtralExperts
 
 # transformers builds the two latent norms with RMSNorm's default epsilon, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -164,10 +164,7 @@ class DeepseekV3(CausalLM):
         super()._init_weights(m)  # every nn.Linear and the embedding: N(0, initializer_range)
         std = self.config.initializer_range
         if isinstance(m, Router):
-            nn.init.normal_(m.weight, std=std)
-            nn.init.zeros_(m.e_score_correction_bias)
-            m.load.zero_()
-        if isinstance(m, MixtralExperts):
-            nn.init.normal_(m.gate_up_proj, std=std)
+            m.init_weights(std)
+        if isinstance(m, StackedExperts):
             # GPT-2's scaled init for the residual branch's output, as the dense down_proj gets.
-            nn.init.normal_(m.down_proj, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+            m.init_weights(std, down_std=std / math.sqrt(2 * self.config.num_hidden_layers))

@@ -14,8 +14,8 @@ it is tested against: transformers' `DeepseekV3MoE` / `DeepseekV3TopkRouter`
     g_i = s_i / sum_{j in chosen} s_j, i in chosen  ... the weights use the unbiased s
     (times routed_scaling_factor)
 
-The routed experts run through Mixtral's grouped dispatch (`MixtralExperts`, imported); the N_s
-shared experts are one SwiGLU of width N_s * F.
+The routed experts are the zoo's stacked SwiGLU experts with their grouped dispatch
+(`StackedExperts`, architectures/common/moe.py); the N_s shared experts are one SwiGLU of width N_s * F.
 
 Optionally (`seq_aux_loss_alpha` > 0), the report's complementary sequence-wise balance loss,
 per MoE layer and per sequence of T tokens (eqs. 17-20):
@@ -31,16 +31,14 @@ G n_group, k = K_r experts per token.
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from architectures.common.moe import StackedExperts
 from architectures.deepseek_v3.config import DeepseekV3Config
 from architectures.llama3.model import SwiGLU
-from architectures.mixtral.model import MixtralExperts
 
 
 def group_limited_topk(scores: torch.Tensor, bias: torch.Tensor, k: int, n_group: int,
@@ -86,6 +84,13 @@ class Router(nn.Module):
     def reset_buffers(self) -> None:
         self.load.zero_()
 
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        """Centroids N(0, std), no bias, no load counted yet."""
+        nn.init.normal_(self.weight, std=std)
+        self.e_score_correction_bias.zero_()
+        self.load.zero_()
+
     def _apply(self, fn, recurse=True):
         # Keep the bias in fp32 whatever dtype the model is cast to (transformers keeps it in fp32
         # too): in bf16 a bias step of gamma = 0.001 would vanish next to a bias of 0.5.
@@ -129,10 +134,7 @@ class DeepseekMoE(nn.Module):
         self.layer_idx = layer_idx
         self.gate = Router(cfg)
         self.gate.keep_routing = cfg.seq_aux_loss_alpha > 0  # the balance loss reads the last routing
-        # MixtralExperts reads E, D and one expert's width from Mixtral's field names.
-        self.experts = MixtralExperts(types.SimpleNamespace(
-            num_local_experts=cfg.n_routed_experts, hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.moe_intermediate_size))
+        self.experts = StackedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
 

@@ -14,21 +14,21 @@ and names them as the checkpoints do: `backbone.embeddings`, `backbone.layers.{i
 `backbone.layers.{i}.mixer`, `backbone.norm_f`, `lm_head`. A pure Mamba-2 is the pattern "MMM...".
 The attention layer is Llama 3's grouped-query attention, imported, without RoPE: Nemotron-H's
 attention has no position encoding (the Mamba-2 layers before it carry order), so it is given
-the identity rotation cos = 1, sin = 0. The MoE layer routes with DeepSeek-V3's router, imported.
+the identity rotation cos = 1, sin = 0. The MoE layer routes with DeepSeek-V3's router, imported,
+to the zoo's stacked experts (architectures/common/moe.py), here non-gated: W_down act(W_up x).
+The blocks run through the shared stack's loop (`run_layers`), under the checkpoints' names.
 
 Symbols: B batch, T tokens, D hidden_size, V vocab_size, E experts, k experts per token.
 """
 
 from __future__ import annotations
 
-
-import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from architectures.common.cache import CacheSpec
-from architectures.common.decoder import CausalLM, RMSNorm
+from architectures.common.decoder import CausalLM, RMSNorm, run_layers
+from architectures.common.moe import StackedExperts
 from architectures.deepseek_v3.moe import Router
 from architectures.llama3.model import Attention
 from architectures.mamba2_hybrid.config import Mamba2HybridConfig
@@ -50,33 +50,15 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
-class Experts(nn.Module):
-    """E non-gated experts stacked: up_proj (E, F, d), down_proj (E, d, F), d the MoE's working width."""
-
-    def __init__(self, cfg: Mamba2HybridConfig):
-        super().__init__()
-        d, E, F_ = cfg.moe_latent_size or cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
-        self.up_proj = nn.Parameter(torch.empty(E, F_, d))
-        self.down_proj = nn.Parameter(torch.empty(E, d, F_))
-        self.act = ACTIVATIONS[cfg.mlp_hidden_act]
-
-    def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x (N, d), weights and ids (N, k) -> (N, d): sum_j w_j expert_{idx_j}(x). One matmul pair per used expert."""
-        out = torch.zeros_like(x, dtype=torch.float32)
-        for e in idx.unique().tolist():
-            tok, slot = torch.where(idx == e)  # the tokens sent to expert e, and which of their k choices it is
-            h = self.act(x[tok] @ self.up_proj[e].T) @ self.down_proj[e].T  # (n_e, d)
-            out.index_add_(0, tok, h.float() * w[tok, slot, None])
-        return out.to(x.dtype)
-
-
 class MoE(nn.Module):
     """MoE(x) = latent_up(routed(latent_down(x))) + shared(x), routed by DeepSeek-V3's sigmoid router."""
 
     def __init__(self, cfg: Mamba2HybridConfig):
         super().__init__()
         self.gate = Router(cfg)  # reads n_routed_experts, num_experts_per_tok, n_group, topk_group, ...
-        self.experts = Experts(cfg)
+        # Non-gated experts in the MoE's working width d (the latent, when there is one).
+        self.experts = StackedExperts(cfg.n_routed_experts, cfg.moe_latent_size or cfg.hidden_size,
+                                      cfg.moe_intermediate_size, activation=ACTIVATIONS[cfg.mlp_hidden_act])
         self.shared_experts = MLP(cfg, cfg.moe_shared_expert_intermediate_size)
         latent = cfg.moe_latent_size
         self.fc1_latent_proj = nn.Linear(cfg.hidden_size, latent, bias=cfg.mlp_bias) if latent else nn.Identity()
@@ -136,11 +118,7 @@ class Backbone(nn.Module):
         x = self.embeddings(input_ids)  # (B, T, D)
         # No position encoding: attention gets the identity rotation (cos 1, sin 0), computed once.
         rope = (x.new_ones(()), x.new_zeros(())) if self.uses_attention else None
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, rope, cache, use_reentrant=False)
-            else:
-                x = layer(x, rope, cache)
+        x = run_layers(self.layers, x, rope, cache, self.gradient_checkpointing and self.training)
         return self.norm_f(x.to(self.norm_f.weight.dtype))  # (B, T, D)
 
 
@@ -172,8 +150,6 @@ class Mamba2Hybrid(CausalLM):
         super()._init_weights(m)
         std = self.config.initializer_range
         if isinstance(m, Router):
-            nn.init.normal_(m.weight, std=std)
-            nn.init.zeros_(m.e_score_correction_bias)
-        elif isinstance(m, Experts):
-            nn.init.normal_(m.up_proj, std=std)
-            nn.init.normal_(m.down_proj, std=std)
+            m.init_weights(std)
+        elif isinstance(m, StackedExperts):
+            m.init_weights(std, down_std=std)  # unscaled, as transformers' NemotronH initialises them

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
@@ -96,10 +97,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, matmul_dtyp
     pad = (-l) % Q
     x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
     dt = F.pad(dt, (0, 0, 0, pad))
-    c = (l + pad) // Q
-    x, B, C = (t.reshape(b, c, Q, h, -1) for t in (x, B, C))  # (b, c, Q, h, p or n)
-    dt = dt.reshape(b, c, Q, h)
-    a = (dt * A).permute(0, 3, 1, 2)  # (b, h, c, Q): log-decays log a_t = dt_t A
+    x, B, C = (rearrange(t, "b (c q) h n -> b c q h n", q=Q) for t in (x, B, C))  # (b, c, Q, h, p or n)
+    dt = rearrange(dt, "b (c q) h -> b c q h", q=Q)  # (b, c, Q, h)
+    a = rearrange(dt * A, "b c q h -> b h c q")  # (b, h, c, Q): log-decays log a_t = dt_t A
     a_cum = torch.cumsum(a, dim=-1)  # (b, h, c, Q): log of the decay from the chunk's start to token t
     xdt = (x * dt[..., None]).to(mm)  # (b, c, Q, h, p): dt_s x_s, the input of step s
 
@@ -110,7 +110,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, matmul_dtyp
 
     # 2. The state each chunk leaves, starting from zero: sum_s (decay from s to the chunk's end) dt_s x_s B_s^T.
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, Q)
-    B_decayed = B * decay_to_end.permute(0, 2, 3, 1)[..., None]  # (b, c, Q, h, n)
+    B_decayed = B * rearrange(decay_to_end, "b h c q -> b c q h 1")  # (b, c, Q, h, n)
     states = torch.einsum("bcshn,bcshp->bchpn", B_decayed.to(mm), xdt).to(dtype)  # (b, c, h, p, n)
 
     # 3. Inter-chunk recurrence: H_c = (decay over chunk c) H_{c-1} + states_c, from the initial state.
@@ -123,10 +123,10 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, matmul_dtyp
     entering, final = states[:, :-1], states[:, -1]  # (b, c, h, p, n) the state entering each chunk; (b, h, p, n)
 
     # 4. State -> output: the state entering the chunk, read by C_t, decayed to token t.
-    decay_from_start = torch.exp(a_cum).permute(0, 2, 3, 1)[..., None]  # (b, c, Q, h, 1)
+    decay_from_start = rearrange(torch.exp(a_cum), "b h c q -> b c q h 1")  # (b, c, Q, h, 1)
     y_off = torch.einsum("bcthn,bchpn->bcthp", C.to(mm), entering.to(mm)).to(dtype) * decay_from_start
 
-    y = (y_diag.to(dtype) + y_off).reshape(b, c * Q, h, p)[:, :l]
+    y = rearrange(y_diag.to(dtype) + y_off, "b c q h p -> b (c q) h p")[:, :l]  # (b, l, h, p), padding cut
     return y, final
 
 

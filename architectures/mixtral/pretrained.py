@@ -69,7 +69,7 @@ def hub_to_fused(state: dict[str, torch.Tensor], cfg: MixtralConfig, where: str)
 
 def stack_experts(experts: dict[tuple[int, int, str], torch.Tensor], layers, num_experts: int,
                   names: tuple[str, str, str]) -> dict[str, torch.Tensor]:
-    """Per-expert matrices {(layer, expert, name): tensor} -> the fused layout of `MixtralExperts`:
+    """Per-expert matrices {(layer, expert, name): tensor} -> the fused layout of `StackedExperts`:
     gate_up_proj[e] = [W_gate; W_up] (E, 2F, D) and down_proj[e] = W_down (E, D, F), per layer.
     names: what the checkpoint calls (W_gate, W_up, W_down): ("w1", "w3", "w2") in Mixtral's."""
     gate, up, down = names

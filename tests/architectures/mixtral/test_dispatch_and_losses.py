@@ -68,7 +68,7 @@ def test_expert_that_receives_no_token_is_skipped_and_gets_zero_gradient():
 def test_grouped_gemm_path_matches_masked_reference_on_gpu():
     """bf16 matmuls with fp32 accumulation in both, summed in different orders: the outputs and
     gradients agree to bf16 rounding, about 1% in relative norm (a wrong expert would be ~100%)."""
-    from architectures.mixtral.model import _can_use_grouped_mm
+    from architectures.common.moe import can_use_grouped_mm
 
     moe = moe_layer(8, 2, D=256, Fd=512).cuda()
     x = torch.randn(4, 256, 256, device="cuda")
@@ -79,7 +79,7 @@ def test_grouped_gemm_path_matches_masked_reference_on_gpu():
         xb = x.clone().requires_grad_()
         # Training runs under bf16 autocast with fp32 master weights: that must take the grouped GEMM.
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            assert _can_use_grouped_mm(xb, moe.experts.gate_up_proj)
+            assert can_use_grouped_mm(xb, moe.experts.gate_up_proj)
             y = fn(xb)
         y.float().backward(grad_out)
         results.append((y.float(), xb.grad, moe.experts.gate_up_proj.grad.clone(), moe.gate.weight.grad.clone()))
