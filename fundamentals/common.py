@@ -1,26 +1,22 @@
-"""What every fundamentals train.py shares: the digits split, the command line, the output folder.
+"""What every fundamentals train.py shares: the digits split, the summary, the stopwatch.
 
 Data: scikit-learn's 8x8 digits (1,797 images of 0-9, UCI's "Optical Recognition of
 Handwritten Digits", bundled with scikit-learn, so nothing is downloaded). The split is fixed:
 360 test images (20%), stratified by class, shuffled with seed 0, so every script's test
 accuracy is on the same images.
 
-Command line: `--preset NAME` picks a dataclass of defaults; every other `--key value`
-overrides the field of that name, parsed to its declared type (architectures.utils.config's
-`apply_overrides`), so a typo or a wrong type is a one-line error.
+The command line they share is fundamentals/cli.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from architectures.utils.config import apply_overrides, get_preset
-from architectures.utils.command_line import ArgumentParser
+from architectures.utils.files import atomic_write_json
 
 DIGITS_TEST_SIZE = 360  # 20% of 1,797
 DIGITS_SPLIT_SEED = 0
@@ -39,25 +35,9 @@ def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     return torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te), torch.from_numpy(y_te)
 
 
-def parse_config(argv, presets: dict, prog: str, description: str):
-    """`--preset P --key value ...` -> the preset's dataclass with the overrides applied."""
-    fields = ", ".join(f"--{f.name.replace('_', '-')} ({f.type})" for f in dataclasses.fields(next(iter(presets.values()))))
-    parser = ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                            epilog=f"Any field of the preset can be overridden with --key value: {fields}")
-    parser.add_argument("--preset", default=next(iter(presets)), help=f"one of {sorted(presets)}")
-    ns, rest = parser.parse_known_args(argv)
-    cfg = get_preset(presets, ns.preset, prog)
-    if len(rest) % 2 or any(not k.startswith("--") for k in rest[::2]):
-        parser.error(f"expected --key value pairs after --preset, got {' '.join(rest)}; fields: "
-                     + ", ".join("--" + f.name.replace("_", "-") for f in dataclasses.fields(cfg)))
-    return apply_overrides(cfg, {k[2:]: v for k, v in zip(rest[::2], rest[1::2])}, where=prog)
-
-
 def report(out: str | Path, result: dict) -> None:
     """Write the run's summary.json to the output folder and print it as one parsable line."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(Path(out) / "summary.json", result)  # written last: its presence marks a finished run
     print("result " + json.dumps(result), flush=True)
 
 

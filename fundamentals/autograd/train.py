@@ -16,14 +16,14 @@ import torch
 
 from architectures.utils.command_line import command_line
 from fundamentals.autograd import Tensor, cross_entropy, no_grad
-from fundamentals.common import Stopwatch, load_digits_split, parse_config, report
+from fundamentals.cli import parse_config
+from fundamentals.common import Stopwatch, load_digits_split, report
 
 
 @dataclass
 class SoftmaxRegressionConfig:
     steps: int = 300  # full-batch gradient steps over the 1,437 training images
     lr: float = 0.5  # plain gradient descent: the loss is convex, a large constant step is fine
-    out: str = "out/fundamentals/softmax_regression"  # summary.json goes here
 
 
 PRESETS = {"default": SoftmaxRegressionConfig(), "tiny": SoftmaxRegressionConfig(steps=5)}
@@ -31,7 +31,7 @@ PRESETS = {"default": SoftmaxRegressionConfig(), "tiny": SoftmaxRegressionConfig
 
 @command_line
 def main(argv=None) -> dict:
-    cfg = parse_config(argv, PRESETS, "python -m fundamentals.autograd.train", __doc__.splitlines()[0])
+    cfg, out = parse_config(argv, PRESETS, "python -m fundamentals.autograd.train", __doc__)
     torch.set_num_threads(1)  # tiny matrices: a second thread only adds waiting (see fundamentals/nn/train.py)
     clock = Stopwatch()
     x_train, y_train, x_test, y_test = load_digits_split()
@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
         acc = ((Tensor(x_test) @ w + b).data.argmax(-1) == y_test).double().mean().item()
     result = {"task": "digits softmax regression (fundamentals autograd)", "test_accuracy": round(acc, 4),
               "test_images": len(x_test), "steps": cfg.steps, "seconds": clock(), "config": asdict(cfg)}
-    report(cfg.out, result)
+    report(out, result)
     return result
 
 

@@ -11,35 +11,40 @@ Prints the test accuracy on the fixed 360-image split and the wall time.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from architectures.utils.command_line import command_line
 from fundamentals.cnn.models import ResNet, SmallCNN
-from fundamentals.common import load_digits_split, parse_config, report, start
+from fundamentals.cli import AT_LEAST_1, Range, parse_config
+from fundamentals.common import load_digits_split, report, start
 from fundamentals.optim import warmup_cosine
 
 
 @dataclass
 class CNNConfig:
+    # a shift of 8 pixels would move a digit off its 8x8 image
+    RANGES: ClassVar = {"width": AT_LEAST_1, "blocks": AT_LEAST_1, "shift": Range(0, 7)}
+    CHOICES: ClassVar = {"model": ("resnet", "small")}
+
     model: str = "resnet"  # "resnet" (torch layers, batch norm, skips) or "small" (conv.py's im2col convolutions)
     width: int = 16  # channels of the first stage; ResNet stages use width, 2*width, 4*width
     blocks: int = 2  # basic blocks per ResNet stage
-    epochs: int = 20
-    batch_size: int = 64
+    epochs: int = 20  # passes over the training images
+    batch_size: int = 64  # images per step
     lr: float = 3e-3  # AdamW peak learning rate
-    weight_decay: float = 5e-4
-    warmup_steps: int = 50
+    weight_decay: float = 5e-4  # AdamW's decoupled weight decay
+    warmup_steps: int = 50  # linear warm-up, then cosine to lr/100
     shift: int = 1  # augmentation: random translation of up to this many pixels (0: none)
-    seed: int = 0
-    threads: int = 2  # conv layers are large enough to use both cores
-    out: str = "out/fundamentals/cnn"  # summary.json goes here
+    seed: int = 0  # initial weights, the batch order and the shifts
+    threads: int = 2  # torch's CPU threads: conv layers are large enough to use both cores
 
 
 PRESETS = {
     "resnet": CNNConfig(),
-    "small": CNNConfig(model="small", width=16, epochs=30, lr=5e-3, weight_decay=1e-4, out="out/fundamentals/cnn_small"),
+    "small": CNNConfig(model="small", width=16, epochs=30, lr=5e-3, weight_decay=1e-4),
     "tiny": CNNConfig(width=8, blocks=1, epochs=1),  # for tests: a second or two, accuracy not meaningful
 }
 
@@ -72,7 +77,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @command_line
 def main(argv=None) -> dict:
-    cfg = parse_config(argv, PRESETS, "python -m fundamentals.cnn.train", __doc__.splitlines()[0])
+    cfg, out = parse_config(argv, PRESETS, "python -m fundamentals.cnn.train", __doc__)
     clock, g = start(cfg)
     x_train, y_train, x_test, y_test = load_digits_split()
     x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)  # (N, 64) -> (N, C=1, 8, 8)
@@ -96,7 +101,7 @@ def main(argv=None) -> dict:
     result = {"task": f"digits {cfg.model}", "test_accuracy": round(accuracy(model, x_test, y_test), 4),
               "test_images": len(x_test), "parameters": sum(p.numel() for p in model.parameters()), "steps": step,
               "seconds": clock(), "threads": cfg.threads, "config": asdict(cfg)}
-    report(cfg.out, result)
+    report(out, result)
     return result
 
 

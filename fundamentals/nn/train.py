@@ -12,31 +12,35 @@ stores the arrays. Prints the test accuracy on the fixed 360-image split and the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
 from architectures.utils.command_line import command_line
 from fundamentals.autograd import Tensor, cross_entropy, no_grad
-from fundamentals.common import Stopwatch, load_digits_split, parse_config, report
+from fundamentals.cli import Range, parse_config
+from fundamentals.common import Stopwatch, load_digits_split, report
 from fundamentals.nn import Dropout, LayerNorm, Linear, ReLU, Sequential
 from fundamentals.optim import SGD, AdamW, warmup_cosine
 
 
 @dataclass
 class MLPConfig:
+    RANGES: ClassVar = {"dropout": Range(0, 1, high_open=True)}
+    CHOICES: ClassVar = {"optimizer": ("adamw", "sgd")}
+
     hidden: int = 128  # width of the two hidden layers
     dropout: float = 0.1  # after each hidden layer: 1,437 training images overfit quickly
     epochs: int = 30  # passes over the training images
-    batch_size: int = 64
+    batch_size: int = 64  # images per step
     optimizer: str = "adamw"  # "adamw" or "sgd" (Nesterov momentum 0.9)
     lr: float = 3e-3  # peak learning rate
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # AdamW: weights shrink by lr*wd a step; SGD: wd*p added to the gradient (L2)
     warmup_steps: int = 50  # linear warm-up, then cosine to lr/10
-    seed: int = 0
+    seed: int = 0  # initial weights, dropout and the batch order
     # 1: these matrices are tiny (64 x 128), and on a busy 2-core machine a second thread made a
     # transposed float64 matmul ~50x slower (3.5 ms instead of 40-65 us) while the threads waited for each other
-    threads: int = 1
-    out: str = "out/fundamentals/mlp"  # summary.json goes here
+    threads: int = 1  # torch's CPU threads (1: tiny matrices, a second thread only waited)
 
 
 PRESETS = {
@@ -63,9 +67,7 @@ def accuracy(model: Sequential, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @command_line
 def main(argv=None) -> dict:
-    cfg = parse_config(argv, PRESETS, "python -m fundamentals.nn.train", __doc__.splitlines()[0])
-    if cfg.optimizer not in ("adamw", "sgd"):
-        raise ValueError(f"--optimizer {cfg.optimizer!r} is not one of 'adamw', 'sgd'")
+    cfg, out = parse_config(argv, PRESETS, "python -m fundamentals.nn.train", __doc__)
     torch.set_num_threads(cfg.threads)
     clock = Stopwatch()
     torch.manual_seed(cfg.seed)
@@ -94,7 +96,7 @@ def main(argv=None) -> dict:
     result = {"task": "digits MLP (fundamentals autograd)", "test_accuracy": round(accuracy(model, x_test, y_test), 4),
               "test_images": len(x_test), "parameters": model.num_parameters(), "steps": step,
               "seconds": clock(), "threads": torch.get_num_threads(), "config": asdict(cfg)}
-    report(cfg.out, result)
+    report(out, result)
     return result
 
 

@@ -39,13 +39,15 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from architectures.utils.command_line import command_line
-from fundamentals.common import Stopwatch, parse_config, report
+from fundamentals.cli import AT_LEAST_0, AT_LEAST_1, Range, parse_config
+from fundamentals.common import Stopwatch, report
 from fundamentals.optim import warmup_cosine
 from fundamentals.rnn.cells import make_lstm
 from training.data import cache_dir, get_corpus
@@ -57,6 +59,10 @@ PAD, UNKNOWN = 0, 1  # ids 0 and 1; the characters of the training texts follow
 
 @dataclass
 class ClassifyConfig:
+    RANGES: ClassVar = {"speakers": Range(2), "test_fraction": Range(0, 1, low_open=True, high_open=True),
+                        "limit": AT_LEAST_0, "max_chars": AT_LEAST_1}
+    CHOICES: ClassVar = {"task": ("speaker", "imdb"), "cell": ("ours", "torch"), "pool": ("last", "mean")}
+
     task: str = "speaker"  # "speaker" (Tiny Shakespeare, offline) or "imdb" (sentiment, through `datasets`)
     data: str = ""  # "": the task's own (tinyshakespeare / stanfordnlp/imdb); else a .txt file / a folder of files
     speakers: int = 5  # speaker task: the K most frequent speakers are the classes
@@ -67,19 +73,18 @@ class ClassifyConfig:
     # "mean": the mean of the outputs over the text's characters; "last": the output at its last character.
     # Mean by default: on the speaker task "last" fit the training turns and stayed near the baseline
     # on the test turns (notes/fundamentals.md)
-    pool: str = "mean"
+    pool: str = "mean"  # "mean" or "last": what the linear layer reads
     embed: int = 32  # character embedding width
     hidden: int = 64  # LSTM hidden size H
-    layers: int = 1
-    batch_size: int = 32
-    epochs: int = 12
+    layers: int = 1  # stacked LSTM layers
+    batch_size: int = 32  # texts per step
+    epochs: int = 12  # passes over the training texts
     lr: float = 1e-2  # AdamW peak, warm-up then cosine down to lr/10
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear warm-up, then cosine to lr/10
     weight_decay: float = 0.01  # a few hundred texts per class: some regularisation against memorising them
     grad_clip: float = 1.0  # clip the global gradient norm: recurrent gradients can spike
     seed: int = 0  # the split, the initial weights and the batch order
     threads: int = 1  # small matrices on a shared 2-core machine: one thread (see fundamentals/nn/train.py)
-    out: str = "out/fundamentals/classify"  # summary.json goes here
 
 
 PRESETS = {
@@ -272,7 +277,7 @@ def load_task(cfg: ClassifyConfig):
 
 @command_line
 def main(argv=None) -> dict:
-    cfg = parse_config(argv, PRESETS, "python -m fundamentals.rnn.classify", __doc__.splitlines()[0])
+    cfg, out = parse_config(argv, PRESETS, "python -m fundamentals.rnn.classify", __doc__)
     torch.set_num_threads(cfg.threads)
     clock = Stopwatch()
     x_tr, y_tr, x_te, y_te, classes, about = load_task(cfg)
@@ -312,7 +317,7 @@ def main(argv=None) -> dict:
               "test_accuracy": round(test_acc, 4), "majority_baseline": round(baseline, 4),
               "train_accuracy": round(train_acc, 4), "parameters": sum(p.numel() for p in model.parameters()),
               "seconds": clock(), "config": asdict(cfg)}
-    report(cfg.out, result)
+    report(out, result)
     return result
 
 

@@ -16,13 +16,15 @@ negative log-likelihood in nats per character.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from architectures.utils.command_line import command_line
-from fundamentals.common import parse_config, report, start
+from fundamentals.cli import AT_LEAST_0, AT_LEAST_1, parse_config
+from fundamentals.common import report, start
 from fundamentals.optim import warmup_cosine
 from fundamentals.rnn.cells import make_lstm
 from training.data import get_corpus, split_text
@@ -30,24 +32,26 @@ from training.data import get_corpus, split_text
 
 @dataclass
 class CharLMConfig:
+    RANGES: ClassVar = {"block_size": AT_LEAST_1, "eval_streams": AT_LEAST_1, "eval_chars": AT_LEAST_0}
+    CHOICES: ClassVar = {"cell": ("ours", "torch")}
+
     dataset: str = "tinyshakespeare"  # or a local .txt file
     cell: str = "ours"  # "ours" (cells.py, a Python loop over time) or "torch" (nn.LSTM, same math, fused)
     embed: int = 64  # character embedding width
     hidden: int = 256  # LSTM hidden size H
-    layers: int = 1
+    layers: int = 1  # stacked LSTM layers
     block_size: int = 64  # characters per training window (backpropagation through time this far)
-    batch_size: int = 32
-    steps: int = 1000
+    batch_size: int = 32  # windows per step
+    steps: int = 1000  # optimizer steps
     lr: float = 3e-3  # AdamW peak
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # linear warm-up, then cosine to lr/10
     grad_clip: float = 1.0  # clip the global gradient norm: recurrent gradients can spike
     eval_streams: int = 32  # validation runs as this many contiguous streams in parallel
     eval_chars: int = 0  # 0: the whole validation split; else only its first eval_chars (quick runs)
-    seed: int = 0
+    seed: int = 0  # initial weights and the training windows
     # 1: on a 2-core machine shared with other jobs, a second thread that must wait for a busy core
     # made each step several times slower (see fundamentals/nn/train.py); on an idle machine try 2
-    threads: int = 1
-    out: str = "out/fundamentals/char_lstm"  # summary.json goes here
+    threads: int = 1  # torch's CPU threads (1: see the comment above)
 
 
 PRESETS = {
@@ -87,7 +91,7 @@ def validation_nats_per_char(model: CharLSTM, ids: torch.Tensor, cfg: CharLMConf
 
 @command_line
 def main(argv=None) -> dict:
-    cfg = parse_config(argv, PRESETS, "python -m fundamentals.rnn.train", __doc__.splitlines()[0])
+    cfg, out = parse_config(argv, PRESETS, "python -m fundamentals.rnn.train", __doc__)
     clock, g = start(cfg)
     corpus = get_corpus(cfg.dataset)
     chars = sorted(set(corpus.text))  # the vocabulary: every character of the corpus
@@ -119,7 +123,7 @@ def main(argv=None) -> dict:
     result = {"task": "char LSTM language model", "corpus": corpus.name, "val_nats_per_char": round(val, 4),
               "val_chars": len(val_ids), "train_loss_last": round(loss.item(), 4),
               "parameters": sum(p.numel() for p in model.parameters()), "seconds": clock(), "config": asdict(cfg)}
-    report(cfg.out, result)
+    report(out, result)
     return result
 
 

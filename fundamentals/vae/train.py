@@ -10,26 +10,29 @@ pixel means for z ~ N(0, I) (top) beside reconstructions of test digits (bottom)
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 
 from architectures.utils.command_line import command_line
-from fundamentals.common import load_digits_split, parse_config, report, start
+from fundamentals.cli import AT_LEAST_1, parse_config
+from fundamentals.common import load_digits_split, report, start
 from fundamentals.vae.model import VAE
 
 
 @dataclass
 class VAEConfig:
+    RANGES: ClassVar = {"z": AT_LEAST_1, "eval_samples": AT_LEAST_1}
+
     hidden: int = 256  # width of the encoder's and decoder's two hidden layers
     z: int = 8  # latent size Z
-    epochs: int = 150
-    batch_size: int = 64
+    epochs: int = 150  # passes over the training images
+    batch_size: int = 64  # images per step
     lr: float = 1e-3  # Adam
     eval_samples: int = 10  # draws of z per test image for the reported ELBO
-    seed: int = 0
-    threads: int = 1  # small matrices: one thread (see fundamentals/nn/train.py)
-    out: str = "out/fundamentals/vae"  # summary.json and samples.png go here
+    seed: int = 0  # initial weights, the batch order and the draws of z
+    threads: int = 1  # torch's CPU threads; small matrices: one (see fundamentals/nn/train.py)
 
 
 PRESETS = {"default": VAEConfig(), "tiny": VAEConfig(hidden=32, z=2, epochs=1, eval_samples=1)}
@@ -67,7 +70,7 @@ def save_grid(samples: torch.Tensor, recon: torch.Tensor, originals: torch.Tenso
 
 @command_line
 def main(argv=None) -> dict:
-    cfg = parse_config(argv, PRESETS, "python -m fundamentals.vae.train", __doc__.splitlines()[0])
+    cfg, out = parse_config(argv, PRESETS, "python -m fundamentals.vae.train", __doc__)
     clock, g = start(cfg)
     x_train, _, x_test, _ = load_digits_split()  # labels unused: the VAE models the images alone
     model = VAE(d=64, hidden=cfg.hidden, z=cfg.z)
@@ -82,7 +85,6 @@ def main(argv=None) -> dict:
         if epoch % 50 == 49 or epoch == cfg.epochs - 1:
             print(f"epoch {epoch + 1}: train -ELBO {loss.item():.2f} nats/image", flush=True)
     metrics = test_elbo(model, x_test, cfg.eval_samples, g)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         model.eval()
