@@ -47,10 +47,12 @@ import torch
 from architectures.common.cache import KVSpec, LatentSpec
 from inference.block_manager import BlockManager, StateSlots
 from inference.cuda_graphs import DecodeGraphs
-from inference.paged_cache import PagedBatch, PagedKVPool, build_metadata
+from inference.kv_pool import PagedKVPool
+from inference.paged_cache import PagedBatch
 from inference.quantized_kv import valid_kv_dtypes
 from inference.sampling import SamplingParams, check_prompt_ids, eos_ids, sample_next
 from inference.scheduler import Scheduler, Sequence
+from inference.step_metadata import build_metadata
 from inference.triton_kivi_attention import kivi_unavailable_reason
 from inference.triton_paged_attention import key_split, triton_unavailable_reason
 

@@ -33,8 +33,8 @@ from architectures.common.cache import KVSpec
 from architectures.utils.command_line import ArgumentParser, UserRuntimeError, command_line
 from inference.paged_attention import attention_mask, paged_attention
 from inference.benchmarks.quantized_kv import quantized_blocks
-from inference.paged_cache import ScheduledSeq, build_metadata
 from inference.quantized_kv import bytes_per_token, kv_format
+from inference.step_metadata import ScheduledSeq, build_metadata
 from inference.triton_kivi_attention import paged_int4_decode_attention
 from inference.triton_paged_attention import paged_decode_attention, paged_latent_decode_attention
 

@@ -41,9 +41,10 @@ from architectures.utils.command_line import ArgumentParser, command_line
 from inference.engine import EngineConfig, LLMEngine
 from inference.kv_cache import NaiveKVCache
 from inference.paged_attention import attention_mask, paged_attention, paged_attention_reference
-from inference.paged_cache import PagedKVPool, ScheduledSeq, build_metadata
+from inference.kv_pool import PagedKVPool
 from inference.quantized_kv import kv_format
 from inference.sampling import SamplingParams
+from inference.step_metadata import ScheduledSeq, build_metadata
 from inference.triton_kivi_attention import kivi_unavailable_reason, paged_int4_decode_attention
 from inference.triton_paged_attention import paged_decode_attention, triton_unavailable_reason
 from architectures.utils.device import add_device_option, resolve_device
