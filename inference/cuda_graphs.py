@@ -22,7 +22,9 @@ import warnings
 
 import torch
 
-from inference.paged_cache import PagedBatch, PagedKVPool, ScheduledSeq, StepMetadata, TableRows, host_metadata
+from inference.kv_pool import PagedKVPool
+from inference.paged_cache import PagedBatch
+from inference.step_metadata import ScheduledSeq, StepMetadata, TableRows, host_metadata
 
 
 def _buckets(max_batch: int) -> list[int]:

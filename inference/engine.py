@@ -15,7 +15,8 @@ runs with the same seeds.
             print(event.request_id, event.token)
 
 One step = schedule (inference/scheduler.py) -> copy-on-write copies -> one forward pass of
-all scheduled sequences packed in one row (inference/paged_cache.py) -> sample -> bookkeeping.
+all scheduled sequences packed in one row (inference/step_metadata.py), whose cache is a view of
+the pool (inference/paged_cache.py over inference/kv_pool.py) -> sample -> bookkeeping.
 Attention (EngineConfig.attention): on a GPU, decode-only steps run the Triton kernel of
 inference/triton_paged_attention.py and other steps the batched gather of
 inference/paged_attention.py; on a CPU every step runs the gather.
@@ -47,10 +48,12 @@ import torch
 from architectures.common.cache import KVSpec, LatentSpec
 from inference.block_manager import BlockManager, StateSlots
 from inference.cuda_graphs import DecodeGraphs
-from inference.paged_cache import PagedBatch, PagedKVPool, build_metadata
+from inference.kv_pool import PagedKVPool
+from inference.paged_cache import PagedBatch
 from inference.quantized_kv import valid_kv_dtypes
 from inference.sampling import SamplingParams, check_prompt_ids, eos_ids, sample_next
 from inference.scheduler import Scheduler, Sequence
+from inference.step_metadata import build_metadata
 from inference.triton_kivi_attention import kivi_unavailable_reason
 from inference.triton_paged_attention import key_split, triton_unavailable_reason
 
@@ -271,9 +274,18 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
+        """Schedule, copy the blocks copy-on-write asks for, run one forward pass of every scheduled
+        sequence, sample each one's next token; returns the tokens of this step."""
         out = self.scheduler.schedule()
         if not out.seqs:
             return []
+        self._count(out)
+        self.pool.copy_blocks(out.copies)  # before the pass, which writes into the copies
+        logits = self._forward(out)  # (B, V)
+        return self._sample_and_update(out.seqs, logits)
+
+    def _count(self, out) -> None:
+        """Add the scheduled step to the engine's statistics."""
         st = self.stats
         st.steps += 1
         st.preemptions += len(out.preempted)
@@ -282,11 +294,10 @@ class LLMEngine:
         st.decode_tokens += sum(s.end - s.start for s in out.slices) - out.num_prefill_tokens
         st.cached_prompt_tokens += out.num_cached_tokens
         st.util_per_step.append(self.blocks.kv_utilisation())
-        self.pool.copy_blocks(out.copies)
-        logits = self._forward(out)  # (B, V)
-        return self._sample_and_update(out.seqs, logits)
 
     def _forward(self, out) -> torch.Tensor:
+        """(B, V): the logits of each scheduled sequence's last token, replayed from a CUDA graph where one
+        serves the step, else from an eager pass."""
         token_ids = [t for seq, s in zip(out.seqs, out.slices) for t in seq.token_ids[s.start:s.end]]
         if self.graphs is not None and self.graphs.can_run(out.slices):
             logits = self.graphs.run(out.slices, token_ids)
@@ -299,22 +310,13 @@ class LLMEngine:
         return self.model.compute_logits(hidden[0, meta.last_index])  # (B, V)
 
     def _sample_and_update(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        """Each sequence (and any sibling forked from it now) takes its next token and finishes if it should."""
         # One argmax over the batch for the greedy rows: a single device-to-host copy per step.
         greedy_tokens = logits.argmax(-1).tolist()
         events: list[TokenEvent] = []
         for b, seq in enumerate(seqs):
             seq.num_computed = len(seq.token_ids)
-            family = [seq]
-            if seq.pending_forks:  # the parent's first sample: its n - 1 siblings start from the same logits
-                for i in range(1, seq.pending_forks + 1):
-                    child = self._child(seq, i)
-                    self.scheduler.fork(seq, child)
-                    if child.state_slot >= 0:  # the state after the prompt, which the pass just wrote
-                        self.pool.copy_states([(seq.state_slot, child.state_slot)])
-                    self._requests[seq.request_id][1].append(child)
-                    family.append(child)
-                seq.pending_forks = 0
-            for s in family:
+            for s in [seq] + self._fork(seq):
                 if s.params.temperature == 0:
                     token = greedy_tokens[b]
                 else:  # each completion draws from its own generator, as an independent run would
@@ -325,6 +327,20 @@ class LLMEngine:
                     self.scheduler.finish(s, reason)
                 events.append(TokenEvent(s.request_id, s.index, token, reason is not None, reason))
         return events
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """At a parent's first sample, its n - 1 siblings: they start from the same logits, and from a copy of
+        its state slot (what the pass just wrote after the prompt). [] for any other sequence."""
+        children = []
+        for i in range(1, seq.pending_forks + 1):
+            child = self._child(seq, i)
+            self.scheduler.fork(seq, child)
+            if child.state_slot >= 0:
+                self.pool.copy_states([(seq.state_slot, child.state_slot)])
+            self._requests[seq.request_id][1].append(child)
+            children.append(child)
+        seq.pending_forks = 0
+        return children
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.params.stop_token_ids or (token in self._eos and not seq.params.ignore_eos):

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from inference.block_manager import BlockManager, StateSlots
-from inference.paged_cache import ScheduledSeq
 from inference.sampling import SamplingParams
+from inference.step_metadata import ScheduledSeq
 
 
 @dataclass(eq=False)

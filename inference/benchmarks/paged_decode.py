@@ -26,15 +26,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from architectures.common.cache import KVSpec
 from architectures.utils.command_line import ArgumentParser, UserRuntimeError, command_line
+from inference.benchmarks.workloads import quantized_blocks, scattered_seqs
 from inference.paged_attention import attention_mask, paged_attention
-from inference.benchmarks.quantized_kv import quantized_blocks
-from inference.paged_cache import ScheduledSeq, build_metadata
 from inference.quantized_kv import bytes_per_token, kv_format
+from inference.step_metadata import build_metadata
 from inference.triton_kivi_attention import paged_int4_decode_attention
 from inference.triton_paged_attention import paged_decode_attention, paged_latent_decode_attention
 
@@ -70,8 +72,8 @@ def grid_settings(spec: str) -> list[dict]:
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
-@command_line
-def main(argv=None) -> None:
+def parse_args(argv) -> tuple:
+    """(args, the --grid settings or None), every value checked before any GPU work."""
     p = ArgumentParser(prog="python -m inference.benchmarks.paged_decode", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64, help="sequences in the decode step")
     p.add_argument("--generated", type=int, default=128, help="tokens generated so far, on top of each prompt")
@@ -103,20 +105,99 @@ def main(argv=None) -> None:
     if args.kv_dtype == "int4" and args.sweep:
         raise ValueError("--sweep lists the bf16/int8 kernel's settings; for int4 give --grid 'num_warps=.. "
                          "num_stages=.. splits=..'")
+    return args, grid
+
+
+@dataclass
+class Case:
+    """What one run times: the kernel (called with launch settings) on the caches that the gather path reads
+    too, the K/V bytes one call must read, and the launch settings to time."""
+    kernel: Callable
+    k_cache: torch.Tensor  # (num_blocks + 1, bs, K, d), dequantized where the kernel reads codes
+    v_cache: torch.Tensor
+    scale: float | None  # the softmax scale; None: 1 / sqrt(d)
+    kv_bytes: float
+    settings: list[dict]
+
+
+def latent_case(args, q, num_blocks: int, bs: int, d: int, dv: int, tables, context_lens, contexts) -> Case:
+    """MLA's absorbed decode: every head attends over one latent row per token, its values the row's first dv."""
+    rows = torch.randn(num_blocks + 1, bs, d, device=q.device, dtype=torch.bfloat16)  # + the scratch block
+    scale = 192 ** -0.5  # DeepSeek-V3's q.k width, 128 + 64
+
+    def kernel(**launch):
+        return paged_latent_decode_attention(q, rows, dv, tables, context_lens, scale=scale, **launch)
+    settings = [dict(tile=t, num_warps=w, heads_per_program=h, splits=n)
+                for t in (16, 32, 64) for w in (4, 8) for h in (16, 32, 64) for n in (None, 1)] if args.sweep \
+        else [dict()]
+    # views: keys are rows, values their prefix; each live row read once
+    return Case(kernel, rows[:, :, None], rows[:, :, None, :dv], scale, sum(contexts) * d * rows.element_size(),
+                settings)
+
+
+def kv_case(args, q, num_blocks: int, bs: int, K: int, d: int, tables, context_lens, contexts, seqs) -> Case:
+    """Llama's K and V, stored in bf16, or quantized as the engine stores them (--kv-dtype)."""
+    int4 = args.kv_dtype == "int4"
+    k_cache = torch.randn(num_blocks + 1, bs, K, d, device=q.device, dtype=torch.bfloat16)  # + the scratch block
+    v_cache = torch.randn_like(k_cache)
+    quant = {}
+    if args.kv_dtype != "bf16":  # the kernel reads codes and scales; the gather path their dequantized values
+        parts, k_cache, v_cache, residuals = quantized_blocks(args.kv_dtype, k_cache, v_cache, seqs)
+        quant = {name: t for name, t in parts.items() if name not in ("k", "v")}
+        stored_k, stored_v = parts["k"], parts["v"]
+    else:
+        stored_k, stored_v = k_cache, v_cache
+
+    def kernel(**launch):
+        if int4:
+            return paged_int4_decode_attention(q, stored_k, quant["k_scale"], quant["k_zero"], stored_v,
+                                               quant["v_scale"], quant["v_zero"], *residuals,
+                                               torch.arange(args.batch, device=q.device), tables, context_lens,
+                                               **launch)
+        return paged_decode_attention(q, stored_k, stored_v, tables, context_lens, **quant, **launch)
+    # K and V of every live token, read once: codes and scales, as the pool stores them (`bytes_per_token`;
+    # int4's residual tokens are counted as codes too)
+    fmt = kv_format(args.kv_dtype, torch.bfloat16, q.device, bs if int4 else None)
+    kv_bytes = sum(contexts) * bytes_per_token([KVSpec(K, d)], fmt)
+    settings = [dict(tile=t, num_warps=w, num_stages=s, splits=n) for t in (32, 64, 128) for w in (2, 4, 8)
+                for s in (1, 2, 3) for n in (1, None)] if args.sweep else [dict(splits=1), dict(splits=None)]
+    return Case(kernel, k_cache, v_cache, None, kv_bytes, settings)
+
+
+def time_case(case: Case, gather: Callable, settings: list[dict], args, where: str) -> None:
+    """Check the kernel against the gather path, then print one `bench` line for the gather and one per setting."""
+    torch.testing.assert_close(case.kernel(), gather(), rtol=0, atol=2e-2)
+
+    def report(name: str, us: float) -> None:
+        print(f"bench kernel={name} {where} us={us:.1f} kv_tb_per_s={case.kv_bytes / us / 1e6:.2f}", flush=True)
+
+    report("gather", microseconds(gather, args.iters, args.graphs))
+    for launch in settings:
+        try:
+            torch.testing.assert_close(case.kernel(**launch), gather(), rtol=0, atol=2e-2)
+            us = microseconds(lambda: case.kernel(**launch), args.iters, args.graphs)
+        except AssertionError:
+            raise
+        except Exception as e:  # a setting the compiler refuses (too much shared memory): say so, go on
+            print(f"bench kernel=triton {launch} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        report("triton " + " ".join(f"{k}={v}" for k, v in launch.items()), us)
+
+
+@command_line
+def main(argv=None) -> None:
+    args, grid = parse_args(argv)
     if not torch.cuda.is_available():
         raise UserRuntimeError(f"this benchmark times GPU kernels and needs a CUDA GPU; this torch "
                                f"({torch.__version__}) sees none")
     latent = args.shape == "deepseek-v3"
     # (H query heads, K KV heads, key width, value width); MLA: one latent "head" read by all 128
     H, K, d, dv = (128, 1, 576, 512) if latent else (32, 8, 64, 64)
-    int4 = args.kv_dtype == "int4"
-    bs, dev = (64 if int4 else 16), "cuda"
+    bs, dev = (64 if args.kv_dtype == "int4" else 16), "cuda"
     g = random.Random(args.seed)
     contexts = [args.context or g.randint(32, 512) + args.generated for _ in range(args.batch)]
     num_blocks = sum(-(-c // bs) for c in contexts)
-    free = list(range(num_blocks))
-    g.shuffle(free)  # physical blocks in no particular order, as after a long run
-    seqs = [ScheduledSeq([free.pop() for _ in range(-(-c // bs))], c - 1, c) for c in contexts]
+    seqs = scattered_seqs(contexts, bs, num_blocks, g)
     torch.manual_seed(args.seed)
     q = torch.randn(args.batch, H, d, device=dev, dtype=torch.bfloat16)
     meta = build_metadata(seqs, [0] * args.batch, bs, num_blocks, dev)
@@ -124,68 +205,23 @@ def main(argv=None) -> None:
     context_lens = meta.positions[0] + 1
     kernel_tables = meta.block_tables.to(torch.int32)  # as the engine hands them to the kernel, once a step
     if latent:
-        rows = torch.randn(num_blocks + 1, bs, d, device=dev, dtype=torch.bfloat16)  # + the scratch block
-        k_cache, v_cache = rows[:, :, None], rows[:, :, None, :dv]  # views: keys are rows, values their prefix
-        scale = 192 ** -0.5  # DeepSeek-V3's q.k width, 128 + 64
-
-        def kernel(**launch):
-            return paged_latent_decode_attention(q, rows, dv, kernel_tables, context_lens, scale=scale, **launch)
-        kv_bytes = sum(contexts) * d * rows.element_size()  # each live row read once
-        settings = [dict(tile=t, num_warps=w, heads_per_program=h, splits=n)
-                    for t in (16, 32, 64) for w in (4, 8) for h in (16, 32, 64) for n in (None, 1)] if args.sweep \
-            else [dict()]
+        case = latent_case(args, q, num_blocks, bs, d, dv, kernel_tables, context_lens, contexts)
     else:
-        k_cache = torch.randn(num_blocks + 1, bs, K, d, device=dev, dtype=torch.bfloat16)  # + the scratch block
-        v_cache = torch.randn_like(k_cache)
-        scale = None
-        quant = {}
-        if args.kv_dtype != "bf16":  # the kernel reads codes and scales; the gather path their dequantized values
-            parts, k_cache, v_cache, residuals = quantized_blocks(args.kv_dtype, k_cache, v_cache, seqs)
-            quant = {name: t for name, t in parts.items() if name not in ("k", "v")}
-            stored_k, stored_v = parts["k"], parts["v"]
-        else:
-            stored_k, stored_v = k_cache, v_cache
-
-        def kernel(**launch):
-            if int4:
-                return paged_int4_decode_attention(q, stored_k, quant["k_scale"], quant["k_zero"], stored_v,
-                                                   quant["v_scale"], quant["v_zero"], *residuals,
-                                                   torch.arange(args.batch, device=dev), kernel_tables, context_lens,
-                                                   **launch)
-            return paged_decode_attention(q, stored_k, stored_v, kernel_tables, context_lens, **quant, **launch)
-        # K and V of every live token, read once: codes and scales, as the pool stores them (`bytes_per_token`;
-        # int4's residual tokens are counted as codes too)
-        fmt = kv_format(args.kv_dtype, torch.bfloat16, dev, bs if int4 else None)
-        kv_bytes = sum(contexts) * bytes_per_token([KVSpec(K, d)], fmt)
-        settings = [dict(tile=t, num_warps=w, num_stages=s, splits=n) for t in (32, 64, 128) for w in (2, 4, 8)
-                    for s in (1, 2, 3) for n in (1, None)] if args.sweep else [dict(splits=1), dict(splits=None)]
-
+        case = kv_case(args, q, num_blocks, bs, K, d, kernel_tables, context_lens, contexts, seqs)
+    settings = case.settings
     if args.splits and not args.sweep:
         settings = [dict(splits=None if n == "None" else int(n)) for n in args.splits.split(",")]
     if grid:
         settings = grid
 
     def gather():
-        return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.q_index, meta.out_index, mask, scale)
+        return paged_attention(q, case.k_cache, case.v_cache, meta.block_tables, meta.q_index, meta.out_index, mask,
+                               case.scale)
 
-    torch.testing.assert_close(kernel(), gather(), rtol=0, atol=2e-2)
     where = f"gpu={torch.cuda.get_device_name().replace(' ', '_')} torch={torch.__version__} shape={args.shape} " \
-            f"batch={args.batch} context={args.context or 'mixed'} kv_dtype={args.kv_dtype} kv_mb={kv_bytes / 1e6:.1f}"
-
-    def report(name: str, us: float) -> None:
-        print(f"bench kernel={name} {where} us={us:.1f} kv_tb_per_s={kv_bytes / us / 1e6:.2f}", flush=True)
-
-    report("gather", microseconds(gather, args.iters, args.graphs))
-    for launch in settings:
-        try:
-            torch.testing.assert_close(kernel(**launch), gather(), rtol=0, atol=2e-2)
-            us = microseconds(lambda: kernel(**launch), args.iters, args.graphs)
-        except AssertionError:
-            raise
-        except Exception as e:  # a setting the compiler refuses (too much shared memory): say so, go on
-            print(f"bench kernel=triton {launch} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-            continue
-        report("triton " + " ".join(f"{k}={v}" for k, v in launch.items()), us)
+            f"batch={args.batch} context={args.context or 'mixed'} kv_dtype={args.kv_dtype} " \
+            f"kv_mb={case.kv_bytes / 1e6:.1f}"
+    time_case(case, gather, settings, args, where)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@
    (b) the same at the same KV memory, as a full server runs it: the bytes that --long-seqs bf16 sequences
    take hold more int8 or fp8 ones, and each format decodes as many sequences as fit in them;
    (c) the workload of `python -m inference.benchmarks.throughput` (64 prompts of U[32, 512] tokens, 256 new
-   tokens, CUDA-graph decode), through `run_paged`.
+   tokens, CUDA-graph decode), through `run_paged` (inference/benchmarks/workloads.py).
 4. quality: nats per character on Tiny Shakespeare's validation split (its last 10%) for a checkpoint
    (--checkpoint), teacher-forced through a naive cache of each kv_dtype: each window of the model's
    context is fed in chunks of --chunk tokens, so every chunk reads the earlier ones back quantized.
@@ -38,12 +38,13 @@ import torch
 
 from architectures import registry
 from architectures.utils.command_line import ArgumentParser, command_line
+from inference.benchmarks.workloads import make_prompts, quantized_blocks, run_paged, scattered_seqs, sync
 from inference.engine import EngineConfig, LLMEngine
 from inference.kv_cache import NaiveKVCache
 from inference.paged_attention import attention_mask, paged_attention, paged_attention_reference
-from inference.paged_cache import PagedKVPool, ScheduledSeq, build_metadata
-from inference.quantized_kv import kv_format
+from inference.kv_pool import PagedKVPool
 from inference.sampling import SamplingParams
+from inference.step_metadata import build_metadata
 from inference.triton_kivi_attention import kivi_unavailable_reason, paged_int4_decode_attention
 from inference.triton_paged_attention import paged_decode_attention, triton_unavailable_reason
 from architectures.utils.device import add_device_option, resolve_device
@@ -60,39 +61,12 @@ def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v).replace(" ", "_")
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _free(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
 
 
 # ---- 1. the kernel against the gather path ---------------------------------------------------------
-
-
-def quantized_blocks(kv_dtype: str, k: torch.Tensor, v: torch.Tensor, seqs: list[ScheduledSeq]):
-    """Quantize a pool of bf16 blocks k, v (num_blocks + 1, bs, K, d) as the engine stores them.
-    Returns ({stored name: tensor}, k_deq, v_deq, residuals): the dequantized blocks are what the gather
-    path reads. int4 (bs = the key group): each sequence's unfilled last block is its residual, bf16
-    (B, bs, K, d) for k and v, slot b for sequence b, and the dequantized blocks hold those tokens there."""
-    int4 = kv_dtype == "int4"
-    fmt = kv_format(kv_dtype, torch.bfloat16, k.device, k.shape[1] if int4 else None)
-    if not int4:
-        parts = {**fmt.encode("k", k), **fmt.encode("v", v)}
-        return parts, fmt.decode("k", parts), fmt.decode("v", parts), None
-    # one group per block: (num_blocks + 1, 1, *group part), as the pool stores them
-    parts = {n: t.unsqueeze(1).contiguous() for x, name in ((k, "k"), (v, "v"))
-             for n, t in fmt.encode(name, x.flatten(0, 1)).items()}
-    flat = {n: t.squeeze(1) for n, t in parts.items()}
-    k_deq, v_deq = fmt.decode("k", flat).view(k.shape), fmt.decode("v", flat).view(v.shape)
-    last = torch.tensor([s.block_table[-1] for s in seqs], device=k.device)  # (B,)
-    partial = torch.tensor([s.end % k.shape[1] != 0 for s in seqs], device=k.device)[:, None, None, None]
-    k_deq[last] = torch.where(partial, k[last], k_deq[last])
-    v_deq[last] = torch.where(partial, v[last], v_deq[last])
-    return parts, k_deq, v_deq, (k[last], v[last])
 
 
 def kernel_vs_gather(kv_dtype: str, device="cuda", H: int = 32, K: int = 8, d: int = 64, bs: int | None = None,
@@ -110,9 +84,7 @@ def kernel_vs_gather(kv_dtype: str, device="cuda", H: int = 32, K: int = 8, d: i
     k[..., :3] *= 8
     v = torch.randn(num_blocks + 1, bs, K, d, generator=g)
     k, v = (t.to(device=device, dtype=torch.bfloat16) for t in (k, v))
-    free = list(range(num_blocks))
-    random.Random(seed).shuffle(free)
-    seqs = [ScheduledSeq([free.pop() for _ in range(-(-c // bs))], c - 1, c) for c in contexts]
+    seqs = scattered_seqs(contexts, bs, num_blocks, random.Random(seed))
     parts, k_deq, v_deq, residuals = quantized_blocks(kv_dtype, k, v, seqs)
     q = torch.randn(len(contexts), H, d, generator=g).to(device=device, dtype=torch.bfloat16)
     meta = build_metadata(seqs, [0] * len(seqs), bs, num_blocks, device)
@@ -198,21 +170,21 @@ def decode_heavy(model, device, kv: str, n: int, prompt_len: int, new: int, grap
     engine = LLMEngine(model, EngineConfig(block_size=bs, num_blocks=n * -(-(prompt_len + new) // bs) + 8,
                                            max_num_seqs=max(n, 1), max_num_batched_tokens=max(prompt_len, n),
                                            kv_dtype=kv, cuda_graphs=graphs and not int4))
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=1, ignore_eos=True))
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True))
            for p in prompts]
     for _ in range(3):  # admission (the last blocks), then two decode steps: the graph is captured
         engine.step()
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     done = engine.stats.decode_tokens
     while engine.has_unfinished():
         engine.step()
-    _sync(device)
+    sync(device)
     t3 = time.perf_counter()
     timed = engine.stats.decode_tokens - done
     assert all(len(engine.output(i).completions[0]) == new for i in ids)
@@ -254,8 +226,6 @@ def part_speed(args, model, device) -> None:
         report(part="speed", workload="decode_heavy_same_memory", kv_dtype=kv, seqs=seqs, prompt_len=L,
                new_tokens=new, kv_budget_gib=budget / 2**30, **r,
                decode_speedup_vs_bf16=r["decode_tok_per_s"] / base["decode_tok_per_s"])
-    from inference.benchmarks.throughput import make_prompts, run_paged
-
     num, lo, hi, new = (3, 8, 24, 4) if args.quick else (64, 32, 512, 256)
     prompts = make_prompts(num, lo, hi, model.config.vocab_size, 0, 0)
     base = None

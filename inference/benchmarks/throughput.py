@@ -33,32 +33,11 @@ from architectures.utils.config import apply_overrides
 from architectures.utils.command_line import ArgumentParser, UserRuntimeError, UserTypeError, command_line
 from architectures.llama3.config import to_hf_config
 from inference.batched import BatchStats, generate_batch
-from inference.engine import EngineConfig, LLMEngine
+from inference.engine import EngineConfig
 from inference.memory import kv_bytes_per_token
+from inference.benchmarks.workloads import make_prompts, peak_gib, reset_peak, run_paged, sync
 from inference.sampling import SamplingParams
 from architectures.utils.device import add_device_option, add_dtype_option, compute_dtype, resolve_device
-
-
-def make_prompts(n: int, min_len: int, max_len: int, vocab: int, shared_prefix: int = 0, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    prefix = torch.randint(0, vocab, (shared_prefix,), generator=g).tolist()
-    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
-    return [prefix + torch.randint(0, vocab, (L,), generator=g).tolist() for L in lengths]
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _reset_peak(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib(device) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else float("nan")
 
 
 def _padded_util(prompts, steps: int) -> list[float]:
@@ -67,6 +46,14 @@ def _padded_util(prompts, steps: int) -> list[float]:
     which len(prompt) + k are real; every row runs all `steps` passes (EOS ignored)."""
     B, longest, real = len(prompts), max(len(p) for p in prompts), sum(len(p) for p in prompts)
     return [(real + B * k) / (B * (longest + k)) for k in range(steps)]
+
+
+def _hf_generate(hf, batch: list[list[int]], n: int, device):
+    """transformers' `generate` on one left-padded batch, greedy, n new tokens per row."""
+    longest = max(len(p) for p in batch)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in batch], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in batch], device=device)
+    return hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
 def run_hf(model, prompts, new_tokens: int, batch_size: int, device) -> dict:
@@ -79,66 +66,38 @@ def run_hf(model, prompts, new_tokens: int, batch_size: int, device) -> dict:
     hf.load_state_dict(model.state_dict(), strict=True, assign=True)
     hf.eval()
     hf.generation_config.eos_token_id = None  # EOS ignored: every row makes exactly new_tokens tokens
-
-    def go(batch, n):
-        longest = max(len(p) for p in batch)
-        ids = torch.tensor([[0] * (longest - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in batch], device=device)
-        return hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
-
     with torch.inference_mode():
-        go(prompts[:2], 4)  # warm-up: kernel selection, allocator
-        _sync(device), _reset_peak(device)
+        _hf_generate(hf, prompts[:2], 4, device)  # warm-up: kernel selection, allocator
+        sync(device), reset_peak(device)
         t0 = time.perf_counter()
         util, prefill = [], 0
         for i in range(0, len(prompts), batch_size):
             batch = prompts[i:i + batch_size]
-            go(batch, new_tokens)
+            _hf_generate(hf, batch, new_tokens, device)
             util += _padded_util(batch, new_tokens)
             prefill += len(batch) * max(len(p) for p in batch)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0
     per_tok = kv_bytes_per_token(model.cache_specs(), next(model.parameters()).element_size())
     kv = max(len(b) * (max(len(p) for p in b) + new_tokens - 1)
              for b in (prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size))) * per_tok
     del hf
-    return dict(seconds=seconds, output_tokens=len(prompts) * new_tokens, peak_mem_gib=_peak_gib(device),
+    return dict(seconds=seconds, output_tokens=len(prompts) * new_tokens, peak_mem_gib=peak_gib(device),
                 kv_gib=kv / 2**30, kv_util=sum(util) / len(util), prefill_tokens=prefill, util_per_step=util)
 
 
 def run_naive(model, prompts, new_tokens: list[int], device) -> dict:
     params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in new_tokens]
     generate_batch(model, prompts[:2], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
-    _sync(device), _reset_peak(device)
+    sync(device), reset_peak(device)
     stats = BatchStats()
     t0 = time.perf_counter()
     outputs = generate_batch(model, prompts, params, stats)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - t0
-    return dict(seconds=seconds, output_tokens=sum(map(len, outputs)), peak_mem_gib=_peak_gib(device),
+    return dict(seconds=seconds, output_tokens=sum(map(len, outputs)), peak_mem_gib=peak_gib(device),
                 kv_gib=stats.kv_bytes / 2**30, kv_util=stats.mean_utilisation, prefill_tokens=stats.prefill_tokens,
                 util_per_step=stats.util_per_step, outputs=outputs)
-
-
-def run_paged(model, prompts, new_tokens: list[int], device, engine_cfg: EngineConfig) -> dict:
-    params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in new_tokens]
-    engine = LLMEngine(model, engine_cfg)
-    # Warm-up on the whole workload: kernels, and the CUDA graphs of every shape the run needs.
-    engine.generate(prompts, params) if engine_cfg.cuda_graphs else engine.generate(prompts[:2], params[:2])
-    engine.reset_prefix_cache()
-    _sync(device), _reset_peak(device)
-    engine.stats = type(engine.stats)()
-    t0 = time.perf_counter()
-    outputs = [o.completions[0] for o in engine.generate(prompts, params)]
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    st = engine.stats
-    return dict(seconds=seconds, output_tokens=sum(map(len, outputs)), peak_mem_gib=_peak_gib(device),
-                kv_gib=engine.pool.nbytes() / 2**30,
-                kv_util=st.mean_utilisation, prefill_tokens=st.prefill_tokens,
-                cached_prompt_tokens=st.cached_prompt_tokens, preemptions=st.preemptions, steps=st.steps,
-                attention=engine.attention,
-                util_per_step=st.util_per_step, outputs=outputs)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -199,8 +158,8 @@ def check_workload(args) -> None:
                          f"the slots the naive cache reserves")
 
 
-@command_line
-def main(argv=None) -> dict:
+def parse_args(argv) -> tuple:
+    """(args, config overrides): the known options, and the --key value pairs left over for the preset."""
     p = ArgumentParser(prog="python -m inference.benchmarks.throughput", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", default="llama3", help=f"architecture family ({', '.join(registry.FAMILIES)})")
     p.add_argument("--preset", default="llama-3.2-1b", help="the family's preset: the shape of the random model")
@@ -232,19 +191,28 @@ def main(argv=None) -> dict:
     args, unknown = p.parse_known_args(argv)
     if len(unknown) % 2 or not all(k.startswith("--") for k in unknown[::2]):
         raise ValueError(f"config overrides must be --key value pairs, got {' '.join(unknown)}")
-    check_workload(args)
+    return args, {k[2:]: v for k, v in zip(unknown[::2], unknown[1::2])}
+
+
+def model_config(args, overrides: dict):
+    """The preset's config with the command line's overrides (a value of the wrong type is the user's error)."""
     try:
-        cfg = apply_overrides(registry.package(args.family).preset(args.preset),
-                              {k[2:]: v for k, v in zip(unknown[::2], unknown[1::2])})
+        cfg = apply_overrides(registry.package(args.family).preset(args.preset), overrides)
     except TypeError as e:  # "--hidden-size expects int, got 'big'": the user's value, not a bug
         raise UserTypeError(str(e)) from e
-    device = resolve_device(args.device)
-    dtype = compute_dtype(args.dtype, device)
+    return cfg
+
+
+def check_length(args, cfg) -> None:
+    """The longest prompt and its new tokens must fit the model's positions."""
     longest = args.shared_prefix + args.max_len
     if longest + args.new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompts of up to {longest} tokens + {args.new_tokens} new exceed "
                          f"max_position_embeddings={cfg.max_position_embeddings}; pass --max-position-embeddings N")
-    cuda = device.type == "cuda"
+
+
+def choose_engines(args, cuda: bool) -> list[str]:
+    """The engines to run, in order: --engines, or the default for the workload; refused here, before any runs."""
     varied = args.min_new_tokens is not None
     known = ("hf", "naive", "paged", "paged-graphs", "paged-nocache")
     if args.engines is None:
@@ -274,19 +242,85 @@ def main(argv=None) -> dict:
         if why := transformers_missing():
             raise UserRuntimeError(f"--engines hf (the transformers baseline) needs transformers: {why}; "
                                    f"or leave hf out of --engines")
+    return engines
+
+
+def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """(prompts, each one's max_new_tokens): --new-tokens each, or drawn in [--min-new-tokens, --new-tokens]."""
+    prompts = make_prompts(args.num_prompts, args.min_len, args.max_len, vocab, args.shared_prefix, args.seed)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    new_tokens = (torch.randint(args.min_new_tokens, args.new_tokens + 1, (len(prompts),), generator=g).tolist()
+                  if args.min_new_tokens is not None else [args.new_tokens] * len(prompts))
+    return prompts, new_tokens
+
+
+def run_engine(name: str, model, prompts, new_tokens: list[int], args, device) -> dict:
+    """One engine on the workload; the paged pool gets --kv-blocks, or the slots the naive cache reserves."""
+    if name == "hf":
+        return run_hf(model, prompts, args.new_tokens, args.hf_batch, device)
+    if name == "naive":
+        return run_naive(model, prompts, new_tokens, device)
+    kv_blocks = args.kv_blocks
+    if kv_blocks is None:
+        kv_blocks = -(-len(prompts) * (args.shared_prefix + args.max_len + args.new_tokens) // args.block_size)
+    ecfg = EngineConfig(block_size=args.block_size, num_blocks=kv_blocks, max_num_seqs=max(256, len(prompts)),
+                        max_num_batched_tokens=max(args.max_batched_tokens, max(256, len(prompts))),
+                        enable_prefix_caching=name != "paged-nocache", cuda_graphs=name == "paged-graphs",
+                        attention=args.attention)
+    return run_paged(model, prompts, new_tokens, device, ecfg)
+
+
+def bench_line(name: str, results: dict, where: str) -> str:
+    """The `bench engine=...` line of engine `name`, compared with the engines before it in `results`."""
+    r = results[name]
+    # The baseline ran in this same process, on the same weights and prompts.
+    extra = f" speedup_vs_hf={r['tok_per_s'] / results['hf']['tok_per_s']:.2f}" if "hf" in results and name != "hf" else ""
+    if "outputs" in r and "naive" in results and name != "naive":
+        pairs = list(zip(r["outputs"], results["naive"]["outputs"]))
+        same = sum(a == b for a, b in pairs) / len(pairs)
+        # In bf16 two correct engines drift apart: another summation order moves a logit by ~1e-2,
+        # a random-init model's near-flat logits then flip an argmax, and the texts differ from
+        # there on. same_prefix_as_naive (share of each completion before its first differing
+        # token) shows how soon; in fp32 the engines agree exactly (notes/paged-attention.md).
+        prefix = sum(_common_prefix(a, b) / max(len(a), 1) for a, b in pairs) / len(pairs)
+        extra += f" same_tokens_as_naive={same:.3f} same_prefix_as_naive={prefix:.3f}"
+    for k in ("attention", "cached_prompt_tokens", "preemptions", "steps"):
+        if k in r:
+            extra += f" {k}={r[k]}"
+    return (f"bench engine={name} {where} output_tokens={r['output_tokens']} seconds={r['seconds']:.3f} "
+            f"tok_per_s={r['tok_per_s']:.1f} peak_mem_gib={r['peak_mem_gib']:.3f} kv_gib={r['kv_gib']:.3f} "
+            f"kv_util={r['kv_util']:.4f} prefill_tokens={r['prefill_tokens']}{extra}")
+
+
+def save(results: dict, out: Path, where: str, title: str) -> None:
+    """results.json (without the generated tokens) and the plots, into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    slim = {k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in results.items()}
+    (out / "results.json").write_text(json.dumps({"where": where, "results": slim}, indent=1))
+    try:
+        plot(results, out, title)
+    except ImportError as e:  # the measurements above and results.json are what matter
+        print(f"no plots: {e}; pip install matplotlib, or plot results.json yourself")
+
+
+@command_line
+def main(argv=None) -> dict:
+    args, overrides = parse_args(argv)
+    check_workload(args)
+    cfg = model_config(args, overrides)
+    device = resolve_device(args.device)
+    dtype = compute_dtype(args.dtype, device)
+    check_length(args, cfg)
+    cuda = device.type == "cuda"
+    engines = choose_engines(args, cuda)
 
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = registry.model_class(args.family)(cfg)
     model = model.to(dtype).eval()
-    prompts = make_prompts(args.num_prompts, args.min_len, args.max_len, cfg.vocab_size, args.shared_prefix, args.seed)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    new_tokens = (torch.randint(args.min_new_tokens, args.new_tokens + 1, (len(prompts),), generator=g).tolist()
-                  if varied else [args.new_tokens] * len(prompts))
-    kv_blocks = args.kv_blocks
-    if kv_blocks is None:
-        kv_blocks = -(-len(prompts) * (longest + args.new_tokens) // args.block_size)
+    prompts, new_tokens = workload(args, cfg.vocab_size)
     gpu = torch.cuda.get_device_name(device).replace(" ", "_") if cuda else "none"
+    varied = args.min_new_tokens is not None
     where = (f"family={args.family} preset={args.preset} device={device.type} gpu={gpu} torch={torch.__version__} "
              f"dtype={str(dtype).removeprefix('torch.')} "
              f"prompts={len(prompts)} len={args.min_len}-{args.max_len} shared_prefix={args.shared_prefix} "
@@ -294,45 +328,13 @@ def main(argv=None) -> dict:
 
     results: dict[str, dict] = {}
     for name in engines:
-        if name == "hf":
-            r = run_hf(model, prompts, args.new_tokens, args.hf_batch, device)
-        elif name == "naive":
-            r = run_naive(model, prompts, new_tokens, device)
-        else:
-            ecfg = EngineConfig(block_size=args.block_size, num_blocks=kv_blocks, max_num_seqs=max(256, len(prompts)),
-                                max_num_batched_tokens=max(args.max_batched_tokens, max(256, len(prompts))),
-                                enable_prefix_caching=name != "paged-nocache", cuda_graphs=name == "paged-graphs",
-                                attention=args.attention)
-            r = run_paged(model, prompts, new_tokens, device, ecfg)
+        r = run_engine(name, model, prompts, new_tokens, args, device)
         r["tok_per_s"] = r["output_tokens"] / r["seconds"]
         results[name] = r
-        # The baseline ran in this same process, on the same weights and prompts.
-        extra = f" speedup_vs_hf={r['tok_per_s'] / results['hf']['tok_per_s']:.2f}" if "hf" in results and name != "hf" else ""
-        if "outputs" in r and "naive" in results and name != "naive":
-            pairs = list(zip(r["outputs"], results["naive"]["outputs"]))
-            same = sum(a == b for a, b in pairs) / len(prompts)
-            # In bf16 two correct engines drift apart: another summation order moves a logit by ~1e-2,
-            # a random-init model's near-flat logits then flip an argmax, and the texts differ from
-            # there on. same_prefix_as_naive (share of each completion before its first differing
-            # token) shows how soon; in fp32 the engines agree exactly (notes/paged-attention.md).
-            prefix = sum(_common_prefix(a, b) / max(len(a), 1) for a, b in pairs) / len(prompts)
-            extra += f" same_tokens_as_naive={same:.3f} same_prefix_as_naive={prefix:.3f}"
-        for k in ("attention", "cached_prompt_tokens", "preemptions", "steps"):
-            if k in r:
-                extra += f" {k}={r[k]}"
-        print(f"bench engine={name} {where} output_tokens={r['output_tokens']} seconds={r['seconds']:.3f} "
-              f"tok_per_s={r['tok_per_s']:.1f} peak_mem_gib={r['peak_mem_gib']:.3f} kv_gib={r['kv_gib']:.3f} "
-              f"kv_util={r['kv_util']:.4f} prefill_tokens={r['prefill_tokens']}{extra}", flush=True)
+        print(bench_line(name, results, where), flush=True)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        slim = {k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in results.items()}
-        (out / "results.json").write_text(json.dumps({"where": where, "results": slim}, indent=1))
-        try:
-            plot(results, out, f"{args.preset} {str(dtype).removeprefix('torch.')}, {len(prompts)} prompts, "
-                               f"{gpu if cuda else 'cpu'}")
-        except ImportError as e:  # the measurements above and results.json are what matter
-            print(f"no plots: {e}; pip install matplotlib, or plot results.json yourself")
+        save(results, Path(args.out), where, f"{args.preset} {str(dtype).removeprefix('torch.')}, {len(prompts)} "
+                                             f"prompts, {gpu if cuda else 'cpu'}")
     return results
 
 

@@ -26,7 +26,7 @@ from inference.batched import generate_batch
 from inference.engine import EngineConfig, LLMEngine
 from inference.sampling import generate
 from inference.kv_cache import NaiveKVCache
-from inference.paged_cache import PagedKVPool
+from inference.kv_pool import PagedKVPool
 from inference.sampling import SamplingParams
 
 

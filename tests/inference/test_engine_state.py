@@ -17,7 +17,7 @@ from inference.block_manager import StateSlots
 from inference.engine import EngineConfig, LLMEngine
 from inference.sampling import generate
 from inference.memory import main as memory_main
-from inference.paged_cache import PagedKVPool
+from inference.kv_pool import PagedKVPool
 from inference.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)

@@ -5,7 +5,7 @@ from architectures.llama3 import preset
 from inference.engine import EngineConfig, LLMEngine
 from inference.kv_cache import NaiveKVCache
 from inference.memory import DTYPE_BYTES, cache_specs, kv_bytes_per_token, main, naive_kv_bytes, paged_kv_bytes
-from inference.paged_cache import PagedKVPool
+from inference.kv_pool import PagedKVPool
 from inference.sampling import SamplingParams
 
 

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from inference.engine import EngineConfig, LLMEngine
 from inference.sampling import generate
 from inference.paged_attention import attention_mask, paged_attention, paged_attention_reference
-from inference.paged_cache import (PagedBatch, ScheduledSeq, StepMetadata, TableRows, _decode_metadata,
-                                   _packed_metadata, build_metadata, host_metadata)
+from inference.paged_cache import PagedBatch
+from inference.step_metadata import (ScheduledSeq, StepMetadata, TableRows, _decode_metadata, _packed_metadata,
+                                     build_metadata, host_metadata)
 from inference.sampling import SamplingParams
 from inference.triton_paged_attention import paged_decode_attention, triton_unavailable_reason
 
@@ -280,7 +281,7 @@ def test_engine_with_the_triton_kernel_gives_the_gather_paths_tokens_on_gpu(cuda
 def test_prefill_in_a_triton_engine_runs_the_masked_gather_path(model, prompts):
     """With attention="triton", only decode-only steps go to the kernel; a prefill must take the
     gather path with its causal mask. Checked on the CPU, where such a step never touches Triton."""
-    from inference.paged_cache import PagedKVPool
+    from inference.kv_pool import PagedKVPool
 
     seqs = [ScheduledSeq([0, 1], 0, 7), ScheduledSeq([2, 3, 4], 0, 10)]  # two prompts, block_size 4
     tokens = prompts[1][:7] + prompts[2][:10]

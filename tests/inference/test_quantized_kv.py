@@ -31,7 +31,7 @@ from inference.sampling import generate
 from inference.kv_cache import NaiveKVCache
 from inference.memory import cache_specs
 from inference.memory import main as memory_main
-from inference.paged_cache import PagedKVPool
+from inference.kv_pool import PagedKVPool
 from inference.quantized_kv import bytes_per_token, kv_format, residual_bytes_per_sequence
 from inference.sampling import SamplingParams
 from inference.triton_paged_attention import triton_unavailable_reason
