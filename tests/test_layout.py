@@ -3,9 +3,10 @@
 - Layers: `architectures/utils/` (the ground floor) < `architectures/` < `inference/` < `training/`
   < `fundamentals/`. A library module imports only its own layer or lower ones; the ground floor
   imports nothing of the zoo.
-- Scripts (a folder's `train.py`, `inference/generate.py`, anything in a `benchmarks/` or
-  `experiments/` folder) sit on top of every layer and may import any library module, but never
-  another script: what two scripts share is a library.
+- Scripts (a folder's `train.py`, `inference/generate.py`, the runnable modules of a `benchmarks/`
+  or `experiments/` folder) sit on top of every layer and may import any library module, but never
+  another script: what two scripts share is a library (beside them, without a __main__ block, if
+  only that folder's scripts use it).
 - No import loop between files (imports inside functions count: a loop is a loop).
 - No source file over 400 lines; no function over 100 lines except Triton kernels (@triton.jit),
   whose body is one GPU program.
@@ -44,9 +45,13 @@ def layer(module: str) -> int:
 
 
 def is_script(module: str) -> bool:
+    """A folder's train.py, inference/generate.py, or a runnable module (one with a __main__ block) in a
+    benchmarks/ or experiments/ folder; a module there without one is the library its scripts share."""
     parts = module.split(".")
-    return (parts[-1] == "train" or module == "inference.generate"
-            or "benchmarks" in parts[:-1] or "experiments" in parts[:-1])
+    if parts[-1] == "train" or module == "inference.generate":
+        return True
+    runnable = 'if __name__ == "__main__"' in MODULES[module].read_text()
+    return runnable and ("benchmarks" in parts[:-1] or "experiments" in parts[:-1])
 
 
 def imports(module: str) -> set[str]:

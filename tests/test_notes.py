@@ -109,7 +109,7 @@ def missing_modules(text: str) -> list[str]:
     missing = []
     for module in re.findall(r"python -m ([A-Za-z_][\w.]*)", text):
         parts = module.split(".")
-        if parts[0] not in ZOO_PACKAGES or module.endswith("."):
+        if parts[0] not in ZOO_PACKAGES or module.endswith(".") or parts[-1].isupper():
             continue  # pytest, pip, torch.distributed.run, ...; or a template (architectures.<name>.train)
         path = REPO / Path(*parts)
         if not (path.with_suffix(".py").exists() or (path / "__main__.py").exists()):
