@@ -186,25 +186,17 @@ def load(out: Path, model, optimizer, scheduler, record: dict, may_change: set[s
     return step, history, state.get("loop")
 
 
-def plot_losses(history: list[dict], path: Path) -> None:
-    """Training and validation loss against step, written atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
-    val = [(e["step"], e["val_loss"]) for e in history if "val_loss" in e]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    if train or val:  # a checkpoint before the first log line has nothing to label yet
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+def start_or_resume(out: Path | None, resume: bool, model, optimizer, scheduler, record: dict, may_change: set[str],
+                    dd) -> tuple[int, list[dict], dict | None]:
+    """(first step, metrics so far, the saved `loop_state`): a resumed run's from its checkpoint
+    in `out` (see `load`); a new run's (0, [], None), its output directory refused if it holds a
+    checkpoint and emptied of an earlier run's metrics (`start_fresh`)."""
+    if resume:
+        if out is None:
+            raise ValueError("resume needs an output directory holding the checkpoint")
+        return load(out, model, optimizer, scheduler, record, may_change, dd)
+    if out is not None:
+        if dd.is_main:
+            start_fresh(out)
+        dd.barrier()
+    return 0, [], None

@@ -5,7 +5,7 @@ the mean next-token cross-entropy in nats per token. Other methods (SFT, DPO, di
 bring their own batch and loss in the same shape: `loss_fn(model, batch) -> (loss, metrics)`.
 Every row here has block_size targets, so a mean per micro-batch is already a mean per token; a
 loss whose rows hold different numbers of targets returns their sum with metrics["num_tokens"]
-instead (training/trainer.py explains why).
+instead (training/loss_protocol.py explains why).
 """
 
 from __future__ import annotations

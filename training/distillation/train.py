@@ -51,7 +51,9 @@ from architectures.utils.device import compute_dtype, resolve_device
 from training.distillation.loss import KINDS, distillation_loss
 from training.lm import IGNORE_INDEX, evaluate_split
 from training.tokenizer import Tokenizer, fingerprint
-from training.trainer import NUM_TOKENS, TrainConfig, batch_generator, train
+from training.batches import batch_generator
+from training.loss_protocol import NUM_TOKENS
+from training.trainer import TrainConfig, train
 
 # Each preset's default teacher: the quick start's checkpoint, and the llama3 preset that trains it.
 VAL_CURVE = "student_val.jsonl"  # per run: validation cross-entropy at the loop's evaluation steps

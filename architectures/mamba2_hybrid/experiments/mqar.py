@@ -48,7 +48,8 @@ from architectures.mamba2_hybrid.experiments.equal_time import (build_model, des
                                                     size_train_config, with_steps)
 from architectures.utils.device import compute_dtype, device_label, resolve_device
 from training.lm import IGNORE_INDEX
-from training.trainer import TrainConfig, batch_generator, train
+from training.batches import batch_generator
+from training.trainer import TrainConfig, train
 
 PAD = 0  # the token after the last query; never a target
 

@@ -8,7 +8,8 @@ import torch
 
 from architectures.mamba2_hybrid.experiments.equal_time import (KINDS, PARAMETER_TOLERANCE, BestWeights, build_model, main,
                                                     model_configs, parameter_spread, with_steps)
-from training.trainer import TrainConfig, lr_at
+from training.optimizer import lr_at
+from training.trainer import TrainConfig
 
 
 @pytest.mark.parametrize("size,vocab_size", [("cpu", 512), ("gpu", 2048)])
