@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from architectures.mamba2_hybrid.experiments.equal_time import (KINDS, PARAMETER_TOLERANCE, BestWeights, build_model, main,
-                                                    model_configs, parameter_spread, with_steps)
+from architectures.mamba2_hybrid.experiments.common import PARAMETER_TOLERANCE, build_model, parameter_spread, with_steps
+from architectures.mamba2_hybrid.experiments.equal_time import KINDS, BestWeights, main, model_configs
 from training.optimizer import lr_at
 from training.trainer import TrainConfig
 
