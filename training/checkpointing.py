@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from architectures.utils.files import atomic_write, atomic_write_json
-from training.plots import Curve, plot_curves
 
 PENDING = ".pending"
 STATE_FILE = "trainer_state.pt"
@@ -187,13 +186,17 @@ def load(out: Path, model, optimizer, scheduler, record: dict, may_change: set[s
     return step, history, state.get("loop")
 
 
-def plot_losses(history: list[dict], path: Path) -> None:
-    """Training and validation loss against step, written atomically as a PNG."""
-    train = [e for e in history if "loss" in e]
-    val = [e for e in history if "val_loss" in e]
-    curves = []
-    if train:
-        curves.append(Curve("train loss", [e["step"] for e in train], [e["loss"] for e in train]))
-    if val:
-        curves.append(Curve("validation loss", [e["step"] for e in val], [e["val_loss"] for e in val], marker="o"))
-    plot_curves(curves, path, ylabel="loss (nats per token)")
+def start_or_resume(out: Path | None, resume: bool, model, optimizer, scheduler, record: dict, may_change: set[str],
+                    dd) -> tuple[int, list[dict], dict | None]:
+    """(first step, metrics so far, the saved `loop_state`): a resumed run's from its checkpoint
+    in `out` (see `load`); a new run's (0, [], None), its output directory refused if it holds a
+    checkpoint and emptied of an earlier run's metrics (`start_fresh`)."""
+    if resume:
+        if out is None:
+            raise ValueError("resume needs an output directory holding the checkpoint")
+        return load(out, model, optimizer, scheduler, record, may_change, dd)
+    if out is not None:
+        if dd.is_main:
+            start_fresh(out)
+        dd.barrier()
+    return 0, [], None

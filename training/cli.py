@@ -49,7 +49,8 @@ from architectures.utils.device import device_label, resolve_device
 from training.lm import evaluate_split
 from training.tokenizer import KINDS, MIN_BPE_VOCAB, Tokenizer, fingerprint, get_tokenizer, tokenizer_cache_path
 from training.recipes import DataConfig, Recipe, pretraining_recipes
-from training.trainer import TrainConfig, TrainResult, train, validate
+from training.train_config import TrainConfig, validate
+from training.trainer import TrainResult, train
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Curves against the optimizer step, drawn one way for every figure a training run writes.
 
-The loop's loss.png (training and validation loss, `checkpointing.plot_losses`), distillation's
+The loop's loss.png (training and validation loss, `metrics.plot_losses`), distillation's
 validation curves of the distilled and the from-scratch student beside the teacher's level
 (distillation.png) and GRPO's reward curve (grpo.png) are the same kind of figure: a few series
 of (step, value) and perhaps a horizontal line. `plot_curves` draws them and writes the PNG

@@ -38,7 +38,7 @@ from training.cli import checkpoint_saver, run, say
 from training.lora import ALL_PROJECTIONS, LoRAConfig, apply_lora, disable_adapters, save_adapter
 from training.recipes import pretraining_recipes
 from training.tokenizer import Tokenizer
-from training.trainer import NUM_TOKENS
+from training.loss_protocol import NUM_TOKENS
 
 
 def pretrained_dir(given: str, flag: str, preset: str, why_tokenizer: str) -> Path:

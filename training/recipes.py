@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from architectures import registry
-from training.trainer import TrainConfig
+from training.train_config import TrainConfig
 
 
 @dataclass

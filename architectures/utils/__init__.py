@@ -5,5 +5,6 @@
   shared `--device` option;
 - `config`: typed dataclass configs: presets, `--key value` overrides, JSON round trips;
 - `files`: atomic writes and the JSON / JSON-lines files commands read back;
+- `timing`: timing candidates that take turns, fair on a shared machine;
 - `wrappers`: the model inside DDP and torch.compile wrappers.
 """

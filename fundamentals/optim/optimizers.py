@@ -117,7 +117,7 @@ class AdamW(Adam):
 def warmup_cosine(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Linear warm-up to max_lr over warmup_steps, then half a cosine down to min_lr at total_steps.
 
-    step counts from 0, the same rule as training.trainer's schedule: the first step already has
+    step counts from 0, the same rule as training.optimizer.lr_at: the first step already has
     lr > 0, and steps past total_steps stay at min_lr.
     """
     if step < warmup_steps:

@@ -18,7 +18,7 @@ from architectures.mixtral.train import main as mixtral_main
 from architectures.utils.device import device_label, resolve_device
 from training import checkpointing, cli, data
 from training.recipes import pretraining_recipes
-from training.trainer import TrainConfig
+from training.train_config import TrainConfig
 
 LLAMA_RECIPES = pretraining_recipes("llama3")
 MIXTRAL_RECIPES = pretraining_recipes("mixtral")

@@ -102,7 +102,7 @@ def test_fsdp_with_a_frozen_reference_and_token_counts_matches_one_process(tmp_p
 
 
 def test_batch_not_divisible_by_world_size_is_a_clear_error():
-    from training.trainer import validate
+    from training.train_config import validate
 
     with pytest.raises(ValueError, match="batch_size=6 is not divisible by world_size x grad_accum_steps = 4 x 1"):
         validate(config(batch_size=6), world_size=4)

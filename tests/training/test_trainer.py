@@ -12,8 +12,10 @@ from architectures.llama3 import from_pretrained, save_pretrained
 from training import checkpointing
 from training.distributed import Distributed
 from architectures.common.loss import lm_loss
+from training.metrics import plot_losses
 from architectures.utils.device import resolve_device
-from training.trainer import lr_at, make_optimizer, train
+from training.optimizer import lr_at, make_optimizer
+from training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy import config, sample_batch, tiny_model  # noqa: E402
@@ -242,8 +244,8 @@ def test_loss_plot_of_an_early_checkpoint_warns_nothing(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib's "No artists with labels found" would fail here
-        checkpointing.plot_losses([], tmp_path / "empty.png")
-        checkpointing.plot_losses([{"step": 1, "loss": 2.0}], tmp_path / "one.png")
+        plot_losses([], tmp_path / "empty.png")
+        plot_losses([{"step": 1, "loss": 2.0}], tmp_path / "one.png")
     assert (tmp_path / "empty.png").is_file() and (tmp_path / "one.png").is_file()
 
 

@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 from architectures.llama3 import from_pretrained, save_pretrained
 from architectures.common.loss import lm_loss
-from training.trainer import NUM_TOKENS, batch_generator, lr_at, make_optimizer, train
+from training.batches import batch_generator
+from training.loss_protocol import NUM_TOKENS
+from training.optimizer import lr_at, make_optimizer
+from training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy import BLOCK, config, masked_batch, sample_batch, tiny_model  # noqa: E402

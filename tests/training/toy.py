@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from architectures.llama3 import Llama3, LlamaConfig
-from training.trainer import NUM_TOKENS, TrainConfig
+from training.loss_protocol import NUM_TOKENS
+from training.train_config import TrainConfig
 
 VOCAB, BLOCK = 40, 16
 CORPUS = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0)).repeat(125)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import time
 
 import torch
 from torch import nn
@@ -30,39 +29,10 @@ from architectures import registry
 from architectures.utils.command_line import ArgumentParser, UserRuntimeError, command_line
 from architectures.utils.device import add_device_option, add_dtype_option
 from architectures.common.loss import lm_loss
-from training.trainer import TrainConfig, train
+from training.train_config import TrainConfig
+from training.trainer import train
 
 BASELINE = "gpt2-transformers"
-
-
-def interleaved_step_times(setups: dict[str, tuple[nn.Module, object]], batch, device: torch.device,
-                           autocast: torch.dtype | None = None, rounds: int = 5) -> dict[str, float]:
-    """Median seconds of one training step (forward, backward, AdamW) of each model on one batch, the
-    models taking turns: a busy shared machine slows each of them alike, where the runs' own clocks,
-    read minutes apart, would not be comparable. Round 0 warms up (allocator, kernels) and is not counted.
-    setups: {name: (model, loss_fn(model, batch) -> (loss, metrics))}; the models train a few steps here,
-    so pass copies of the ones to keep. autocast: the dtype of a bf16 run, None for full precision."""
-    batch = [t.to(device) for t in batch]
-    steps = {}
-    for name, (model, loss_fn) in setups.items():
-        model.to(device).train()
-        steps[name] = (model, loss_fn, torch.optim.AdamW(model.parameters(), lr=1e-4))
-    times: dict[str, list[float]] = {name: [] for name in setups}
-    for i in range(rounds + 1):
-        for name, (model, loss_fn, opt) in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                loss, _ = loss_fn(model, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def architecture(name: str):

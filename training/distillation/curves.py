@@ -19,7 +19,8 @@ from architectures.utils.device import compute_dtype, resolve_device
 from architectures.utils.files import atomic_write
 from training.cli import RunData, is_main_process
 from training.plots import Curve, plot_curves
-from training.trainer import TrainConfig, batch_generator
+from training.batches import batch_generator
+from training.train_config import TrainConfig
 
 VAL_CURVE = "student_val.jsonl"  # per run: validation cross-entropy at the loop's evaluation steps
 

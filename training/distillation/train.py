@@ -53,7 +53,9 @@ from training.lm import evaluate_split
 from training.posttrain import family_on_step, pretrained_dir, with_aux_loss
 from training.recipes import Recipe
 from training.tokenizer import Tokenizer, fingerprint
-from training.trainer import NUM_TOKENS, TrainConfig, train
+from training.loss_protocol import NUM_TOKENS
+from training.train_config import TrainConfig
+from training.trainer import train
 
 
 @dataclass

@@ -40,7 +40,8 @@ from training.posttrain import (Reference, family_on_step, method_saver, policy_
                                  write_summary)
 from training.sft.finetune import sft_checkpoint
 from training.tokenizer import Tokenizer
-from training.trainer import TrainConfig, train
+from training.train_config import TrainConfig
+from training.trainer import train
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from architectures.common.loss import IGNORE_INDEX, linear_cross_entropy, output_head
 from training.sft.batch import PackedRows
-from training.trainer import NUM_TOKENS
+from training.loss_protocol import NUM_TOKENS
 
 
 def forward_packed(model, batch: dict, hidden_only: bool = False) -> torch.Tensor:

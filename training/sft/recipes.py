@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from training.recipes import Recipe
-from training.trainer import TrainConfig
+from training.train_config import TrainConfig
 
 
 @dataclass

@@ -37,9 +37,9 @@ from architectures.utils.command_line import ArgumentParser, UserRuntimeError, c
 from architectures.deepseek_v3.config import DeepseekV3Config
 from architectures.deepseek_v3.model import DeepseekV3
 from architectures.deepseek_v3.moe import DeepseekMoE
-from architectures.mixtral.benchmarks.moe_layer import time_round_robin
 from inference.kv_cache import NaiveKVCache
 from architectures.utils.device import add_device_option, add_dtype_option, compute_dtype, resolve_device
+from architectures.utils.timing import time_round_robin
 
 # deepseek-ai/DeepSeek-V2-Lite config.json, except the routing: V2-Lite routes by softmax over all 64
 # experts, while this MoE computes DeepSeek-V3's rule, here with V3's 8 groups, top-4 groups.

@@ -53,7 +53,8 @@ from training.data import load_corpus, prepare_data, split_text
 from architectures.utils.device import add_device_option, resolve_device
 from training.lm import evaluate_split
 from training.tokenizer import get_tokenizer
-from training.trainer import TrainConfig, train
+from training.train_config import TrainConfig
+from training.trainer import train
 
 RUNS = ("bias", "balance_loss", "neither")
 REPO = Path(__file__).resolve().parents[2]

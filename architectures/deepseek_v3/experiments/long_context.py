@@ -49,7 +49,8 @@ from training.cli import load_data
 from training.recipes import pretraining_recipes
 from architectures.utils.device import add_device_option, compute_dtype, device_label, resolve_device
 from training.lm import evaluate_split
-from training.trainer import TrainConfig, train
+from training.train_config import TrainConfig
+from training.trainer import train
 
 METHODS = ("none", "pi", "yarn")  # each evaluated as is and after fine-tuning at the long context
 ABLATIONS = ("ntk", "yarn_frequencies_only")  # evaluated as is only

@@ -16,86 +16,34 @@ the same batch order: a faster model simply reads further), optimizer, and the s
 shape (warm-up over the first 10% of a run's steps, then cosine decay to min_lr at its last).
 The figure plots validation nats/char against steps x the interleaved step time (training time
 on equal terms), against each run's own clock, and against steps.
-
-This file also holds what the MQAR experiment (mqar.py) shares with it: building a model from
-either family's config, counting parameters, and the interleaved step timing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from architectures.utils.files import atomic_write_json, read_jsonl
-from architectures.utils.command_line import ArgumentParser, command_line
-from architectures.llama3 import Llama3, LlamaConfig
+from architectures.utils.command_line import command_line
 from architectures.llama3.config import preset as llama_preset
 from architectures.mamba2_hybrid.config import preset as mamba_preset
-from architectures.mamba2_hybrid.model import Mamba2Hybrid
-from training.benchmarks.throughput import interleaved_step_times as step_times_in_turns
-from architectures.utils.device import add_device_option, compute_dtype, device_label, resolve_device
+from architectures.mamba2_hybrid.experiments.common import (build_model, describe, experiment_parser,
+                                                            interleaved_step_times, parameter_counts, parameter_spread,
+                                                            redraw, save_figure, size_train_config, with_steps)
+from architectures.utils.device import compute_dtype, device_label, resolve_device
+from training.data import load_corpus, prepare_data, split_text
 from architectures.common.loss import lm_loss
 from training.lm import evaluate_split
-from training.trainer import TrainConfig, train
+from training.tokenizer import get_tokenizer
+from training.train_config import TrainConfig
+from training.trainer import train
 
 KINDS = ("attention", "mamba2", "hybrid")
-PARAMETER_TOLERANCE = 0.03  # the three models' parameter counts differ by at most 3% of the largest
-
-
-# ---------------------------------------------------------------------------- shared with mqar.py
-
-
-def build_model(cfg) -> nn.Module:
-    """Llama 3 for a `LlamaConfig`, the Mamba-2 / Nemotron-H stack for a `Mamba2HybridConfig`."""
-    return Llama3(cfg) if isinstance(cfg, LlamaConfig) else Mamba2Hybrid(cfg)
-
-
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Total parameters, and those outside the embedding (the head included, as `num_parameters` counts)."""
-    return {"parameters": model.num_parameters(), "non_embedding": model.num_parameters(non_embedding=True)}
-
-
-def parameter_spread(counts: dict[str, int]) -> float:
-    """(largest - smallest) / largest of a {kind: parameters} map: 0.03 is "within 3%"."""
-    return (max(counts.values()) - min(counts.values())) / max(counts.values())
-
-
-def describe(cfg) -> str:
-    """One line of what a config builds, for the logs and results.json."""
-    if isinstance(cfg, LlamaConfig):
-        return (f"Llama 3: {cfg.num_hidden_layers} x (attention {cfg.num_attention_heads}/{cfg.num_key_value_heads} "
-                f"heads of {cfg.head_dim}, RoPE + SwiGLU {cfg.intermediate_size}), D {cfg.hidden_size}")
-    p = cfg.hybrid_override_pattern
-    attention = (f", attention {cfg.num_attention_heads}/{cfg.num_key_value_heads} heads of {cfg.head_dim} "
-                 f"(no RoPE)" if "*" in p else "")
-    mlp = f", MLP {cfg.intermediate_size}" if "-" in p else ""
-    return (f"pattern {p}: Mamba-2 H {cfg.mamba_num_heads} x P {cfg.mamba_head_dim}, state N "
-            f"{cfg.ssm_state_size}, G {cfg.n_groups}{attention}{mlp}, D {cfg.hidden_size}")
-
-
-def interleaved_step_times(models: dict[str, nn.Module], loss_fn: Callable, batch, device: torch.device,
-                           dtype: torch.dtype, rounds: int = 5) -> dict[str, float]:
-    """Median seconds of one training step of each model, the models taking turns on one batch
-    (`training.benchmarks.throughput.interleaved_step_times`). The models train a few steps, so pass copies."""
-    autocast = dtype if dtype != torch.float32 else None
-    return step_times_in_turns({name: (m, loss_fn) for name, m in models.items()}, batch, device, autocast, rounds)
-
-
-def with_steps(cfg: TrainConfig, steps: int, evals: int) -> TrainConfig:
-    """cfg for a run of `steps` optimizer steps with the schedule's shape kept: warm-up over the first
-    10%, cosine decay to min_lr at the last step, and `evals` evaluations spread over the run."""
-    if steps < 1:
-        raise ValueError(f"a run needs at least one step, got {steps}; raise the time budget or --max-steps")
-    return dataclasses.replace(cfg, max_steps=steps, warmup_steps=max(1, steps // 10),
-                               eval_interval=max(1, steps // evals), log_interval=max(1, min(cfg.log_interval, steps)))
 
 
 # ---------------------------------------------------------------------------- Tiny Shakespeare
@@ -118,7 +66,7 @@ SIZES = {
 
 
 def model_configs(size: str, vocab_size: int) -> dict:
-    """{kind: config} from the size's presets, at (nearly) one parameter count (`PARAMETER_TOLERANCE`,
+    """{kind: config} from the size's presets, at (nearly) one parameter count (`PARAMETER_TOLERANCE` of common.py,
     tests/architectures/mamba2_hybrid/test_experiment.py). Dropout is 0 in all three: Mamba-2 layers
     have none in this implementation, so the presets' attention dropout would regularise only the
     models with attention. At the gpu size a run may go over the corpus many times (Llama 3's
@@ -177,43 +125,8 @@ def plot(results: dict, out: Path) -> Path:
     return path
 
 
-def save_figure(figure: Path, copy_to: str | None) -> None:
-    if copy_to:
-        Path(copy_to).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(figure, copy_to)
-
-
-def experiment_parser(prog: str, out: str, sizes: dict, figure: str) -> ArgumentParser:
-    """The options this script and mqar.py share; each adds its own after these."""
-    p = ArgumentParser(prog=prog)
-    p.add_argument("--out", default=out)
-    p.add_argument("--size", choices=sorted(sizes), default="cpu")
-    add_device_option(p, default=None, help="default: cpu for --size cpu, auto (cuda if present) for gpu")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the size's)")
-    p.add_argument("--figure", default=None, help=f"also copy the figure here, e.g. {figure}")
-    p.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's results.json; train nothing")
-    return p
-
-
-def redraw(args, plot_fn: Callable[[dict, Path], Path]) -> dict:
-    """--plot-only: the figure again from OUT/results.json, nothing trained."""
-    results = json.loads((Path(args.out) / "results.json").read_text())
-    save_figure(plot_fn(results, Path(args.out)), args.figure)
-    return results
-
-
-def size_train_config(train_cfg: TrainConfig, args, names: tuple[str, ...]) -> TrainConfig:
-    """The size's training settings with the options in `names` that were given on the command line."""
-    return dataclasses.replace(train_cfg, **{k: getattr(args, k) for k in names if getattr(args, k)})
-
-
 @command_line
 def main(argv=None) -> dict:
-    # Imported here, not at the top: mqar.py imports this module and needs neither the corpus nor
-    # the tokenizers package.
-    from training.data import load_corpus, prepare_data, split_text
-    from training.tokenizer import get_tokenizer
-
     p = experiment_parser("python -m architectures.mamba2_hybrid.experiments.equal_time", "runs/mamba2-shakespeare", SIZES,
                           "notes/figures/mamba2-shakespeare-cpu.png")
     p.add_argument("--budget-s", type=float, default=None, help="training seconds per model (default: the size's)")

@@ -43,12 +43,14 @@ from architectures.utils.files import atomic_write_json
 from architectures.utils.command_line import command_line
 from architectures.llama3.config import preset as llama_preset
 from architectures.mamba2_hybrid.config import preset as mamba_preset
-from architectures.mamba2_hybrid.experiments.equal_time import (build_model, describe, experiment_parser, interleaved_step_times,
-                                                    parameter_counts, parameter_spread, redraw, save_figure,
-                                                    size_train_config, with_steps)
+from architectures.mamba2_hybrid.experiments.common import (build_model, describe, experiment_parser,
+                                                            interleaved_step_times, parameter_counts, parameter_spread,
+                                                            redraw, save_figure, size_train_config, with_steps)
 from architectures.utils.device import compute_dtype, device_label, resolve_device
 from architectures.common.loss import IGNORE_INDEX
-from training.trainer import TrainConfig, batch_generator, train
+from training.batches import batch_generator
+from training.train_config import TrainConfig
+from training.trainer import train
 
 PAD = 0  # the token after the last query; never a target
 

@@ -18,7 +18,6 @@ where TFLOP/s counts the useful (active) matmul FLOPs, 3 x 2 x N x (k x 3DF + DE
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
@@ -26,6 +25,7 @@ from architectures.utils.command_line import ArgumentParser, UserRuntimeError, c
 from architectures.mixtral.config import MixtralConfig
 from architectures.mixtral.model import SparseMoE, masked_moe_reference
 from architectures.utils.device import add_device_option, resolve_device
+from architectures.utils.timing import time_round_robin
 
 IMPLS = ("ours", "hf_grouped_mm", "hf_eager", "naive")
 
@@ -69,35 +69,6 @@ def build(args, device, dtype, wanted=IMPLS):
         block.load_state_dict(ours.state_dict())
         impls[f"hf_{name}"] = block
     return impls
-
-
-def time_round_robin(fns: dict, x, grad, params, warmup: int, iters: int, device) -> dict[str, list[float]]:
-    """Seconds of one forward + backward per implementation, the implementations taking turns
-    within each iteration, so a load change on a shared machine hits them all alike."""
-    def step(fn):
-        for p in params:
-            p.grad = None
-        x.grad = None
-        fn(x).backward(grad)
-
-    for fn in fns.values():
-        for _ in range(warmup):
-            step(fn)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step(fn)
-                end.record()
-                torch.cuda.synchronize()
-                times[name].append(start.elapsed_time(end) / 1e3)
-            else:
-                t = time.perf_counter()
-                step(fn)
-                times[name].append(time.perf_counter() - t)
-    return times
 
 
 @command_line

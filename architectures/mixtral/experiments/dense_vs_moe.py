@@ -44,8 +44,9 @@ from architectures.common.loss import lm_loss
 from training.lm import evaluate_split
 from training.tokenizer import get_tokenizer
 from architectures.utils.device import add_device_option, resolve_device
-from training.benchmarks.throughput import interleaved_step_times as step_times_in_turns
-from training.trainer import TrainConfig, train
+from architectures.utils.timing import interleaved_step_times as step_times_in_turns
+from training.train_config import TrainConfig
+from training.trainer import train
 
 RUNS = ("dense", "moe_balanced", "moe_balanced_pooled", "moe_no_balance")
 SIZES = {
@@ -97,7 +98,7 @@ def run_one(run: str, size: str, train_cfg: TrainConfig, data, out: Path) -> dic
 
 def interleaved_step_times(runs: list[str], size: str, train_cfg: TrainConfig, data, rounds: int = 5) -> dict:
     """Median seconds of one training step of each run's model, the runs taking turns on one batch
-    (`training.benchmarks.throughput.interleaved_step_times`)."""
+    (`architectures.utils.timing.interleaved_step_times`)."""
     device = resolve_device(train_cfg.device)
     autocast = torch.bfloat16 if (train_cfg.dtype == "bf16" or (train_cfg.dtype == "auto" and device.type == "cuda")) else None
     batch = data.get_batch("train", train_cfg.batch_size, train_cfg.block_size, torch.Generator().manual_seed(0))

@@ -8,7 +8,8 @@ import torch
 from architectures.deepseek_v3 import DeepseekV3, DeepseekV3Config, from_pretrained
 from architectures.deepseek_v3.losses import bias_update_step as on_step, deepseek_lm_loss
 from architectures.deepseek_v3.train import main as train_main
-from training.trainer import TrainConfig, train
+from training.train_config import TrainConfig
+from training.trainer import train
 from inference.generate import main as generate_main
 
 

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from architectures.mamba2_hybrid.experiments.equal_time import (KINDS, PARAMETER_TOLERANCE, BestWeights, build_model, main,
-                                                    model_configs, parameter_spread, with_steps)
-from training.trainer import TrainConfig, lr_at
+from architectures.mamba2_hybrid.experiments.common import PARAMETER_TOLERANCE, build_model, parameter_spread, with_steps
+from architectures.mamba2_hybrid.experiments.equal_time import KINDS, BestWeights, main, model_configs
+from training.optimizer import lr_at
+from training.train_config import TrainConfig
 
 
 @pytest.mark.parametrize("size,vocab_size", [("cpu", 512), ("gpu", 2048)])

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from architectures.mamba2_hybrid.experiments.equal_time import PARAMETER_TOLERANCE, build_model, parameter_spread
+from architectures.mamba2_hybrid.experiments.common import PARAMETER_TOLERANCE, build_model, parameter_spread
 from architectures.mamba2_hybrid.experiments.mqar import (IGNORE_INDEX, PAD, SIZES, main, model_configs, mqar_batch,
                                               mqar_examples, mqar_loss, token_ranges)
 

@@ -17,7 +17,7 @@ import torch
 from architectures.llama3 import Llama3, LlamaConfig, save_pretrained
 from architectures.llama3.train import main as llama_main
 from training.distillation.train import DistillConfig, distillation_batches, main, make_loss, student_rollouts
-from training.trainer import NUM_TOKENS
+from training.loss_protocol import NUM_TOKENS
 
 SMALL = ["--batch-size", "4", "--block-size", "32", "--eval-interval", "2", "--eval-batches", "1",
          "--log-interval", "2"]

@@ -23,7 +23,8 @@ from architectures.llama3 import Llama3, LlamaConfig, from_pretrained, preset
 from inference.kv_cache import NaiveKVCache
 from training.lora import (LoRAConfig, LoRALinear, apply_lora, disable_adapters, load_adapter, merge, save_adapter,
                            trainable_parameters, unmerge)
-from training.trainer import TrainConfig, make_optimizer
+from training.optimizer import make_optimizer
+from training.train_config import TrainConfig
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ATTN_MLP = ATTN + ["gate_proj", "up_proj", "down_proj"]
