@@ -74,3 +74,16 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {cfg.dtype!r}")
     if cfg.parallel not in STRATEGIES:
         raise ValueError(f"parallel strategy must be one of {STRATEGIES}, got {cfg.parallel!r}")
+
+
+def config_notes(cfg: TrainConfig, world_size: int) -> list[str]:
+    """Settings that are valid but probably not what the user meant, each said once as a `note:`."""
+    notes = []
+    if cfg.warmup_steps > cfg.max_steps:
+        peak = cfg.lr * cfg.max_steps / cfg.warmup_steps
+        notes.append(f"the warm-up ({cfg.warmup_steps} steps) is longer than the run ({cfg.max_steps} steps): the "
+                     f"learning rate only reaches {peak:.3g}, not --lr {cfg.lr:g}; lower --warmup-steps to train at --lr")
+    if cfg.parallel == "fsdp" and world_size == 1:
+        notes.append("--parallel fsdp shards the model over the processes torchrun starts; this run is one process, "
+                     "so it trains unsharded (start it with torchrun --nproc-per-node N to shard)")
+    return notes

@@ -30,6 +30,7 @@ The hooks a method plugs in, all keyword arguments of `train`:
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,15 +39,17 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from architectures.utils.command_line import Interrupted
 from architectures.utils.device import compute_dtype, resolve_device
 from training import checkpointing
 from training.batches import batch_generator, move_batch, pin_batch, slice_batch, target_tokens
 from training.distributed import Distributed
+from training.interrupt import StopRequest
 from training.loss_protocol import NUM_TOKENS, call_loss, prepare_frozen, with_loss_chunk
 from training.metrics import MetricsLog, Window, memory_gb, peak_flops
 from training.optimizer import lr_schedule, make_optimizer as default_optimizer
 from training.profiling import start_profiler
-from training.train_config import RESUMABLE_CHANGES, TrainConfig, validate
+from training.train_config import RESUMABLE_CHANGES, TrainConfig, config_notes, validate
 
 
 @dataclass
@@ -112,6 +115,9 @@ def train(
     `make_optimizer`, `on_step` and `frozen` are the methods' hooks (module docstring)."""
     dd = Distributed.from_env(cfg.parallel)
     validate(cfg, dd.world_size)
+    if dd.is_main:
+        for note in config_notes(cfg, dd.world_size):
+            print(f"note: {note}", file=sys.stderr, flush=True)
     device = resolve_device(cfg.device) if not dd.enabled or dd.device is None else dd.device
     autocast_dtype = compute_dtype(cfg.dtype, device)
     autocast_dtype = autocast_dtype if autocast_dtype != torch.float32 else None  # fp32: no autocast
@@ -135,26 +141,34 @@ def train(
               train_loss=last_train["loss"], train_loss_step=last_train["step"])
 
     model.train()
-    for step in range(start_step, cfg.max_steps):
-        micro_batches = next_batch(run, step)
-        summed = []  # (loss, supervised tokens) of each micro-batch, when the loss sums over its tokens
-        for index, micro_batch in enumerate(micro_batches):
-            micro_step(run, micro_batch, step, index, summed)
-        grad_norm = optimizer_step(run, step, summed)
-        done = step + 1
-        if on_step is not None:
-            on_step(done, model)
-        if profiler is not None:
-            profiler.step()
-        count_step(run, first=step == start_step)
+    with StopRequest(enabled=not dd.enabled) as stop:
+        for step in range(start_step, cfg.max_steps):
+            micro_batches = next_batch(run, step)
+            summed = []  # (loss, supervised tokens) of each micro-batch, when the loss sums over its tokens
+            for index, micro_batch in enumerate(micro_batches):
+                micro_step(run, micro_batch, step, index, summed)
+            grad_norm = optimizer_step(run, step, summed)
+            done = step + 1
+            if on_step is not None:
+                on_step(done, model)
+            if profiler is not None:
+                profiler.step()
+            count_step(run, first=step == start_step)
 
-        if done % cfg.log_interval == 0 or done == cfg.max_steps:
-            log_training(run, done, grad_norm, flops_per_token)
-        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-            log_validation(run, done, val_units_per_token)
-        if out is not None and save_model is not None and (
-                (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == cfg.max_steps):
-            save_checkpoint(run, done, record, save_model)
+            if done % cfg.log_interval == 0 or done == cfg.max_steps:
+                log_training(run, done, grad_norm, flops_per_token)
+            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+                log_validation(run, done, val_units_per_token)
+            if out is not None and save_model is not None and (
+                    (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == cfg.max_steps):
+                save_checkpoint(run, done, record, save_model)
+            elif stop.requested:
+                stop_early(run, done, record, save_model)
+            if stop.requested and done < cfg.max_steps:
+                run.metrics.close()
+                raise Interrupted(f"Ctrl-C after step {done} of {cfg.max_steps}; " + (
+                    f"the checkpoint in {out} resumes exactly: run the same command with --resume"
+                    if run.last_checkpoint == done else "this run writes no checkpoint, so nothing was saved"))
     run.metrics.close()
     if profiler is not None:
         profiler.stop()
@@ -303,6 +317,12 @@ def log_validation(run: Run, done: int, val_units_per_token: float | None) -> No
         f" (at step {run.train_loss_step})" if run.train_loss_step != done else "") + ", "
     run.metrics.say(f"step {done}/{run.cfg.max_steps}: {trained}val loss {run.val_loss:.4f}{extra}")
     run.window.t_start = time.perf_counter()  # evaluation time is not training throughput
+
+
+def stop_early(run: Run, done: int, record: dict, save_model: Callable | None) -> None:
+    """After a Ctrl-C: the checkpoint of step `done`, where the run has somewhere to write one."""
+    if run.out is not None and save_model is not None:
+        save_checkpoint(run, done, record, save_model)
 
 
 def save_checkpoint(run: Run, done: int, record: dict, save_model: Callable) -> None:

@@ -62,8 +62,16 @@ def one_line(e: BaseException) -> str:
     return text.removeprefix("error: ")
 
 
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C, as shells report SIGINT (128 + 2)
+
+
+class Interrupted(UserError):
+    """The user stopped the command with Ctrl-C; its message says what was kept and how to go on."""
+
+
 def command_line(main):
-    """Decorator for a command's `main(argv=None)`: user errors become `error: ...` and exit 2."""
+    """Decorator for a command's `main(argv=None)`: user errors become `error: ...` and exit 2; Ctrl-C
+    becomes one line and exit 130 (`Interrupted` says what was saved; a bare Ctrl-C, "interrupted")."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
@@ -72,10 +80,12 @@ def command_line(main):
         except SystemExit:
             raise
         except BaseException as e:
-            if os.environ.get("ZOO_DEBUG") or not is_user_error(e):
+            interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
+            if os.environ.get("ZOO_DEBUG") or not (interrupted or is_user_error(e)):
                 raise
-            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+            line = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else one_line(e)
+            print(f"{'stopped' if interrupted else 'error'}: {line}", file=sys.stderr, flush=True)
+            raise SystemExit(INTERRUPTED if interrupted else 2) from None
 
     return wrapped
 
