@@ -6,8 +6,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -136,17 +134,6 @@ def test_run_says_where_the_corpus_came_from_and_when_it_trains_a_tokenizer(corp
     assert "tokenizer: bpe with 300 tokens, from the cache" in second and "tokens: encoding" not in second
     assert summary["corpus"] == str(corpus) and summary["corpus_sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
     assert summary["device"] == device_label(resolve_device("auto"))
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """No ZOO_DATA_DIR, no cached copy and no network: Tiny Shakespeare falls back to pydoc's topics."""
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-
-    def no_network(url, timeout):
-        raise urllib.error.URLError("no route to host")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
 
 
 def test_offline_fallback_is_labelled_and_its_resume_online_is_refused(corpus, tmp_path, offline, monkeypatch, capsys):
