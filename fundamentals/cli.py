@@ -28,7 +28,7 @@ from pathlib import Path
 
 from architectures.utils.command_line import ArgumentParser, UserRuntimeError, UserTypeError
 from architectures.utils.config import apply_overrides
-from training.cli import field_meanings, type_name
+from training.options import field_meanings, type_name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,8 +31,7 @@ dataset name through `datasets`: a `messages` column (role/content turns), Share
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from training.datafiles import local_or_hub_records
 from training.tokenizer import Tokenizer
 
 Message = dict  # {"role": str, "content": str}
@@ -184,39 +183,53 @@ def chat_format(tokenizer: Tokenizer, name: str | None = None) -> ChatFormat:
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+CHAT_LAYOUTS = ("'messages' (a list of {'role', 'content'} turns), 'conversations' (ShareGPT's {'from', "
+                "'value'} turns) or Alpaca's 'instruction' + 'output' (+ 'input') strings")
+
+
 def to_messages(record: dict, where: str = "record") -> list[Message]:
     """One dataset record as a conversation: `messages`, ShareGPT `conversations`, or Alpaca."""
     if "messages" in record:
-        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+        return [{"role": m["role"], "content": m["content"]}
+                for m in _turns(record["messages"], ("role", "content"), "messages", where)]
     if "conversations" in record:
         turns = []
-        for m in record["conversations"]:
-            if m.get("from") not in SHAREGPT_ROLES:
-                raise ValueError(f"{where}: ShareGPT role {m.get('from')!r} is not one of {sorted(SHAREGPT_ROLES)}")
+        for m in _turns(record["conversations"], ("from", "value"), "conversations", where):
+            if m["from"] not in SHAREGPT_ROLES:
+                raise ValueError(f"{where}: ShareGPT role {m['from']!r} is not one of {sorted(SHAREGPT_ROLES)}")
             turns.append({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]})
         return turns
     if "instruction" in record and "output" in record:
+        for key in ("instruction", "output", "input"):
+            if record.get(key) is not None and not isinstance(record[key], str):
+                raise ValueError(f"{where}: Alpaca's {key!r} must be a string, got a {type(record[key]).__name__}")
         question = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         return [{"role": "user", "content": question}, {"role": "assistant", "content": record["output"]}]
-    raise ValueError(f"{where} has columns {sorted(record)}; a chat dataset needs 'messages' (role/content turns), "
-                     f"'conversations' (ShareGPT from/value) or Alpaca's 'instruction' + 'output' (+ 'input')")
+    raise ValueError(f"{where} has columns {sorted(record)}; a chat dataset needs {CHAT_LAYOUTS}")
+
+
+def _turns(value, keys: tuple[str, str], column: str, where: str) -> list[dict]:
+    """A record's list of turns, each a dict whose two `keys` hold strings."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: {column!r} must be a non-empty list of {{{keys[0]!r}, {keys[1]!r}}} turns, got "
+                         f"{value!r:.60}")
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) for k in keys):
+            raise ValueError(f"{where}: {column!r} turn {i} must be an object with {keys[0]!r} and {keys[1]!r} "
+                             f"strings, got {turn!r:.60}")
+    return value
 
 
 def load_conversations(source: str, split: str = "train") -> list[list[Message]]:
-    """Conversations from a local .json/.jsonl file or a Hugging Face hub dataset, through `datasets`."""
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError(f"loading {source!r} needs the `datasets` package: pip install datasets") from e
+    """Conversations from a local .json/.jsonl file (read and checked by training/datafiles.py) or
+    a Hugging Face hub dataset, through `datasets`."""
     from training.data import cache_dir
 
-    path = Path(source).expanduser()
-    if path.suffix in (".json", ".jsonl"):
-        if not path.is_file():
-            raise FileNotFoundError(f"chat data file {path} does not exist")
-        ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets"))
-    elif path.exists():
-        raise ValueError(f"chat data {path} must be a .json or .jsonl file (or a hub dataset name)")
-    else:
-        ds = datasets.load_dataset(source, split=split, cache_dir=str(cache_dir() / "datasets"))
-    return [to_messages(r, f"{source} row {i}") for i, r in enumerate(ds)]
+    records = local_or_hub_records(source, split, "chat data", f"each with {CHAT_LAYOUTS}", cache_dir() / "datasets")
+    conversations = []
+    for where, record in records:
+        conversations.append(to_messages(record, where))
+        # Roles no format knows, and conversations without a reply, are refused here, where the file's
+        # line is known; a role the base's format lacks (a system turn for the zoo's) when rendered.
+        check_conversation(conversations[-1], tuple(dict.fromkeys(r for f in FORMATS.values() for r in f.roles)), where)
+    return conversations

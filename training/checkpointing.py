@@ -96,8 +96,11 @@ def save(out: Path, model, optimizer, scheduler, step: int, record: dict, save_m
         if dd.enabled and dd.strategy == "fsdp" else None
     if dd.is_main:
         save_model(model, pending, full)
+        # The files save_model wrote: a resume refuses a checkpoint that has lost one of them.
+        files = sorted(f.name for f in pending.iterdir() if f.name not in (DCP_DIR, STATE_FILE))
         state = {
             "step": step,
+            "files": files,
             "record": record,
             "scheduler": scheduler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
@@ -143,7 +146,39 @@ def read_record(out: Path) -> dict:
     committed = out / PENDING
     folder = committed if (committed / "COMMIT").is_file() else out
     state = torch.load(_check_resumable(folder), map_location="cpu", weights_only=True)
+    require_files(folder, state.get("files", ()), out)
     return state["record"]
+
+
+def require_files(folder: Path, names, out: Path | None = None) -> None:
+    """On --resume: refuse a checkpoint in `folder` that lacks one of the files `names`."""
+    missing = [name for name in names if not (folder / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"--resume: the checkpoint in {out or folder} is missing {', '.join(missing)}, so it "
+                                f"is partial and cannot be resumed; restore the file, or start a new run in another "
+                                f"--out")
+
+
+def check_record(out: Path, saved: dict, now: dict, may_change: set[str], common_only: bool = False) -> None:
+    """On --resume: the configs the run is started with (`now`) must be those the checkpoint in `out`
+    was made with (`saved`), but for the loop's fields in `may_change`. With `common_only`, only
+    the fields both records have are compared: an early check, made before all of `now` is known."""
+    def comparable(record: dict, other: dict) -> dict:
+        kept = {}
+        for part, fields in record.items():
+            if common_only and part not in other:
+                continue
+            if isinstance(fields, dict):
+                fields = {f: v for f, v in fields.items() if not (part == "train" and f in may_change)
+                          and not (common_only and isinstance(other[part], dict) and f not in other[part])}
+            kept[part] = fields
+        return json.loads(json.dumps(kept))  # tuples and lists compare alike
+
+    diffs = _differences(comparable(saved, now), comparable(now, saved))
+    if diffs:
+        raise ValueError(f"--resume: the checkpoint in {out} was made with a different configuration: "
+                         + "; ".join(diffs) + ". Resume with the same --preset and settings, or start a new run in "
+                                              "another --out")
 
 
 def load(out: Path, model, optimizer, scheduler, record: dict, may_change: set[str],
@@ -158,13 +193,8 @@ def load(out: Path, model, optimizer, scheduler, record: dict, may_change: set[s
 
     state_file = _check_resumable(out)
     state = torch.load(state_file, map_location="cpu", weights_only=True)
-    saved = {k: ({f: v for f, v in d.items() if f not in may_change} if k == "train" else d)
-             for k, d in state["record"].items()}
-    now = {k: ({f: v for f, v in d.items() if f not in may_change} if k == "train" else d) for k, d in record.items()}
-    diffs = _differences(json.loads(json.dumps(saved)), json.loads(json.dumps(now)))
-    if diffs:
-        raise ValueError("--resume: the checkpoint was made with a different configuration: " + "; ".join(diffs)
-                         + ". Resume with the same settings, or start a new run in another --out")
+    require_files(out, state.get("files", ()))
+    check_record(out, state["record"], record, may_change)
     model_state, optim_state = get_state_dict(model, optimizer)
     sharded = {"model": model_state, "optim": optim_state}
     with _quiet_single_process():

@@ -7,12 +7,13 @@ A preset is a `Recipe`: the model config, the loop's `TrainConfig` and a `DataCo
 Every other `--key value` overrides the one field of that name in one of the three
 dataclasses, parsed to its declared type, so a typo or a wrong type is a clear error.
 `--help` lists them all, grouped, with the chosen preset's values and, as each one's meaning,
-the comment on its line of the dataclass.
+the comment on its line of the dataclass (training/options.py builds the parser).
 
 The run is one function per step; `run` composes them, and a method's train.py calls the
 ones it needs:
   parse         the command line -> `Args`; checks what can be checked at once (the device, the
-                loop's config, the checkpoint on --resume) before anything slow starts
+                loop's config, the checkpoint on --resume, that --out can be written) before
+                anything slow starts
   load_data     corpus -> tokenizer (trained once, cached; or one given, a teacher's) -> tokenized
                 splits (cached), with the corpus's and the tokenizer's sha256, which a resumed run must match
   build_model   the model config with the tokenizer's vocabulary -> the model
@@ -22,34 +23,27 @@ ones it needs:
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import inspect
-import io
 import os
-import textwrap
 import time
-import tokenize
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from architectures import registry
 from architectures.utils.files import atomic_write_json
-from architectures.utils.config import parse_value
 from architectures.utils.command_line import ArgumentParser
 from training import checkpointing
+from training.checks import check_writable
 from training.data import Corpus, TokenData, get_corpus, prepare_data, split_text, token_cache_folder
 from architectures.utils.device import device_label, resolve_device
 from training.lm import evaluate_split
 from training.tokenizer import KINDS, MIN_BPE_VOCAB, Tokenizer, fingerprint, get_tokenizer, tokenizer_cache_path
+from training.options import build_parser
 from training.recipes import DataConfig, Recipe, pretraining_recipes
-from training.train_config import TrainConfig, validate
+from training.train_config import RESUMABLE_CHANGES, TrainConfig, validate
 from training.trainer import TrainResult, train
 
 
@@ -61,6 +55,7 @@ class Args:
     out: Path  # the output directory
     resume: bool  # continue the checkpoint in `out`
     saved_record: dict | None  # on --resume: the configs and data fingerprints the checkpoint was made with
+    out_given: bool = False  # whether --out was on the command line (else `out` is the preset's default)
 
 
 def is_main_process() -> bool:
@@ -76,88 +71,6 @@ def say(line: str) -> None:
 # ---------------------------------------------------------------------------- parse
 
 
-def field_meanings(cls: type) -> dict[str, str]:
-    """The comment on each field's line of a config dataclass (inherited fields too): its --help text."""
-    meanings: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            source = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):  # no source to read (a frozen application): names and types only
-            continue
-        comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-        for node in ast.parse(source).body[0].body:
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.end_lineno in comments:
-                meanings[node.target.id] = comments[node.end_lineno]
-    return meanings
-
-
-def type_name(tp) -> str:
-    """`int`, `float`, `int|None`, `dict|None`: a field's annotation as --help shows it."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return "|".join(type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "None"
-    return getattr(typing.get_origin(tp) or tp, "__name__", str(tp))
-
-
-def _converter(name: str, tp) -> Callable[[str], Any]:
-    """argparse `type=`: the text parsed to the field's declared type, or a one-line refusal."""
-    def convert(text: str):
-        try:
-            return parse_value(name, text, tp, name)
-        except TypeError:
-            raise argparse.ArgumentTypeError(f"expects {type_name(tp).replace('|', ' or ')}, got {text!r}") from None
-    return convert
-
-
-def _refuse_vocab_size(text: str):
-    raise argparse.ArgumentTypeError("the model's vocab_size comes from the tokenizer; set --bpe-vocab-size instead")
-
-
-def build_parser(prog: str, family: str, recipes: dict[str, Recipe], preset: str) -> ArgumentParser:
-    """The full parser for one preset: --preset/--out/--resume, then every field of its model config,
-    TrainConfig and DataConfig, grouped, each with its type, this preset's value and its meaning."""
-    recipe = recipes[preset]
-    parser = ArgumentParser(prog=prog, allow_abbrev=False, usage="%(prog)s [--preset P] [--out DIR] [--resume] [--FIELD VALUE ...]",
-                            formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=40),
-                            description=f"Train {family} with the zoo's shared loop, data and tokenizer. "
-                                        f"Defaults below are those of --preset {preset}.")
-    parser.add_argument("--preset", default=preset, choices=sorted(recipes),
-                        help="the recipe: model, training-loop and data settings")
-    parser.add_argument("--out", default=f"runs/{family}-{preset}", metavar="DIR",
-                        help="output directory: checkpoint, metrics.jsonl, loss.png, summary.json")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the checkpoint in --out exactly (same settings, corpus and tokenizer)")
-    taken = {"preset", "out", "resume"}
-    # A method's recipe may put its own options in the first group (SFTConfig) and its data in the third.
-    for part, title in (("model", f"{getattr(recipe.model, 'GROUP', 'model')} ({type(recipe.model).__name__})"),
-                        ("train", "training loop (TrainConfig)"), ("data", f"data ({type(recipe.data).__name__})")):
-        cfg = getattr(recipe, part)
-        group = parser.add_argument_group(title)
-        hints, meanings = typing.get_type_hints(type(cfg)), field_meanings(type(cfg))
-        for f in dataclasses.fields(cfg):
-            if f.name in taken:
-                continue  # the first config that has a field owns its option
-            taken.add(f.name)
-            flag, tp, value = "--" + f.name.replace("_", "-"), hints[f.name], getattr(cfg, f.name)
-            if part == "model" and f.name == "vocab_size":
-                group.add_argument(flag, type=_refuse_vocab_size, default=argparse.SUPPRESS, metavar="-",
-                                   help="set from the tokenizer: choose it with --bpe-vocab-size")
-                continue
-            # The default is written into the help by hand: unset options must stay absent from the
-            # result (SUPPRESS), so that only what the user typed overrides the preset. A string is
-            # shown quoted, so that "\n" is visible; argparse %-formats help, hence the %%.
-            shown = repr(value) if isinstance(value, str) else value
-            text = f"{meanings.get(f.name, '')} (default: {shown})".replace("%", "%%")
-            kwargs = dict(nargs="?", const=True) if isinstance(value, bool) else {}  # a bare --compile is true
-            group.add_argument(flag, dest=f"{part}.{f.name}", type=_converter(f.name, tp), default=argparse.SUPPRESS,
-                               metavar=type_name(tp), help=text, **kwargs)
-    return parser
-
-
 def rederive(cfg, changes: dict) -> dict:
     """Fields a config derives when left None (`DERIVED`, e.g. LlamaConfig's head_dim = hidden_size //
     heads) are derived again from the overridden sizes, unless the preset set them by hand or the
@@ -169,9 +82,11 @@ def rederive(cfg, changes: dict) -> dict:
     return out
 
 
-def parse(argv: list[str] | None, recipes: dict[str, Recipe], family: str, prog: str | None = None) -> Args:
+def parse(argv: list[str] | None, recipes: dict[str, Recipe], family: str, prog: str | None = None,
+          about: str | None = None) -> Args:
     """The command line -> `Args`, with every check that needs no data done now (a bad device, a
-    bad loop config, --resume without a checkpoint) rather than after the corpus is tokenized."""
+    bad loop config, --resume without a checkpoint or with other settings, an --out that cannot be
+    written) rather than after the corpus is tokenized. `about`: the command's one-line description."""
     prog = prog or f"python -m architectures.{family}.train"
     default = "tiny" if "tiny" in recipes else next(iter(recipes))
     # --preset first: the options of the full parser, and their defaults, are the preset's.
@@ -180,7 +95,11 @@ def parse(argv: list[str] | None, recipes: dict[str, Recipe], family: str, prog:
     preset = first.parse_known_args(argv)[0].preset
     if preset not in recipes:
         first.error(f"unknown preset {preset!r} for {family}; choose one of {sorted(recipes)}")
-    parser = build_parser(prog, family, recipes, preset)
+    default_out = f"runs/{family}-{preset}"
+    pretraining = isinstance(recipes[preset].data, DataConfig)
+    parser = build_parser(prog, about or f"Train {family} with the zoo's shared loop, data and tokenizer", recipes,
+                          preset, default_out, f"{fallback_out(Path(default_out))} when the corpus is the offline "
+                                               f"stand-in for Tiny Shakespeare" if pretraining else "")
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
         valid = sorted(a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help")
@@ -193,6 +112,14 @@ def parse(argv: list[str] | None, recipes: dict[str, Recipe], family: str, prog:
              for part in ("model", "train", "data")}
     given["model"] = rederive(recipe.model, given["model"])
     recipe = Recipe(**{part: dataclasses.replace(getattr(recipe, part), **given[part]) for part in given})
+    check_recipe(recipe)
+    out, resume = Path(ns.get("out", default_out)), ns["resume"]
+    return Args(family, preset, recipe, out, resume, check_out(out, resume, recipe), out_given="out" in ns)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """What can be refused in the settings alone: the loop's config, the device, the block size, the
+    tokenizer, the sample's prompt."""
     train_cfg, model_cfg, data_cfg = recipe.train, recipe.model, recipe.data
     validate(train_cfg, int(os.environ.get("WORLD_SIZE", "1")))
     resolve_device(train_cfg.device)
@@ -204,11 +131,31 @@ def parse(argv: list[str] | None, recipes: dict[str, Recipe], family: str, prog:
     if isinstance(data_cfg, DataConfig) and data_cfg.tokenizer == "bpe" and data_cfg.bpe_vocab_size < MIN_BPE_VOCAB:
         raise ValueError(f"--bpe-vocab-size {data_cfg.bpe_vocab_size} is too small: byte-level BPE needs the 256 bytes "
                          f"and 5 special tokens, at least {MIN_BPE_VOCAB}")
-    out = Path(ns["out"])
-    saved = checkpointing.read_record(out) if ns["resume"] else None
-    if not ns["resume"]:
+    if getattr(data_cfg, "sample_prompt", None) == "":
+        raise ValueError("--sample-prompt is empty: the sample at the end of the run continues it, so it must encode "
+                         "to at least one token; pass some text (the default is a newline, '\\n')")
+
+
+def check_out(out: Path, resume: bool, recipe: Recipe) -> dict | None:
+    """--out before anything starts: on --resume it must hold a whole checkpoint made with these
+    settings (the loop's, the data's and a method's options: a model or a base is not built yet to
+    compare); otherwise no checkpoint. Either way it must be writable. Returns the checkpoint's record."""
+    saved = None
+    if resume:
+        saved = checkpointing.read_record(out)
+        now = {"train": vars(recipe.train).copy(), "data": dataclasses.asdict(recipe.data)}
+        if getattr(recipe.model, "GROUP", None) == "method":
+            now["method"] = dataclasses.asdict(recipe.model)
+        checkpointing.check_record(out, saved, now, RESUMABLE_CHANGES, common_only=True)
+    else:
         checkpointing.check_fresh(out)
-    return Args(family, preset, recipe, out, ns["resume"], saved)
+    check_writable(out)
+    return saved
+
+
+def fallback_out(out: Path) -> Path:
+    """Where a run writes that fell back to the embedded corpus and was given no --out."""
+    return out.with_name(out.name + "-offline-fallback")
 
 
 # ---------------------------------------------------------------------------- data
@@ -264,14 +211,14 @@ def check_same_data(saved: dict | None, now: dict, out: Path, origin: str = "") 
 
 
 def load_data(data_cfg, saved_record: dict | None = None, out: Path | None = None,
-              tokenizer: Tokenizer | None = None, whose: str = "the given one") -> RunData:
+              tokenizer: Tokenizer | None = None, whose: str = "the given one", corpus: Corpus | None = None) -> RunData:
     """Corpus -> tokenizer -> token ids of both splits, saying what it does. On a resume
     (`saved_record` given) the corpus and tokenizer must match the checkpoint's before any
     token is cached or any file in `out` is touched. A `tokenizer` given (`whose`: "the teacher's")
     is used as it is, and only `data_cfg.dataset` is read; otherwise one is trained on the corpus
-    as `data_cfg` (a `DataConfig`) says, once, and cached."""
+    as `data_cfg` (a `DataConfig`) says, once, and cached. A `corpus` already found is not read again."""
     t0 = time.perf_counter()
-    corpus = get_corpus(data_cfg.dataset)
+    corpus = corpus or get_corpus(data_cfg.dataset)
     say(f"corpus: {corpus.name}, {len(corpus.text):,} characters, from {corpus.origin}")
     if tokenizer is not None:
         say(f"tokenizer: {whose}, {tokenizer.kind} {tokenizer.vocab_size}")
@@ -284,6 +231,18 @@ def load_data(data_cfg, saved_record: dict | None = None, out: Path | None = Non
     say(f"tokens: {len(tokens.train):,} train, {len(tokens.val):,} validation "
         f"({tokens.val_chars_per_token:.2f} characters per token); data ready in {time.perf_counter() - t0:.1f} s")
     return RunData(corpus, tokenizer, tokens)
+
+
+def away_from_default_out(args: Args, corpus: Corpus) -> Args:
+    """A run on the offline stand-in for Tiny Shakespeare that was given no --out writes beside the
+    preset's folder, never in it: runs/llama3-tiny is the base every method takes by default, and
+    a real run there would find it taken."""
+    if not corpus.is_fallback or args.out_given:
+        return args
+    out = fallback_out(args.out)
+    say(f"out: the corpus is the offline stand-in, not Tiny Shakespeare, so this run writes to {out}, not {args.out} "
+        f"(which the post-training methods take as their base); continue it with --resume --out {out}")
+    return dataclasses.replace(args, out=out, saved_record=check_out(out, args.resume, args.recipe))
 
 
 def train_tokenizer(corpus: Corpus, data_cfg: DataConfig) -> Tokenizer:
@@ -364,7 +323,9 @@ def run(family: str, argv=None, recipes: dict[str, Recipe] | None = None) -> dic
     args = parse(argv, recipes or pretraining_recipes(family), family)
     t_start = time.perf_counter()
     train_cfg = args.recipe.train
-    data = load_data(args.recipe.data, args.saved_record, args.out)
+    corpus = get_corpus(args.recipe.data.dataset)
+    args = away_from_default_out(args, corpus)
+    data = load_data(args.recipe.data, args.saved_record, args.out, corpus=corpus)
     data.check_fits(train_cfg.block_size)
     model = build_model(contract.model_class, args.recipe.model, train_cfg, data.tokenizer)
     say(f"model: {family} {args.preset}, {sum(p.numel() for p in model.parameters()):,} parameters; "

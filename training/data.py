@@ -11,8 +11,8 @@ split once into uint16/uint32 files on disk and maps them into memory; `TokenDat
 draws (input, target) windows whose offsets depend only on the generator it is given, which
 is what makes resumed and multi-process runs see the same batches as one uninterrupted run.
 
-`datasets` is imported only for non-Tiny-Shakespeare sources: a machine without it (or
-without internet) can still run the quick start.
+`datasets` is imported only for hub datasets (local .json/.jsonl files are read and checked by
+training/datafiles.py): a machine without it (or without internet) can still run the quick start.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from architectures.utils.command_line import UserRuntimeError
 from architectures.utils.files import atomic_write, atomic_write_json
+from training.datafiles import hub_dataset, read_records
 
 DATA_DIR_ENV = "ZOO_DATA_DIR"  # a folder holding tinyshakespeare.txt (CI points it at ../shared/data)
 CACHE_DIR_ENV = "ZOO_CACHE_DIR"  # where downloads, tokenizers and token files are cached
@@ -39,6 +41,10 @@ DOWNLOAD_TIMEOUT_S = 10  # short: offline machines should fall back at once, not
 # What a run on the stand-in corpus is called wherever it reports, so that none of its figures
 # can pass for Tiny Shakespeare's.
 FALLBACK_NAME = "embedded pydoc_data.topics (offline fallback, NOT Tiny Shakespeare)"
+
+
+class NoTinyShakespeare(UserRuntimeError):
+    """Tiny Shakespeare was found nowhere, and the caller wants no stand-in."""
 
 
 def cache_dir() -> Path:
@@ -79,23 +85,31 @@ def load_corpus(source: str = "tinyshakespeare", text_column: str = "text") -> s
     return get_corpus(source, text_column).text
 
 
-def get_corpus(source: str = "tinyshakespeare", text_column: str = "text") -> Corpus:
-    """`load_corpus`'s text as a `Corpus`: with its name, its origin and its sha256."""
-    text, name, origin = _find_corpus(source, text_column)
+def get_corpus(source: str = "tinyshakespeare", text_column: str = "text", fallback: bool = True) -> Corpus:
+    """`load_corpus`'s text as a `Corpus`: with its name, its origin and its sha256. With `fallback`
+    False, Tiny Shakespeare found nowhere raises `NoTinyShakespeare` instead of falling back."""
+    text, name, origin = _find_corpus(source, text_column, fallback)
     return Corpus(text, name, origin, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
 
 
-def _find_corpus(source: str, text_column: str) -> tuple[str, str, str]:
+def _find_corpus(source: str, text_column: str, fallback: bool = True) -> tuple[str, str, str]:
     """(text, name, origin) of a source."""
     if source == "tinyshakespeare":
-        return _tinyshakespeare()
+        return _tinyshakespeare(fallback)
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".txt":
             # Read whole by Python, no `datasets` needed; like any text-mode read, "\r\n" becomes "\n".
-            return path.read_text(encoding="utf-8"), str(path), f"the file {path}"
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"corpus file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                                 f"{e.start}): is it a binary file? A .txt corpus must be UTF-8 text") from None
+            if not text:
+                raise ValueError(f"corpus file {path} is empty; pass a .txt file of UTF-8 text")
+            return text, str(path), f"the file {path}"
         if path.suffix in (".json", ".jsonl"):
-            text = _load_with_datasets("json", text_column, data_files=str(path))
+            text = _text_of_records(path, text_column)
             return text, str(path), f"the {text_column!r} field of every record of {path}"
         raise ValueError(f"corpus file {path} has suffix {path.suffix!r}; supported: .txt, .json, .jsonl")
     if path.exists():
@@ -105,36 +119,31 @@ def _find_corpus(source: str, text_column: str) -> tuple[str, str, str]:
             f"corpus file {path} does not exist; pass an existing .txt/.json/.jsonl path, "
             f"'tinyshakespeare', or a Hugging Face hub dataset name"
         )
-    try:
-        return _load_with_datasets(source, text_column), source, f"the Hugging Face hub dataset {source!r}"
-    except (ValueError, ImportError):
-        raise
-    except Exception as e:  # the hub client raises many types (connection, not found, auth)
-        raise RuntimeError(
-            f"{source!r} is not a local file, so it was looked up as a Hugging Face hub dataset, "
-            f"which failed: {e}. Pass 'tinyshakespeare', a .txt/.json/.jsonl path, or a hub name "
-            f"(needs internet)"
-        ) from e
-
-
-def _load_with_datasets(path_or_name: str, text_column: str, **kwargs) -> str:
-    try:
-        import datasets  # lazily: tinyshakespeare must work where `datasets` is not installed
-    except ImportError as e:
-        raise ImportError(f"loading {path_or_name!r} needs the `datasets` package: pip install datasets") from e
     # cache_dir keeps datasets' Arrow files under our cache, not in ~/.cache/huggingface.
-    ds = datasets.load_dataset(path_or_name, split="train", cache_dir=str(cache_dir() / "datasets"), **kwargs)
+    ds = hub_dataset(source, "train", cache_dir() / "datasets")
     if text_column not in ds.column_names:
-        raise ValueError(
-            f"{kwargs.get('data_files', path_or_name)} has no column {text_column!r}; "
-            f"its columns are {ds.column_names}; pass text_column= one of them"
-        )
-    return "\n\n".join(ds[text_column])
+        raise ValueError(f"the hub dataset {source!r} has no column {text_column!r}; its columns are {ds.column_names}; "
+                         f"pass text_column= one of them")
+    return "\n\n".join(ds[text_column]), source, f"the Hugging Face hub dataset {source!r}"
 
 
-def _tinyshakespeare() -> tuple[str, str, str]:
-    """(text, name, origin): from $ZOO_DATA_DIR, else the cache, else the internet, else an
-    embedded stand-in, named FALLBACK_NAME."""
+def _text_of_records(path: Path, text_column: str) -> str:
+    """The `text_column` strings of a local .json/.jsonl file's records, joined by a blank line."""
+    texts = []
+    for where, record in read_records(path, f"each with a {text_column!r} string"):
+        if text_column not in record:
+            raise ValueError(f"{where} has no column {text_column!r}; its columns are {list(record)}; every record "
+                             f"of a corpus needs a {text_column!r} string (or pass text_column= one of them)")
+        if not isinstance(record[text_column], str):
+            raise ValueError(f"{where}: column {text_column!r} holds a {type(record[text_column]).__name__}, "
+                             f"not a string")
+        texts.append(record[text_column])
+    return "\n\n".join(texts)
+
+
+def _tinyshakespeare(fallback: bool = True) -> tuple[str, str, str]:
+    """(text, name, origin): from $ZOO_DATA_DIR, else the cache, else the internet, else (with
+    `fallback`) an embedded stand-in, named FALLBACK_NAME."""
     cached = cache_dir() / TINYSHAKESPEARE_FILE
     if os.environ.get(DATA_DIR_ENV):
         provided = Path(os.environ[DATA_DIR_ENV]) / TINYSHAKESPEARE_FILE
@@ -161,6 +170,9 @@ def _tinyshakespeare() -> tuple[str, str, str]:
         with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
             data = response.read()
     except OSError as e:  # URLError, HTTPError, timeouts and DNS failures are all OSErrors
+        if not fallback:
+            raise NoTinyShakespeare(f"Tiny Shakespeare is not in ${DATA_DIR_ENV} or the cache, and its download from "
+                                    f"{TINYSHAKESPEARE_URL} failed ({e})") from e
         text = embedded_corpus()
         print(f"tinyshakespeare: download of {TINYSHAKESPEARE_URL} failed ({e}); falling back to the embedded "
               f"corpus pydoc_data.topics ({len(text):,} chars) - set {DATA_DIR_ENV} to a folder with "

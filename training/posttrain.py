@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,7 +35,9 @@ from architectures import registry
 from architectures.utils.device import device_label
 from architectures.utils.files import atomic_write_json
 from architectures.utils.wrappers import unwrap
+from training import checkpointing
 from training.cli import checkpoint_saver, run, say
+from training.data import DATA_DIR_ENV, FALLBACK_NAME, TINYSHAKESPEARE_FILE, NoTinyShakespeare, get_corpus
 from training.lora import ALL_PROJECTIONS, LoRAConfig, apply_lora, disable_adapters, save_adapter
 from training.recipes import pretraining_recipes
 from training.tokenizer import Tokenizer
@@ -44,7 +47,9 @@ from training.loss_protocol import NUM_TOKENS
 def pretrained_dir(given: str, flag: str, preset: str, why_tokenizer: str) -> Path:
     """The checkpoint a method starts from: `given` (checked to hold config.json and tokenizer.json),
     or, when empty, the quick start's (the registry's QUICK_START_FAMILY) for this preset, trained
-    now if it is missing; a preset the quick start does not have uses its `tiny`."""
+    now if it is missing; a preset the quick start does not have uses its `tiny`. The default is
+    never a model of the offline stand-in corpus: where Tiny Shakespeare cannot be found, the
+    quick start is not trained, and a folder trained on the stand-in is refused."""
     if given:
         path = Path(given)
         if not (path / "config.json").is_file():
@@ -55,11 +60,35 @@ def pretrained_dir(given: str, flag: str, preset: str, why_tokenizer: str) -> Pa
     family = registry.QUICK_START_FAMILY
     quick_preset = preset if preset in pretraining_recipes(family) else "tiny"
     path = Path(f"runs/{family}-{quick_preset}")
-    if not (path / "config.json").is_file():
-        say(f"{flag.lstrip('-')}: {path} does not exist yet, so the quick start trains it first "
-            f"(python -m architectures.{family}.train --preset {quick_preset} --out {path})")
-        run(family, argv=["--preset", quick_preset, "--out", str(path)])
+    command = f"python -m architectures.{family}.train --preset {quick_preset} --out {path}"
+    fix = (f"train the quick start where Tiny Shakespeare can be found (online, or with ${DATA_DIR_ENV} set to the "
+           f"folder that holds {TINYSHAKESPEARE_FILE}): {command}; or pass {flag} DIR")
+    if (path / "config.json").is_file():
+        if trained_on(path) == FALLBACK_NAME:
+            raise ValueError(f"{flag}: the default, {path}, was trained on the offline stand-in corpus, not Tiny "
+                             f"Shakespeare, so it is not taken as a base; move it away and {fix}")
+        return path
+    try:
+        get_corpus("tinyshakespeare", fallback=False)
+    except NoTinyShakespeare as e:
+        raise NoTinyShakespeare(f"{flag}: the default, {path}, does not exist yet, and the quick start that makes it "
+                                f"needs Tiny Shakespeare: {e}; {fix}") from None
+    say(f"{flag.lstrip('-')}: {path} does not exist yet, so the quick start trains it first ({command})")
+    run(family, argv=["--preset", quick_preset, "--out", str(path)])
     return path
+
+
+def trained_on(path: Path) -> str | None:
+    """The corpus a zoo checkpoint was pretrained on, from its summary.json or its training record."""
+    summary = path / "summary.json"
+    if summary.is_file():
+        with contextlib.suppress(ValueError, AttributeError):
+            corpus = json.loads(summary.read_text()).get("corpus")
+            if corpus:
+                return corpus
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError, KeyError, TypeError):
+        return checkpointing.read_record(path)["corpus"]["name"]
+    return None
 
 
 # ---------------------------------------------------------------------------- the reference

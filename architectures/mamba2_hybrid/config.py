@@ -53,7 +53,7 @@ class Mamba2HybridConfig:
     use_bias: bool = False  # biases on in_proj and out_proj
     use_conv_bias: bool = True  # bias of the convolution
     time_step_min: float = 0.001  # dt at initialisation is log-uniform in [min, max]
-    time_step_max: float = 0.1
+    time_step_max: float = 0.1  # the upper end of that range
     time_step_floor: float = 1e-4  # ... and at least this
     time_step_limit: list = field(default_factory=lambda: [0.001, math.inf])  # dt is clamped to [lo, hi] after softplus
     gated_norm_per_group: bool = True  # normalise y * silu(z) per group of H*P/G channels (else the whole width)

@@ -23,7 +23,7 @@ from fundamentals.nn import train as nn_train
 from fundamentals.rnn import classify as rnn_classify
 from fundamentals.rnn import train as rnn_train
 from fundamentals.vae import train as vae_train
-from training.cli import field_meanings
+from training.options import field_meanings
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {"autograd.train": autograd_train, "nn.train": nn_train, "cnn.train": cnn_train,

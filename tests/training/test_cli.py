@@ -6,8 +6,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from architectures import registry
 from architectures.llama3.train import main as llama_main
 from architectures.mixtral.train import main as mixtral_main
 from architectures.utils.device import device_label, resolve_device
-from training import checkpointing, cli, data
+from training import checkpointing, cli, data, options
 from training.recipes import pretraining_recipes
 from training.train_config import TrainConfig
 
@@ -69,7 +67,7 @@ def test_help_lists_every_option_with_its_type_default_and_meaning(main, recipes
     for heading in (f"model ({type(recipe.model).__name__}):", "training loop (TrainConfig):", "data (DataConfig):"):
         assert heading in text.splitlines()
     for cfg in (recipe.model, recipe.train, recipe.data):
-        meanings = cli.field_meanings(type(cfg))
+        meanings = options.field_meanings(type(cfg))
         for f in dataclasses.fields(cfg):
             entry, value = entries[f"--{f.name.replace('_', '-')}"], getattr(cfg, f.name)
             if f.name == "vocab_size":
@@ -83,10 +81,10 @@ def test_help_lists_every_option_with_its_type_default_and_meaning(main, recipes
 def test_help_reads_each_fields_comment_inherited_ones_too():
     from architectures.mixtral.config import MixtralConfig
 
-    meanings = cli.field_meanings(MixtralConfig)
+    meanings = options.field_meanings(MixtralConfig)
     assert meanings["hidden_size"] == "d_model: width of the residual stream"  # declared by LlamaConfig
     assert meanings["num_experts_per_tok"].startswith("k: experts each token is routed to")
-    assert cli.field_meanings(TrainConfig)["grad_clip"] == "clip the global gradient norm to this (0 disables)"
+    assert options.field_meanings(TrainConfig)["grad_clip"] == "clip the global gradient norm to this (0 disables)"
 
 
 def test_overrides_parse_to_the_fields_types():
@@ -136,17 +134,6 @@ def test_run_says_where_the_corpus_came_from_and_when_it_trains_a_tokenizer(corp
     assert "tokenizer: bpe with 300 tokens, from the cache" in second and "tokens: encoding" not in second
     assert summary["corpus"] == str(corpus) and summary["corpus_sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
     assert summary["device"] == device_label(resolve_device("auto"))
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """No ZOO_DATA_DIR, no cached copy and no network: Tiny Shakespeare falls back to pydoc's topics."""
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-
-    def no_network(url, timeout):
-        raise urllib.error.URLError("no route to host")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
 
 
 def test_offline_fallback_is_labelled_and_its_resume_online_is_refused(corpus, tmp_path, offline, monkeypatch, capsys):

@@ -14,14 +14,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run(module: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    """`python -m module argv` in `cwd`, offline for the Hugging Face hub whatever the network (so a
+    hub name fails the same here and in CI), caching in cwd/cache unless a test's fixture set
+    ZOO_CACHE_DIR; ZOO_DATA_DIR passes through as it is set."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    env.setdefault("ZOO_CACHE_DIR", str(cwd / "cache"))
     env.pop("ZOO_DEBUG", None)
     return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=120)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> None:
-    assert proc.returncode != 0, proc.stdout
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

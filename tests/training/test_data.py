@@ -153,22 +153,20 @@ def test_corpus_says_what_it_is_where_it_came_from_and_its_fingerprint(fake_shak
 
 
 def test_txt_source_is_read_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_load_with_datasets", lambda *a, **k: pytest.fail("a .txt file needs no `datasets`"))
+    monkeypatch.setattr(data, "hub_dataset", lambda *a, **k: pytest.fail("a .txt file needs no `datasets`"))
     path = tmp_path / "poem.txt"
     path.write_bytes(b"Shall I compare thee\r\nto a summer's day?\n\nThou art more lovely")
     assert data.load_corpus(str(path)) == "Shall I compare thee\nto a summer's day?\n\nThou art more lovely"
 
 
-# .json/.jsonl files go through `datasets`, the path a hub dataset takes: tested here on local files.
+# .json/.jsonl files are read by training/datafiles.py, without `datasets`.
 def test_jsonl_source_uses_text_column(tmp_path):
-    pytest.importorskip("datasets")
     path = tmp_path / "stories.jsonl"
     path.write_text("".join(json.dumps({"id": i, "body": s}) + "\n" for i, s in enumerate(["Once.", "Twice."])))
     assert data.load_corpus(str(path), text_column="body") == "Once.\n\nTwice."
 
 
 def test_missing_text_column_lists_columns(tmp_path):
-    pytest.importorskip("datasets")
     path = tmp_path / "stories.jsonl"
     path.write_text(json.dumps({"id": 0, "body": "Once."}) + "\n")
     with pytest.raises(ValueError, match=r"no column 'text'; its columns are \['id', 'body'\]"):

@@ -45,6 +45,7 @@ from architectures.utils.files import atomic_write_json
 from architectures.utils.wrappers import unwrap
 from inference.sampling import SamplingParams, generate
 from training import checkpointing
+from training.checks import check_in
 from training.cli import (Args, RunData, build_model, checkpoint_saver, final_report, is_main_process, load_data,
                           parse, rederive, say)
 from training.distillation.curves import ValidationCurve, plot_runs
@@ -124,8 +125,7 @@ def check_method(cfg: DistillConfig, train_cfg: TrainConfig) -> None:
     if cfg.on_policy > 0 and not 1 <= cfg.prompt_tokens < train_cfg.block_size:
         raise ValueError(f"--prompt-tokens {cfg.prompt_tokens} must be in [1, block_size={train_cfg.block_size}): "
                          f"the student continues that many data tokens to a full row")
-    if cfg.sample_temperature < 0:
-        raise ValueError(f"--sample-temperature {cfg.sample_temperature} must be >= 0 (0: greedy)")
+    check_in("--sample-temperature", cfg.sample_temperature, "[0, inf)", "0: greedy")
     if not cfg.student:
         student_config(cfg)  # a typo in --student-config fails now, not after the teacher is loaded
 
@@ -262,7 +262,8 @@ def make_loss(cfg: DistillConfig):
 
 @command_line
 def main(argv=None) -> dict:
-    args = parse(argv, RECIPES, "distillation", prog="python -m training.distillation.train")
+    args = parse(argv, RECIPES, "distillation", prog="python -m training.distillation.train",
+                 about="Distil a trained teacher into a smaller student, beside the same student trained from scratch")
     t_start = time.perf_counter()
     cfg, train_cfg, block = args.recipe.model, args.recipe.train, args.recipe.train.block_size
     check_method(cfg, train_cfg)

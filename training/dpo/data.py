@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from training.chat import ChatFormat, Message
+from training.datafiles import local_or_hub_records
 from training.sft.batch import Encoded, encode_all, pack
 
 
@@ -43,42 +43,50 @@ def check_pair(pair: Pair, where: str) -> None:
                          f"nothing; drop the row or fix its rejected reply")
 
 
+PAIR_LAYOUT = ("'prompt' (a string, or a list of {'role', 'content'} turns), 'chosen' and 'rejected' (each a "
+               "string, or a list of turns ending with the assistant's)")
+
+
 def _reply(value, column: str, where: str) -> str:
     """A chosen/rejected cell: a string, or messages whose last turn is the assistant's."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and value[-1].get("role") == "assistant":
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant" \
+            and isinstance(value[-1].get("content"), str):
         return value[-1]["content"]
-    raise ValueError(f"{where}: {column} must be a string or a list of messages ending with an assistant turn")
+    raise ValueError(f"{where}: {column} must be a string or a list of messages ending with an assistant turn, "
+                     f"got {value!r:.60}")
+
+
+def _prompt(value, where: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ValueError(f"{where}: prompt must be a string or a non-empty list of {{'role', 'content'}} turns, "
+                     f"got {value!r:.60}")
 
 
 def to_pair(record: dict, where: str = "record") -> Pair:
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in record]
     if missing:
         raise ValueError(f"{where} has columns {sorted(record)}; a preference dataset needs prompt, chosen and "
-                         f"rejected (missing {missing})")
-    prompt = record["prompt"]
-    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-        [{"role": m["role"], "content": m["content"]} for m in prompt]
-    pair = Pair(tuple(turns), _reply(record["chosen"], "chosen", where), _reply(record["rejected"], "rejected", where))
+                         f"rejected (missing {missing}): {PAIR_LAYOUT}")
+    pair = Pair(tuple(_prompt(record["prompt"], where)), _reply(record["chosen"], "chosen", where),
+                _reply(record["rejected"], "rejected", where))
     check_pair(pair, where)
     return pair
 
 
 def load_pairs(source: str, split: str = "train") -> list[Pair]:
-    """Preference pairs from a local .json/.jsonl file or a hub dataset, through `datasets`."""
-    import datasets
-
+    """Preference pairs from a local .json/.jsonl file (read and checked by training/datafiles.py) or
+    a hub dataset, through `datasets`."""
     from training.data import cache_dir
 
-    path = Path(source).expanduser()
-    if path.suffix in (".json", ".jsonl"):
-        if not path.is_file():
-            raise FileNotFoundError(f"preference data file {path} does not exist")
-        ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets"))
-    else:
-        ds = datasets.load_dataset(source, split=split, cache_dir=str(cache_dir() / "datasets"))
-    return [to_pair(r, f"{source} row {i}") for i, r in enumerate(ds)]
+    records = local_or_hub_records(source, split, "preference data", f"each with {PAIR_LAYOUT}",
+                                   cache_dir() / "datasets")
+    return [to_pair(r, where) for where, r in records]
 
 
 def near_miss(answer: str, rng: random.Random) -> str:

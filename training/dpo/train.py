@@ -31,6 +31,7 @@ from architectures import registry
 from architectures.utils.command_line import command_line
 from training import tasks
 from training.chat import chat_format
+from training.checks import check_in
 from training.cli import parse, say
 from training.recipes import Recipe
 from architectures.utils.device import resolve_device
@@ -129,15 +130,33 @@ def held_out(model, reference: Reference, pairs, block: int, pad: int, step,
     return {"preference_accuracy": acc / len(pairs), "margin": margin / len(pairs), "kl_per_token": kl_sum / max(kl_n, 1)}
 
 
-@command_line
-def main(argv=None) -> dict:
-    args = parse(argv, RECIPES, "dpo", prog="python -m training.dpo.train")
-    t_start = time.perf_counter()
-    method, data_cfg, cfg = args.recipe.model, args.recipe.data, args.recipe.train
-    if method.beta <= 0:
-        raise ValueError(f"--beta must be > 0 (it scales the implicit reward; 0.1 is usual), got {method.beta}")
+def check_method(method: DPOConfig, data_cfg: PreferenceDataConfig) -> None:
+    """Every option that can be refused before an SFT model is made or loaded, NaN included."""
+    check_in("--beta", method.beta, "(0, inf)", "it scales the implicit reward; 0.1 is usual")
     if method.loss_type not in LOSS_TYPES:
         raise ValueError(f"--loss-type {method.loss_type!r} is not one of {LOSS_TYPES}")
+    check_in("--label-smoothing", method.label_smoothing, "[0, 0.5)",
+             "the probability that a preference label is flipped; at 0.5 the labels say nothing")
+    if method.label_smoothing and method.loss_type != "sigmoid":
+        raise ValueError(f"--label-smoothing is conservative DPO's, a variant of the sigmoid loss; --loss-type "
+                         f"{method.loss_type} does not use it (pass --label-smoothing 0)")
+    check_in("--rpo-alpha", method.rpo_alpha, "[0, inf)", "the weight of the chosen reply's NLL; 0 turns it off")
+    check_in("--lora-r", method.lora_r, "[1, inf)", "the adapters' rank")
+    for flag, value in (("--train-pairs", data_cfg.train_pairs), ("--test-pairs", data_cfg.test_pairs),
+                        ("--arithmetic-digits", data_cfg.arithmetic_digits),
+                        ("--max-new-tokens", data_cfg.max_new_tokens)):
+        check_in(flag, value, "[1, inf)")
+
+
+@command_line
+def main(argv=None) -> dict:
+    args = parse(argv, RECIPES, "dpo", prog="python -m training.dpo.train",
+                 about="Direct preference optimisation of an SFT model on (prompt, chosen, rejected) pairs")
+    t_start = time.perf_counter()
+    method, data_cfg, cfg = args.recipe.model, args.recipe.data, args.recipe.train
+    check_method(method, data_cfg)
+    # Pairs from a file or the hub are read and checked first: before an SFT model is made or loaded.
+    given_pairs = load_pairs(data_cfg.dataset) if data_cfg.dataset != "builtin" else None
     base = sft_checkpoint(args.preset, method.base)
     device = resolve_device(cfg.device)
     model = registry.from_pretrained(base, device=device)
@@ -151,7 +170,7 @@ def main(argv=None) -> dict:
         say(f"data: {len(train_pairs):,} training pairs from the arithmetic task; {own:,} rejected replies are the "
             f"model's own mistakes (sampled at temperature 1), the rest near misses")
     else:
-        train_pairs = load_pairs(data_cfg.dataset)
+        train_pairs = given_pairs
         say(f"data: {len(train_pairs):,} preference pairs from {data_cfg.dataset}")
     test_pairs, _ = arithmetic_pairs(model, fmt, test_examples, seed=2, max_new_tokens=data_cfg.max_new_tokens)
     train_enc = encode_pairs(train_pairs, fmt, cfg.block_size)

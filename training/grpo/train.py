@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from architectures import registry
 from architectures.utils.command_line import command_line
 from training import tasks
 from training.chat import chat_format
+from training.checks import check_in
 from training.cli import parse, say
 from training.recipes import Recipe
 from architectures.utils.device import resolve_device
@@ -111,17 +113,35 @@ def plot_rewards(metrics_path, path) -> None:
                 path, size=(6, 3.5), dpi=120, grid=False)
 
 
-@command_line
-def main(argv=None) -> dict:
-    args = parse(argv, RECIPES, "grpo", prog="python -m training.grpo.train")
-    t_start = time.perf_counter()
-    method, data_cfg, cfg = args.recipe.model, args.recipe.data, args.recipe.train
+def check_method(method: GRPOConfig, data_cfg: RLDataConfig, cfg: TrainConfig) -> None:
+    """Every option that can be refused before an SFT model is made or loaded, NaN included."""
     if method.group_size < 2:
         raise ValueError(f"--group-size must be >= 2: a completion's baseline is the mean reward of its group, and a "
                          f"group of {method.group_size} has nothing to compare with")
-    if not method.temperature > 0:
-        raise ValueError(f"--temperature must be > 0: a group of greedy answers is one answer G times, and its "
-                         f"advantages are all 0; got {method.temperature}")
+    micro = cfg.batch_size // (int(os.environ.get("WORLD_SIZE", "1")) * cfg.grad_accum_steps)
+    if micro % method.group_size:
+        raise ValueError(f"each process's micro-batch of {micro} completions (--batch-size {cfg.batch_size}) does not "
+                         f"divide into groups of --group-size {method.group_size}; make it a multiple")
+    check_in("--temperature", method.temperature, "(0, inf)", "a group of greedy answers is one answer G times, "
+             "and its advantages are all 0")
+    check_in("--updates-per-rollout", method.updates_per_rollout, "[1, inf)")
+    check_in("--clip-eps", method.clip_eps, "(0, inf)", "the ratio is kept within [1 - clip_eps, 1 + clip_eps]")
+    check_in("--kl-coef", method.kl_coef, "[0, inf)", "0: no KL penalty")
+    check_in("--format-reward", method.format_reward, "(-inf, inf)")
+    check_in("--lora-r", method.lora_r, "[1, inf)", "the adapters' rank")
+    for flag, value in (("--train-prompts", data_cfg.train_prompts), ("--eval-examples", data_cfg.eval_examples),
+                        ("--arithmetic-digits", data_cfg.arithmetic_digits),
+                        ("--max-new-tokens", data_cfg.max_new_tokens)):
+        check_in(flag, value, "[1, inf)")
+
+
+@command_line
+def main(argv=None) -> dict:
+    args = parse(argv, RECIPES, "grpo", prog="python -m training.grpo.train",
+                 about="GRPO: reinforcement learning of an SFT model from a verifiable reward, with a group baseline")
+    t_start = time.perf_counter()
+    method, data_cfg, cfg = args.recipe.model, args.recipe.data, args.recipe.train
+    check_method(method, data_cfg, cfg)
     base = sft_checkpoint(args.preset, method.base)
     device = resolve_device(cfg.device)
     model = registry.from_pretrained(base, device=device)

@@ -52,6 +52,9 @@ class LoRAConfig:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoRA rank r must be an integer >= 1, got r={self.r!r}; "
                              f"ranks 4 to 64 are usual (r=8 is the default)")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise ValueError(f"LoRA alpha must be a finite number > 0 (the update is scaled by alpha / r), got "
+                             f"alpha={self.alpha!r}; 2 x r is usual (alpha=16 for r=8)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         targets = self.target_modules

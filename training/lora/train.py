@@ -19,8 +19,11 @@ from __future__ import annotations
 import time
 
 from architectures.utils.command_line import command_line
+from training import checkpointing
+from training.checks import check_in
 from training.cli import parse, say
 from training.lora import apply_lora, trainable_parameters
+from training.lora.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from training.lora.recipes import RECIPES
 from training.posttrain import adapter_saver
 from training.sft import finetune
@@ -28,10 +31,18 @@ from training.sft import finetune
 
 @command_line
 def main(argv=None) -> dict:
-    args = parse(argv, RECIPES, "lora", prog="python -m training.lora.train")
+    args = parse(argv, RECIPES, "lora", prog="python -m training.lora.train",
+                 about="Supervised fine-tuning through LoRA adapters (or DoRA, or QLoRA over a quantized base) beside "
+                       "a frozen base")
     t_start = time.perf_counter()
     method = args.recipe.model
-    method.lora().validate()  # a bad rank or target list fails now, not after the data is prepared
+    # Refused now, NaN included, not after the data is prepared (or as a NaN loss hundreds of steps in).
+    check_in("--alpha", method.alpha, "(0, inf)", "the update is scaled by alpha / r; 2 x r is usual")
+    check_in("--lora-dropout", method.lora_dropout, "[0, 1)", "dropout on the adapter's input")
+    method.lora().validate()  # the rank and the target list
+    finetune.check_method(args)
+    if args.resume:  # a checkpoint from before the files were listed in it: the adapter's own files
+        checkpointing.require_files(args.out, (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"))
     if method.quantize != "none":
         from inference.quantization import WEIGHT_FORMATS, check_format
 

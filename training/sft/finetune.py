@@ -23,7 +23,8 @@ import torch
 from architectures import registry
 from architectures.utils.device import resolve_device
 from training import tasks
-from training.chat import ChatFormat, chat_format, load_conversations
+from training.chat import FORMATS, ChatFormat, chat_format, load_conversations
+from training.checks import check_in
 from training.cli import Args, parse, say
 from training.data import get_corpus
 from training.posttrain import family_on_step, method_saver, pretrained_dir, with_aux_loss, write_summary
@@ -63,9 +64,34 @@ def sft_checkpoint(preset: str, base: str = "") -> Path:
     return path
 
 
+def check_method(args: Args) -> None:
+    """SFT's options that can be refused before a base is made or loaded (LoRA's run checks them too)."""
+    method, data_cfg = args.recipe.model, args.recipe.data
+    if method.chat_format != "auto" and method.chat_format not in FORMATS:
+        raise ValueError(f"--chat-format {method.chat_format!r} is not one of 'auto', "
+                         + ", ".join(repr(name) for name in FORMATS))
+    for flag, value, low in (("--arithmetic-examples", data_cfg.arithmetic_examples, 0),
+                             ("--arithmetic-digits", data_cfg.arithmetic_digits, 1),
+                             ("--speaker-examples", data_cfg.speaker_examples, 0),
+                             ("--eval-examples", data_cfg.eval_examples, 1),
+                             ("--val-conversations", data_cfg.val_conversations, 1),
+                             ("--max-new-tokens", data_cfg.max_new_tokens, 1)):
+        check_in(flag, value, f"[{low}, inf)")
+
+
+def given_conversations(dataset: str) -> list:
+    """The conversations of --dataset (a file or a hub name), read and checked before any base is made."""
+    convs = load_conversations(dataset)
+    if len(convs) < 2:
+        raise ValueError(f"--dataset {dataset} holds {len(convs)} conversation{'s' * (len(convs) != 1)}; SFT needs at least 2 (a tenth of "
+                         f"them, at least one, is held out for the validation loss)")
+    return convs
+
+
 def prepare(args: Args) -> Prepared:
     """Load the base model and its tokenizer, render the conversations, pick the held-out sets."""
     cfg, data_cfg = args.recipe.train, args.recipe.data
+    convs = given_conversations(data_cfg.dataset) if data_cfg.dataset != "builtin" else None
     base = base_dir(args)
     device = resolve_device(cfg.device)
     model = registry.from_pretrained(base, device=device)
@@ -94,7 +120,6 @@ def prepare(args: Args) -> Prepared:
         val_convs = [e.conversation() for ex in held.values() for e in ex[data_cfg.eval_examples:]]
         train_convs = [e.conversation() for e in train_set]
     else:
-        convs = load_conversations(data_cfg.dataset)
         cut = max(1, min(data_cfg.val_conversations, len(convs) // 10))
         train_convs, val_convs = convs[:-cut], convs[-cut:]
     say(f"data: {len(train_convs):,} training conversations, {len(val_convs):,} validation; chat format {fmt.name}")
@@ -138,8 +163,11 @@ def report(p: Prepared, args: Args, before: dict, result, t_start: float, extra:
 
 def run(argv=None) -> dict:
     """SFT from the command line's options: prepare, score, fit, report. Returns the summary."""
-    args = parse(argv, RECIPES, "sft", prog="python -m training.sft.train")
+    args = parse(argv, RECIPES, "sft", prog="python -m training.sft.train",
+                 about="Supervised fine-tuning of a pretrained checkpoint on conversations, with the loss on the "
+                       "assistant's replies")
     t_start = time.perf_counter()
+    check_method(args)
     p = prepare(args)
     before = score(p, args.recipe.data.max_new_tokens) if not args.resume else {k: float("nan") for k in p.eval_sets}
     say(f"model: {sum(x.numel() for x in p.model.parameters()):,} parameters from {p.base}; "

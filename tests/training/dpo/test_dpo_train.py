@@ -27,7 +27,7 @@ def test_beta_of_zero_is_a_one_line_error(chat_base, tmp_path, command_error):
     from training.dpo.train import main
 
     line = command_error(main, ["--base", str(chat_base), "--out", str(tmp_path / "o"), "--beta", "0"] + TINY)
-    assert "--beta must be > 0" in line
+    assert "--beta must be a finite number > 0" in line
 
 
 def test_a_pair_whose_chosen_and_rejected_are_identical_is_refused(tmp_path, monkeypatch):

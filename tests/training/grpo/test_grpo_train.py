@@ -34,7 +34,7 @@ def test_a_temperature_of_zero_is_a_one_line_error(chat_base, tmp_path, command_
     from training.grpo.train import main
 
     line = command_error(main, ["--base", str(chat_base), "--out", str(tmp_path / "o")] + TINY + ["--temperature", "0"])
-    assert "--temperature must be > 0" in line
+    assert "--temperature must be a finite number > 0" in line
 
 
 def test_token_logps_are_those_of_the_tempered_distribution_the_rollouts_sample():
