@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from training.lm import evaluate_split
 from training.tokenizer import KINDS, MIN_BPE_VOCAB, Tokenizer, fingerprint, get_tokenizer, tokenizer_cache_path
 from training.options import build_parser
 from training.recipes import DataConfig, Recipe, pretraining_recipes
-from training.train_config import RESUMABLE_CHANGES, TrainConfig, validate
+from training.train_config import RESUMABLE_CHANGES, TrainConfig, config_notes, validate
 from training.trainer import TrainResult, train
 
 
@@ -63,9 +64,10 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def say(line: str) -> None:
+def say(line: str, err: bool = False) -> None:
+    """A line for the person at the terminal, from the main process only (stderr for a `note:`)."""
     if is_main_process():
-        print(line, flush=True)
+        print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 # ---------------------------------------------------------------------------- parse
@@ -113,6 +115,8 @@ def parse(argv: list[str] | None, recipes: dict[str, Recipe], family: str, prog:
     given["model"] = rederive(recipe.model, given["model"])
     recipe = Recipe(**{part: dataclasses.replace(getattr(recipe, part), **given[part]) for part in given})
     check_recipe(recipe)
+    for note in config_notes(recipe.train, int(os.environ.get("WORLD_SIZE", "1")), set(given["train"])):
+        say(f"note: {note}", err=True)
     out, resume = Path(ns.get("out", default_out)), ns["resume"]
     return Args(family, preset, recipe, out, resume, check_out(out, resume, recipe), out_given="out" in ns)
 

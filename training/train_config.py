@@ -76,14 +76,15 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ValueError(f"parallel strategy must be one of {STRATEGIES}, got {cfg.parallel!r}")
 
 
-def config_notes(cfg: TrainConfig, world_size: int) -> list[str]:
-    """Settings that are valid but probably not what the user meant, each said once as a `note:`."""
+def config_notes(cfg: TrainConfig, world_size: int, typed: set[str]) -> list[str]:
+    """Settings the user typed (`typed`: field names) that are valid but probably not what they meant,
+    each said once as a `note:` (a preset's warm-up cut short by a quick --max-steps is no surprise)."""
     notes = []
-    if cfg.warmup_steps > cfg.max_steps:
+    if cfg.warmup_steps > cfg.max_steps and "warmup_steps" in typed:
         peak = cfg.lr * cfg.max_steps / cfg.warmup_steps
         notes.append(f"the warm-up ({cfg.warmup_steps} steps) is longer than the run ({cfg.max_steps} steps): the "
                      f"learning rate only reaches {peak:.3g}, not --lr {cfg.lr:g}; lower --warmup-steps to train at --lr")
-    if cfg.parallel == "fsdp" and world_size == 1:
+    if cfg.parallel == "fsdp" and world_size == 1 and "parallel" in typed:
         notes.append("--parallel fsdp shards the model over the processes torchrun starts; this run is one process, "
                      "so it trains unsharded (start it with torchrun --nproc-per-node N to shard)")
     return notes

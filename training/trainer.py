@@ -30,7 +30,6 @@ The hooks a method plugs in, all keyword arguments of `train`:
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ from training.loss_protocol import NUM_TOKENS, call_loss, prepare_frozen, with_l
 from training.metrics import MetricsLog, Window, memory_gb, peak_flops
 from training.optimizer import lr_schedule, make_optimizer as default_optimizer
 from training.profiling import start_profiler
-from training.train_config import RESUMABLE_CHANGES, TrainConfig, config_notes, validate
+from training.train_config import RESUMABLE_CHANGES, TrainConfig, validate
 
 
 @dataclass
@@ -115,9 +114,6 @@ def train(
     `make_optimizer`, `on_step` and `frozen` are the methods' hooks (module docstring)."""
     dd = Distributed.from_env(cfg.parallel)
     validate(cfg, dd.world_size)
-    if dd.is_main:
-        for note in config_notes(cfg, dd.world_size):
-            print(f"note: {note}", file=sys.stderr, flush=True)
     device = resolve_device(cfg.device) if not dd.enabled or dd.device is None else dd.device
     autocast_dtype = compute_dtype(cfg.dtype, device)
     autocast_dtype = autocast_dtype if autocast_dtype != torch.float32 else None  # fp32: no autocast

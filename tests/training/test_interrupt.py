@@ -103,3 +103,17 @@ def test_ctrl_c_in_a_train_script_leaves_a_checkpoint_and_one_line(tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("stopped: Ctrl-C after step ") and "--resume" in last
     assert (out / "model.safetensors").is_file() and (out / "trainer_state.pt").is_file()
+
+
+def test_a_warm_up_longer_than_the_run_and_fsdp_in_one_process_are_noted(capsys, tmp_path):
+    """Valid settings that are probably not what the user meant get one `note:` line each, before any work."""
+    from training.cli import parse
+    from training.recipes import pretraining_recipes
+
+    parse(["--warmup-steps", "1000", "--max-steps", "2", "--parallel", "fsdp", "--out", str(tmp_path / "run")],
+          pretraining_recipes("llama3"), "llama3")
+    notes = capsys.readouterr().err.splitlines()
+    assert notes[0].startswith("note: the warm-up (1000 steps) is longer than the run (2 steps)")
+    assert notes[1].startswith("note: --parallel fsdp shards the model over the processes torchrun starts")
+    parse(["--max-steps", "2", "--out", str(tmp_path / "run")], pretraining_recipes("llama3"), "llama3")
+    assert capsys.readouterr().err == ""  # the preset's own warm-up cut short by a quick --max-steps: no note
