@@ -161,7 +161,7 @@ def parse_config(argv, presets: dict, prog: str, description: str):
     """`[--preset P] [--out DIR] [--overwrite] [--key value ...]` -> (the preset's dataclass with the
     overrides applied and checked, the output folder checked to be free)."""
     first = ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
-    first.add_argument("--preset", default=next(iter(presets)))
+    first.add_argument("--preset", default=next(iter(presets)), help="the preset, read first: the other options take its values")
     preset = first.parse_known_args(argv)[0].preset
     if preset not in presets:
         first.error(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")

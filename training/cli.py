@@ -93,7 +93,7 @@ def parse(argv: list[str] | None, recipes: dict[str, Recipe], family: str, prog:
     default = "tiny" if "tiny" in recipes else next(iter(recipes))
     # --preset first: the options of the full parser, and their defaults, are the preset's.
     first = ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
-    first.add_argument("--preset", default=default)
+    first.add_argument("--preset", default=default, help="the recipe, read first: the other options take its values")
     preset = first.parse_known_args(argv)[0].preset
     if preset not in recipes:
         first.error(f"unknown preset {preset!r} for {family}; choose one of {sorted(recipes)}")

@@ -178,8 +178,8 @@ def plot(runs: list[str], results: dict, out: Path, title: str) -> Path:
 @command_line
 def main(argv=None) -> dict:
     p = ArgumentParser(prog="python -m architectures.deepseek_v3.experiments.expert_load")
-    p.add_argument("--out", default="runs/deepseek-expert-load")
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--out", default="runs/deepseek-expert-load", help="folder for the runs, results.json and the figure")
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="cpu: a 2-core CPU in minutes; gpu: one GPU (the sizes the note reports)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
     add_device_option(p, default=None, help="default: cpu for --size cpu, auto for --size gpu")
     p.add_argument("--max-steps", type=int, default=None, help="default: the size's")

@@ -270,14 +270,14 @@ def finetune(model: DeepseekV3, cfg: TrainConfig, data, out: Path) -> float:
 def main(argv=None) -> dict:
     p = ArgumentParser(prog="python -m architectures.deepseek_v3.experiments.long_context",
                                 description="Extend a DeepSeek-V3 from 256 to 1024 tokens of context: none, PI, YaRN.")
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    p.add_argument("--out", default="runs/long-context")
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="cpu: a 2-core CPU in minutes; gpu: one GPU (the sizes the note reports)")
+    p.add_argument("--out", default="runs/long-context", help="folder for the runs, results.json and the figure")
     p.add_argument("--figure", default=None, help="where to save the figure (default: OUT/long_context.png)")
     add_device_option(p, default=None, help="default: cpu for --size cpu, auto for --size gpu")
     p.add_argument("--train-context", type=int, default=256, help="L: the pretraining context")
     p.add_argument("--context", type=int, default=1024, help="L': the extended context (a multiple of --bucket)")
-    p.add_argument("--pretrain-steps", type=int, default=None)
-    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--pretrain-steps", type=int, default=None, help="steps at the training context (default: the size's)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="steps of each extension's fine-tuning at the long context (default: the size's)")
     p.add_argument("--bucket", type=int, default=None, help="positions per bucket (divides both contexts)")
     p.add_argument("--eval-windows", type=int, default=0, help="evaluate on the first N windows only (0: all)")
     args = p.parse_args(argv)

@@ -81,8 +81,8 @@ def save_figure(figure: Path, copy_to: str | None) -> None:
 def experiment_parser(prog: str, out: str, sizes: dict, figure: str) -> ArgumentParser:
     """The options equal_time.py and mqar.py share; each adds its own after these."""
     p = ArgumentParser(prog=prog)
-    p.add_argument("--out", default=out)
-    p.add_argument("--size", choices=sorted(sizes), default="cpu")
+    p.add_argument("--out", default=out, help="folder for the runs, results.json and the figure")
+    p.add_argument("--size", choices=sorted(sizes), default="cpu", help="cpu: a 2-core CPU in minutes; gpu: one GPU (the sizes the note reports)")
     add_device_option(p, default=None, help="default: cpu for --size cpu, auto (cuda if present) for gpu")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the size's)")
     p.add_argument("--figure", default=None, help=f"also copy the figure here, e.g. {figure}")

@@ -175,11 +175,11 @@ def final_routing(entries: list[dict]) -> dict:
 @command_line
 def main(argv=None) -> dict:
     p = ArgumentParser(prog="python -m architectures.mixtral.experiments.dense_vs_moe")
-    p.add_argument("--out", default="runs/mixtral-experiment")
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--out", default="runs/mixtral-experiment", help="folder for the runs, results.json and the figures")
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="cpu: a 2-core CPU in minutes; gpu: one GPU (the sizes the note reports)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {RUNS}")
     add_device_option(p, default=None, help="default: cpu for --size cpu, auto for --size gpu")
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps of every run (default: the size's)")
     args = p.parse_args(argv)
     runs = args.runs.split(",")
     if set(runs) - set(RUNS):

@@ -18,7 +18,6 @@ The batches are learnable (each row repeats a random 64-token phrase), so the lo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -27,6 +26,7 @@ import time
 import torch
 
 from architectures.llama3 import Llama3, preset
+from architectures.utils.command_line import ArgumentParser, command_line
 from training.lora import ALL_PROJECTIONS, LoRAConfig, apply_lora, trainable_parameters
 from training.sft.loss import sft_loss
 
@@ -102,14 +102,18 @@ def run(name: str, lora: bool, chunk: int, base: str, checkpointed: bool, cfg, d
     return result
 
 
+@command_line
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m training.lora.benchmarks.chunked_loss", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model on the CPU: a smoke test of the script")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--rows", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration (the first is not timed)")
+    ap.add_argument("--rows", type=int, default=4, help="sequences per step")
+    ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     ap.add_argument("--only", default="", help="run only the configurations whose name contains this text")
     args = ap.parse_args(argv)
+    for name in ("steps", "rows", "seq"):
+        if getattr(args, name) < 1 + (name == "steps"):
+            ap.error(f"--{name} must be >= {1 + (name == 'steps')}, got {getattr(args, name)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     cfg = preset("llama-3.2-1b")
     if args.quick:
