@@ -293,3 +293,27 @@ def test_help_explains_every_option_and_lists_the_presets(main, capsys, monkeypa
 # An entry of --help starts with the option and its metavar: a type name, [bool], {choices}, DIR or -.
 TYPE = r"(?:int|float|str|bool|dict|list|None)"
 INVOCATION = re.compile(rf"^(?:-h, --help|--[\w-]+)(?: (?:\[bool\]|\{{[^}}]*\}}|DIR|-|{TYPE}(?:\|{TYPE})*)(?= ))?")
+
+
+# ---------------------------------------------------------------------------- the loop's settings
+
+
+@pytest.mark.parametrize("flags,line", [
+    (["--lr", "-1"], "--lr must be a finite number above 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number above 0, got nan"),
+    (["--lr", "0"], "--lr must be a finite number above 0, got 0.0"),
+    (["--min-lr", "inf"], "--min-lr must be a finite number at least 0, got inf"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number at least 0, got -0.1"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number at least 0 (0: no clipping), got nan"),
+    (["--beta2", "1"], "--beta2 must be in [0, 1) (AdamW's moment decay), got 1.0"),
+])
+def test_a_learning_rate_or_optimizer_setting_out_of_range_is_refused_before_any_work(command_error, tmp_path,
+                                                                                       flags, line):
+    out = tmp_path / "run"
+    assert command_error(llama_main, flags + ["--out", str(out)]) == f"error: {line}"
+    assert not out.exists()
+
+
+def test_lr_zero_is_one_line_from_the_shell_too(tmp_path):
+    proc = run("architectures.llama3.train", "--lr", "0", "--out", "run", cwd=tmp_path)
+    assert_one_line_error(proc, "--lr must be a finite number above 0, got 0.0")
