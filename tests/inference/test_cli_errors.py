@@ -11,13 +11,10 @@ A case's arguments may name `{checkpoint}` (the tiny checkpoint below), `{trunca
 its model.safetensors cut in half) or `{corpus}` (a small .txt corpus), filled in when it runs.
 
 Also here: generate's one-line `note:` when the prompt leaves less room than --max-new-tokens,
-every command's --help (each option explained, each family's presets listed where one is taken),
-the benchmark without transformers installed or with another --family or a --kv-dtype, the
-quantized-weights benchmark's block size, and quantized_kv's exit status when a part fails.
+its --help, and the benchmark without transformers installed or with another --family.
+tests/inference/test_command_options.py has what the commands do with the options they now take.
 """
 
-import argparse
-import importlib
 import json
 import shutil
 import subprocess
@@ -317,101 +314,3 @@ def test_benchmark_with_another_family_names_its_presets_when_none_is_given(comm
     assert command_error(benchmark_main, ["--family", "mixtral", "--device", "cpu"]) == (
         "error: --family mixtral needs a --preset (the default llama-3.2-1b is llama3's); mixtral's presets are "
         "tiny, shakespeare, mixtral-8x7b")
-
-
-# ---- --kv-dtype of the throughput benchmark --------------------------------------------------------
-
-def test_benchmark_stores_the_zoo_engines_kv_as_asked_and_leaves_hf_out(capsys):
-    from inference.benchmarks.throughput import main as benchmark_main
-
-    results = benchmark_main([*BENCH, "--kv-dtype", "int8"])
-    assert list(results) == ["naive", "paged"], "hf keeps its own cache: left out of the default engines"
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bench ")]
-    assert len(lines) == 2 and all(" kv_dtype=int8 " in line for line in lines)
-    assert results["paged"]["outputs"] == results["naive"]["outputs"], "fp32, greedy: both int8 caches agree"
-
-
-def test_benchmark_runs_int4_without_cuda_graphs():
-    from inference.benchmarks.throughput import choose_engines, parse_args
-
-    args, _ = parse_args([*BENCH, "--kv-dtype", "int4"])
-    assert choose_engines(args, cuda=True) == ["naive", "paged"], "no hf (own cache), no paged-graphs (int4)"
-    args, _ = parse_args([*BENCH, "--kv-dtype", "int4", "--engines", "paged,paged-graphs"])
-    with pytest.raises(ValueError, match="--kv-dtype int4 runs without CUDA graphs"):
-        choose_engines(args, cuda=True)
-
-
-# ---- the quantized-weights benchmark's windows -------------------------------------------------------
-
-def test_quantized_weights_scores_in_the_block_size_the_checkpoint_was_trained_with(sft_checkpoint, checkpoint, files,
-                                                                                    monkeypatch, tmp_path, capsys):
-    from inference.benchmarks.quantized_weights import main as weights_main
-
-    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path))
-    rows = weights_main(["--checkpoint", str(sft_checkpoint), "--corpus", files["corpus"], "--device", "cpu"])
-    first = capsys.readouterr().out.splitlines()[0]
-    assert first == f"block size 64: the block size {sft_checkpoint} was trained with"  # the SFT run's --block-size
-    assert [r["format"] for r in rows] == ["none", "int8", "int4", "nf4", "nf4 + double quant"]
-    # No training record (a download): the model's whole context. Groups of 16 fit its 32-wide layers.
-    weights_main(["--checkpoint", str(checkpoint), "--corpus", files["corpus"], "--device", "cpu", "--group-size", "16"])
-    first = capsys.readouterr().out.splitlines()[0]
-    assert first == f"block size {CONTEXT}: the model's max_position_embeddings ({checkpoint} has no training record)"
-
-
-# ---- quantized_kv: a part that fails ---------------------------------------------------------------
-
-def test_quantized_kv_ends_with_a_failure_exit_when_a_part_fails(monkeypatch, capsys):
-    from inference.benchmarks import quantized_kv
-
-    def broken(args, device):
-        raise RuntimeError("the kernel crashed")
-    monkeypatch.setattr(quantized_kv, "part_kernel", broken)
-    with pytest.raises(SystemExit) as exit:
-        quantized_kv.main(["--quick", "--device", "cpu", "--parts", "kernel"])
-    assert exit.value.code == 1, "a failure is not a result"
-    captured = capsys.readouterr()
-    assert "| part | error |" in captured.out, "the table still comes"
-    assert captured.err.splitlines()[-1] == ("bench_quantized_kv: 1 failed: part=kernel "
-                                             "error=RuntimeError:_the_kernel_crashed")
-
-
-# ---- inference.memory: every family's default preset -------------------------------------------------
-
-@pytest.mark.parametrize("family", list(registry.FAMILIES))
-def test_memory_runs_every_family_with_its_default_preset(family, capsys):
-    from inference.command_checks import default_preset, family_presets
-    from inference.memory import main as memory_main
-
-    memory_main(["--family", family])
-    preset = default_preset(family, "llama-3.2-1b")
-    assert preset in family_presets(family) and capsys.readouterr().out.startswith(f"{preset}: ")
-
-
-# ---- --help of every command ----------------------------------------------------------------------
-
-COMMANDS = ["inference.generate", "inference.memory", "inference.benchmarks.throughput",
-            "inference.benchmarks.quantized_kv", "inference.benchmarks.quantized_weights",
-            "inference.benchmarks.paged_decode"]
-
-
-@pytest.mark.parametrize("module", COMMANDS)
-def test_help_explains_every_option_and_lists_the_presets(module, monkeypatch, capsys):
-    from inference.command_checks import family_presets
-
-    parsers = []
-    parse = argparse.ArgumentParser.parse_known_args
-
-    def spy(self, args=None, namespace=None):
-        parsers.append(self)
-        return parse(self, args, namespace)
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", spy)
-    with pytest.raises(SystemExit) as exit:
-        importlib.import_module(module).main(["--help"])
-    assert exit.value.code == 0
-    options = {o: a for a in parsers[0]._actions for o in a.option_strings}
-    assert [o for o, a in options.items() if len((a.help or "").split()) < 3] == [], "options without help"
-    text = " ".join(capsys.readouterr().out.split())
-    if "--preset" in options:
-        families = registry.FAMILIES if "--family" in options else ["llama3"]
-        missing = [p for f in families for p in family_presets(f) if p not in text]
-        assert missing == [], f"--help should list the presets {missing}"
