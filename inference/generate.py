@@ -31,6 +31,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from safetensors import safe_open
+
 from architectures import registry
 from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.utils.device import add_device_option, add_dtype_option, compute_dtype, resolve_device
@@ -40,6 +42,8 @@ from inference.quantized_kv import valid_kv_dtypes
 from inference.sampling import SamplingParams, eos_ids, stream
 from training.chat import ChatFormat, chat_format
 from training.lora import load_adapter, merge
+from training.lora.lora import find_targets
+from training.lora.peft_format import PREFIX, WEIGHTS_FILE, expected_shapes, read_adapter_config
 from training.tokenizer import Tokenizer
 
 CHAT_HELP = ("send --prompt as one user turn in the chat format of the checkpoint's tokenizer, stop at its end of "
@@ -123,8 +127,28 @@ def load(args, device, dtype) -> tuple:
     if adapter is None:
         return registry.from_pretrained(base, dtype=dtype, device=device), tokenizer, [base]
     model = registry.from_pretrained(base, device=device)  # fp32: the adapter is merged at full precision
+    check_adapter_fits(model, adapter, base)
     merge(load_adapter(model, adapter))
     return model.to(dtype), tokenizer, [base, adapter]
+
+
+def check_adapter_fits(model, adapter: Path, base: Path) -> None:
+    """The adapter's tensors must be those its target modules need on this base, of the same shapes: else one
+    short line with the first difference and their count (load_adapter would list every tensor)."""
+    config = read_adapter_config(adapter)
+    shapes = {n.removeprefix(PREFIX): s for n, s in expected_shapes(model, find_targets(model, config), config).items()}
+    try:
+        with safe_open(str(adapter / WEIGHTS_FILE), framework="pt") as f:
+            found = {k.removeprefix(PREFIX): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # missing, truncated or corrupt: load_adapter says which
+        return
+    diffs = ([f"{n} is not in the adapter" for n in shapes if n not in found]
+             + [f"{n} adapts no module of the base" for n in found if n not in shapes]
+             + [f"{n}: adapter {found[n]} vs base {s}" for n, s in shapes.items() if n in found and found[n] != s])
+    if diffs:
+        more = f" (and {len(diffs) - 1} more differences)" if len(diffs) > 1 else ""
+        raise ValueError(f"--adapter {adapter} does not fit the base model {base}: {diffs[0]}{more}; pass the model it "
+                         f"was trained on as --checkpoint")
 
 
 def chat_for(args, tokenizer: Tokenizer, folders: list[Path]) -> ChatFormat | None:

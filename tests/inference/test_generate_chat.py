@@ -184,7 +184,10 @@ def test_adapter_mistakes_are_one_line(chat_base, adapter, tmp_path, command_err
     cfg = dataclasses.replace(registry.from_pretrained(chat_base).config, intermediate_size=96)
     save_pretrained(Llama3(cfg), wider)
     Tokenizer.from_file(chat_base).save(wider / "tokenizer.json")
-    assert "adapter tensor shapes do not match the model" in error("--adapter", str(adapter), "--checkpoint", str(wider))
+    line = error("--adapter", str(adapter), "--checkpoint", str(wider))
+    assert line == (f"error: --adapter {adapter} does not fit the base model {wider}: model.layers.0.mlp.gate_proj."
+                    f"lora_B.weight: adapter (128, 4) vs base (96, 4) (and 5 more differences); pass the model it "
+                    f"was trained on as --checkpoint")
     config = json.loads((adapter / "adapter_config.json").read_text())
     other = tmp_path / "other"
     shutil.copytree(adapter, other)
