@@ -40,8 +40,9 @@ def _stop_ids(model, params: SamplingParams) -> set[int]:
 
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams(),
-                   stats: BatchStats | None = None) -> list[list[int]]:
-    """New tokens for each prompt, decoded as one left-padded static batch with a naive cache.
+                   stats: BatchStats | None = None, kv_dtype: str | None = None) -> list[list[int]]:
+    """New tokens for each prompt, decoded as one left-padded static batch with a naive cache
+    (storing K/V as `kv_dtype` says, inference/quantized_kv.py; None: in the model's dtype).
 
     `params` is one SamplingParams for every prompt or one per prompt; row i draws from its own
     generator seeded with its params' seed, as `inference.generate.generate` would, so a row's
@@ -68,7 +69,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams | lis
     device = next(model.parameters()).device
     pad = [longest - len(p) for p in prompts]
     ids = torch.tensor([[0] * pad[b] + prompts[b] for b in range(B)], device=device)  # (B, longest)
-    cache = NaiveKVCache.for_model(model, B, longest + steps, pad)
+    cache = NaiveKVCache.for_model(model, B, longest + steps, pad, kv_dtype=kv_dtype)
     gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
     stops = [_stop_ids(model, p) for p in params]
     out: list[list[int]] = [[] for _ in range(B)]

@@ -39,6 +39,7 @@ tests/inference/test_quantized_kv.py):
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
@@ -47,10 +48,12 @@ from architectures import registry
 from architectures.common.cache import KVSpec, LatentSpec, bytes_per_sequence, bytes_per_token
 from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.llama3.config import LlamaConfig
+from inference.command_checks import check_at_least, check_preset, default_preset, presets_help
 from inference.quantized_kv import PLAIN, QUANTIZED, kv_format, residual_bytes_per_sequence
 from inference.quantized_kv import bytes_per_token as quantized_bytes_per_token
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+DEFAULT_PRESET = "llama-3.2-1b"  # of llama3; another family's default is its first published shape
 
 # The attention fields of Llama 3 70B (meta-llama/Meta-Llama-3-70B config.json): 64 query heads of
 # 8192 / 64 = 128 channels sharing 8 KV heads; the grouped-query attention a latent cache is set beside.
@@ -140,8 +143,10 @@ def _gib(n: int) -> str:
 @command_line
 def main(argv=None) -> dict:
     p = ArgumentParser(prog="python -m inference.memory", description=__doc__.split("\n")[0])
+    defaults = ", ".join(f"{f} {default_preset(f, DEFAULT_PRESET)}" for f in registry.FAMILIES)
     p.add_argument("--family", default="llama3", help=f"architecture family ({', '.join(registry.FAMILIES)})")
-    p.add_argument("--preset", default="llama-3.2-1b", help="the family's preset whose layers are counted")
+    p.add_argument("--preset", default=argparse.SUPPRESS,  # the default depends on --family: said in the help
+                   help=f"the family's preset whose layers are counted (default: {defaults}). Presets: {presets_help()}")
     p.add_argument("--seq-len", type=int, default=8192, help="slots the naive cache reserves per sequence")
     p.add_argument("--batch", type=int, default=32, help="sequences in the batch")
     p.add_argument("--mean-len", type=int, default=None, help="tokens a sequence really holds; None: --seq-len")
@@ -151,9 +156,9 @@ def main(argv=None) -> dict:
                    help="quantized K/V storage (int8, fp8, int4: scales included); the model computes in --dtype. "
                         "Default: K/V stored in --dtype")
     a = p.parse_args(argv)
-    for flag, value in (("--seq-len", a.seq_len), ("--batch", a.batch), ("--block-size", a.block_size)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+    check_at_least(("--seq-len", a.seq_len, 1), ("--batch", a.batch, 1), ("--block-size", a.block_size, 1))
+    a.preset = getattr(a, "preset", None) or default_preset(a.family, DEFAULT_PRESET)
+    check_preset(a.family, a.preset)
     mean = a.mean_len if a.mean_len is not None else a.seq_len
     if not 1 <= mean <= a.seq_len:
         raise ValueError(f"--mean-len must be in [1, --seq-len={a.seq_len}], got {mean}")

@@ -196,6 +196,18 @@ def quantize(model: nn.Module, fmt: str, group_size: int | None = 64, skip: tupl
     skip: module names kept in float (an entry matches the full name, its last part, or as a glob).
     double_quant: NF4's quantized absmaxes (QLoRA). The settings are kept on the model
     (`model.quantization_config`), which `save_quantized` writes out."""
+    targets = check_quantizable(model, fmt, group_size, skip, double_quant)
+    for name, linear in targets:
+        _replace(model, name, QuantizedLinear.from_linear(linear, fmt, group_size, double_quant))
+    model.quantization_config = {"format": fmt, "group_size": group_size, "double_quant": double_quant,
+                                 "skip": list(skip)}
+    return model
+
+
+def check_quantizable(model: nn.Module, fmt: str, group_size: int | None = 64, skip: tuple[str, ...] = DEFAULT_SKIP,
+                      double_quant: bool = False) -> list[tuple[str, nn.Module]]:
+    """What `quantize` checks before it replaces any layer, alone: the (name, layer) pairs it would
+    quantize, or a ValueError that says why it cannot. The model is not changed."""
     check_format(fmt, WEIGHT_FORMATS)
     if getattr(model, "quantization_config", None) is not None or any(
             isinstance(m, QuantizedLinear) for m in model.modules()):
@@ -219,11 +231,7 @@ def quantize(model: nn.Module, fmt: str, group_size: int | None = 64, skip: tupl
                              f"pick a size that divides every quantized layer's in_features, or add {name!r} to skip")
         if fmt in ("int4", "nf4") and n % 2:
             raise ValueError(f"{fmt} packs two weights a byte and layer {name!r} has odd in_features={n}")
-    for name, linear in targets:
-        _replace(model, name, QuantizedLinear.from_linear(linear, fmt, group_size, double_quant))
-    model.quantization_config = {"format": fmt, "group_size": group_size, "double_quant": double_quant,
-                                 "skip": list(skip)}
-    return model
+    return targets
 
 
 # ---- save and load ----------------------------------------------------------------------------------

@@ -68,8 +68,17 @@ def grid_settings(spec: str) -> list[dict]:
         name, _, values = item.partition("=")
         if name not in known or not values:
             raise ValueError(f"--grid entry {item!r}: write NAME=V1,V2 with NAME one of {', '.join(known)}")
-        axes.append([(name, None if v == "None" else int(v)) for v in values.split(",")])
+        axes.append([(name, launch_value(v, f"--grid entry {item!r}")) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def launch_value(text: str, where: str) -> int | None:
+    """A launch setting's value: a whole number >= 1, or None (the kernel's automatic choice)."""
+    if text == "None":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{where}: {text!r} is not a whole number >= 1 (or None for the automatic choice)")
+    return int(text)
 
 
 def parse_args(argv) -> tuple:
@@ -100,6 +109,7 @@ def parse_args(argv) -> tuple:
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     grid = grid_settings(args.grid) if args.grid else None  # a mistyped grid is refused before any work
+    args.splits = args.splits and [launch_value(n, f"--splits {args.splits}") for n in args.splits.split(",")]
     if args.shape == "deepseek-v3" and args.kv_dtype != "bf16":
         raise ValueError(f"--shape deepseek-v3 times the latent cache in bf16; drop --kv-dtype {args.kv_dtype}")
     if args.kv_dtype == "int4" and args.sweep:
@@ -210,7 +220,7 @@ def main(argv=None) -> None:
         case = kv_case(args, q, num_blocks, bs, K, d, kernel_tables, context_lens, contexts, seqs)
     settings = case.settings
     if args.splits and not args.sweep:
-        settings = [dict(splits=None if n == "None" else int(n)) for n in args.splits.split(",")]
+        settings = [dict(splits=n) for n in args.splits]
     if grid:
         settings = grid
 

@@ -23,14 +23,16 @@
    context is fed in chunks of --chunk tokens, so every chunk reads the earlier ones back quantized.
    Relative to bf16 K/V; fp32 (model and cache) is printed beside.
 
-Each part runs in its own try/except: an error prints one `bench_quantized_kv part=... error=...` line
-and the other parts still run. Every measurement is one line `bench_quantized_kv part=... key=value ...`;
-a table of all of them comes last.
+Every option is checked before any part runs. Each measurement is one line `bench_quantized_kv part=...
+key=value ...`; a part that fails prints its traceback and an `error=...` line, the others still run, a
+table of all rows comes last, and then any failure (an error, a kernel off by more than the bound) ends
+the command with exit status 1: a failure is not a result.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 import time
 import traceback
 
@@ -38,6 +40,8 @@ import torch
 
 from architectures import registry
 from architectures.utils.command_line import ArgumentParser, command_line
+from inference.checkpoint_files import check_checkpoint
+from inference.command_checks import check_at_least, check_positive, check_preset, family_presets
 from inference.benchmarks.workloads import make_prompts, quantized_blocks, run_paged, scattered_seqs, sync
 from inference.engine import EngineConfig, LLMEngine
 from inference.kv_cache import NaiveKVCache
@@ -50,6 +54,7 @@ from inference.triton_paged_attention import paged_decode_attention, triton_unav
 from architectures.utils.device import add_device_option, resolve_device
 
 ROWS: list[dict] = []  # every measurement, for the table at the end
+PARTS = ("kernel", "capacity", "speed", "quality")
 
 
 def report(**fields) -> None:
@@ -272,7 +277,6 @@ def part_quality(args, device) -> None:
     from training.data import get_corpus, split_text
 
     if args.checkpoint:
-        from architectures.llama3 import from_pretrained
         from training.tokenizer import Tokenizer
 
         corpus = get_corpus(args.corpus)
@@ -280,7 +284,7 @@ def part_quality(args, device) -> None:
         tokenizer = Tokenizer.from_file(f"{args.checkpoint}/tokenizer.json")
         ids = torch.tensor(tokenizer.encode(val))
         chars_per_token, name = len(val) / len(ids), corpus.name
-        load = lambda dtype: from_pretrained(args.checkpoint, dtype=dtype, device=device)  # noqa: E731
+        load = lambda dtype: registry.from_pretrained(args.checkpoint, dtype=dtype, device=device)  # noqa: E731
     elif args.quick:  # no checkpoint: a random tiny model on random ids exercises the code
         model = build_model(args, device, torch.float32)
         ids = torch.randint(0, model.config.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
@@ -322,13 +326,14 @@ def table() -> None:
         print("| " + " | ".join(_fmt(r[k]) if k in r else "" for k in cols) + " |")
 
 
-@command_line
-def main(argv=None) -> list[dict]:
+def parse_args(argv) -> tuple:
+    """(args, the parts to run), every option checked before any part runs."""
     p = ArgumentParser(prog="python -m inference.benchmarks.quantized_kv", description=__doc__.split("\n\n")[0])
     add_device_option(p)
     p.add_argument("--quick", action="store_true", help="toy sizes and a tiny model: checks the script runs (CPU)")
-    p.add_argument("--parts", default="kernel,capacity,speed,quality", help="comma list of the parts to run")
-    p.add_argument("--preset", default="llama-3.2-1b", help="llama3 preset of the random model of parts 2 and 3")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of the parts to run, of {', '.join(PARTS)}")
+    p.add_argument("--preset", default="llama-3.2-1b",
+                   help=f"llama3 preset of the random model of parts 2 and 3: {', '.join(family_presets('llama3'))}")
     p.add_argument("--budget-gib", type=float, default=4.0, help="part 2: KV memory budget of the pool")
     p.add_argument("--seats", type=int, default=16, help="part 2: max_num_seqs (int4 keeps a residual per seat)")
     p.add_argument("--long-seqs", type=int, default=32, help="part 3: sequences of the decode-heavy workload")
@@ -338,11 +343,28 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--corpus", default="tinyshakespeare", help="part 4: the corpus whose last 10%% is scored")
     p.add_argument("--chunk", type=int, default=32, help="part 4: tokens fed per forward pass through the cache")
     args = p.parse_args(argv)
+    parts = args.parts.split(",")
+    if unknown := [part for part in parts if part not in PARTS]:
+        raise ValueError(f"unknown part {unknown[0]!r} in --parts {args.parts}; give a comma list of {', '.join(PARTS)}")
+    check_preset("llama3", args.preset)
+    check_positive("--budget-gib", args.budget_gib)
+    check_at_least(("--seats", args.seats, 1), ("--long-seqs", args.long_seqs, 1), ("--long-len", args.long_len, 1),
+                   ("--long-new", args.long_new, 1), ("--chunk", args.chunk, 1))
+    if args.checkpoint is not None and "quality" in parts:
+        from training.data import get_corpus
+
+        check_checkpoint(args.checkpoint, why_tokenizer="part 4 encodes the corpus with the checkpoint's tokenizer")
+        get_corpus(args.corpus)  # a corpus that cannot be found fails now, not after parts 1-3
+    return args, parts
+
+
+@command_line
+def main(argv=None) -> list[dict]:
+    args, parts = parse_args(argv)
     ROWS.clear()
     device = resolve_device(args.device)
     if args.quick:
         args.budget_gib, args.seats = 0.01, 4
-    parts = args.parts.split(",")
     gpu = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "none"
     print(f"bench_quantized_kv where device={device.type} gpu={gpu} torch={torch.__version__} quick={args.quick}",
           flush=True)
@@ -356,17 +378,20 @@ def main(argv=None) -> list[dict]:
                 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
                 model = model or build_model(args, device, dtype)
                 (part_capacity if part == "capacity" else part_speed)(args, model, device)
-            elif part == "quality":
+            else:
                 model = None
                 _free(device)
                 part_quality(args, device)
-            else:
-                raise ValueError(f"unknown part {part!r}; choose from kernel, capacity, speed, quality")
         except Exception as e:  # one part failing must not lose the others
             traceback.print_exc()
             report(part=part, error=f"{type(e).__name__}: {e}")
         print(f"bench_quantized_kv part={part} seconds={time.perf_counter() - t0:.1f}", flush=True)
     table()
+    failed = [r for r in ROWS if "error" in r or r.get("ok") is False]
+    if failed:  # the measurements that were made are printed above; the command still failed
+        print(f"bench_quantized_kv: {len(failed)} failed: " + "; ".join(" ".join(f"{k}={_fmt(v)}" for k, v in r.items()
+              if k in ("part", "workload", "kv_dtype", "error", "ok")) for r in failed), file=sys.stderr, flush=True)
+        raise SystemExit(1)
     return ROWS
 
 

@@ -12,6 +12,9 @@ every generator gets the same weights. Unknown `--key value` options override fi
 preset's config (e.g. --max-position-embeddings 1024 for --preset tiny). The transformers
 baseline (hf) exists for --family llama3 only and needs transformers (the test extra); without
 it the zoo's engines run alone and a `note:` line on stderr says why hf was left out.
+`--kv-dtype int8|fp8|int4|bf16|...` stores the zoo engines' K/V that way (inference/quantized_kv.py);
+hf, which keeps its own cache, is then left out of the default engines, and so are CUDA graphs
+for int4 (its residual slots are not replayed).
 
 Prints one line per measurement, `bench engine=... key=value ...`: output tokens/s, peak GPU
 memory, the KV cache's bytes and utilisation (token slots holding a token some unfinished
@@ -21,6 +24,9 @@ Writes results.json and PNG plots of utilisation and throughput to --out.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -33,8 +39,11 @@ from architectures.utils.config import apply_overrides
 from architectures.utils.command_line import ArgumentParser, UserRuntimeError, UserTypeError, command_line
 from architectures.llama3.config import to_hf_config
 from inference.batched import BatchStats, generate_batch
-from inference.engine import EngineConfig
+from inference.command_checks import check_out_dir, check_preset, family_presets, presets_help
+from inference.engine import EngineConfig, LLMEngine
+from inference.kv_cache import NaiveKVCache
 from inference.memory import kv_bytes_per_token
+from inference.quantized_kv import valid_kv_dtypes
 from inference.benchmarks.workloads import make_prompts, peak_gib, reset_peak, run_paged, sync
 from inference.sampling import SamplingParams
 from architectures.utils.device import add_device_option, add_dtype_option, compute_dtype, resolve_device
@@ -86,13 +95,14 @@ def run_hf(model, prompts, new_tokens: int, batch_size: int, device) -> dict:
                 kv_gib=kv / 2**30, kv_util=sum(util) / len(util), prefill_tokens=prefill, util_per_step=util)
 
 
-def run_naive(model, prompts, new_tokens: list[int], device) -> dict:
+def run_naive(model, prompts, new_tokens: list[int], device, kv_dtype: str | None = None) -> dict:
     params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in new_tokens]
-    generate_batch(model, prompts[:2], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
+    generate_batch(model, prompts[:2], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True),
+                   kv_dtype=kv_dtype)
     sync(device), reset_peak(device)
     stats = BatchStats()
     t0 = time.perf_counter()
-    outputs = generate_batch(model, prompts, params, stats)
+    outputs = generate_batch(model, prompts, params, stats, kv_dtype)
     sync(device)
     seconds = time.perf_counter() - t0
     return dict(seconds=seconds, output_tokens=sum(map(len, outputs)), peak_mem_gib=peak_gib(device),
@@ -128,6 +138,7 @@ def plot(results: dict, out: Path, title: str) -> None:
 
 
 HF_FAMILY = "llama3"  # transformers' LlamaForCausalLM is the one baseline wired up here (run_hf)
+DEFAULT_PRESET = "llama-3.2-1b"  # llama3's; another family names its own --preset
 
 
 def transformers_missing() -> str | None:
@@ -156,13 +167,19 @@ def check_workload(args) -> None:
     if args.kv_blocks is not None and args.kv_blocks < 1:
         raise ValueError(f"--kv-blocks must be >= 1, got {args.kv_blocks}; leave it out to give the paged pool "
                          f"the slots the naive cache reserves")
+    check_out_dir("--out", args.out)
+    if args.kv_dtype == "int4" and args.block_size % 2:
+        raise ValueError(f"--kv-dtype int4 groups each block's keys (two 4-bit codes a byte): --block-size must be "
+                         f"even, got {args.block_size}")
 
 
 def parse_args(argv) -> tuple:
     """(args, config overrides): the known options, and the --key value pairs left over for the preset."""
     p = ArgumentParser(prog="python -m inference.benchmarks.throughput", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", default="llama3", help=f"architecture family ({', '.join(registry.FAMILIES)})")
-    p.add_argument("--preset", default="llama-3.2-1b", help="the family's preset: the shape of the random model")
+    p.add_argument("--preset", default=argparse.SUPPRESS,
+                   help=f"the family's preset: the shape of the random model (default: {DEFAULT_PRESET} for llama3; "
+                        f"give one for another family). Presets: {presets_help()}")
     add_device_option(p)
     add_dtype_option(p, help="auto: bf16 on cuda, else fp32")
     p.add_argument("--num-prompts", type=int, default=64, help="prompts in the workload")
@@ -184,11 +201,15 @@ def parse_args(argv) -> tuple:
                    help="paged pool size; None: the slots the naive cache reserves, so both get the same memory")
     p.add_argument("--max-batched-tokens", type=int, default=4096,
                    help="tokens per forward pass of the paged engine (its logits for all of them are materialised)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", *valid_kv_dtypes()],
+                   help="how the zoo engines store K/V: quantized int8/fp8 (a scale per token and head) or int4 "
+                        "(KIVI, a key group per block), or a plain dtype; auto: the model's dtype. Not hf's cache")
     p.add_argument("--attention", default="auto", choices=["auto", "triton", "gather"],
                    help="paged engines' attention (EngineConfig.attention); auto: the Triton decode kernel on CUDA")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the prompts and their lengths")
     p.add_argument("--out", default=None, help="directory for results.json and the plots")
     args, unknown = p.parse_known_args(argv)
+    args.kv_dtype = None if args.kv_dtype == "auto" else args.kv_dtype
     if len(unknown) % 2 or not all(k.startswith("--") for k in unknown[::2]):
         raise ValueError(f"config overrides must be --key value pairs, got {' '.join(unknown)}")
     return args, {k[2:]: v for k, v in zip(unknown[::2], unknown[1::2])}
@@ -196,6 +217,13 @@ def parse_args(argv) -> tuple:
 
 def model_config(args, overrides: dict):
     """The preset's config with the command line's overrides (a value of the wrong type is the user's error)."""
+    presets = family_presets(args.family)
+    if not hasattr(args, "preset"):
+        if DEFAULT_PRESET not in presets:
+            raise ValueError(f"--family {args.family} needs a --preset (the default {DEFAULT_PRESET} is llama3's); "
+                             f"{args.family}'s presets are {', '.join(presets)}")
+        args.preset = DEFAULT_PRESET
+    check_preset(args.family, args.preset)
     try:
         cfg = apply_overrides(registry.package(args.family).preset(args.preset), overrides)
     except TypeError as e:  # "--hidden-size expects int, got 'big'": the user's value, not a bug
@@ -218,12 +246,14 @@ def choose_engines(args, cuda: bool) -> list[str]:
     if args.engines is None:
         engines = (["paged-nocache", "paged"] if args.shared_prefix else ["naive", "paged"] if varied
                    else ["hf", "naive", "paged"]) + (["paged-graphs"] if cuda else [])
-        if "hf" in engines and args.family != HF_FAMILY:
+        if "hf" in engines and (args.family != HF_FAMILY or args.kv_dtype):  # no hf baseline of that
             engines.remove("hf")
         elif "hf" in engines and (why := transformers_missing()):
             # The zoo's own engines still run: say in one line what is left out and how to get it.
             print(f"note: leaving out the transformers baseline hf: {why}", file=sys.stderr, flush=True)
             engines.remove("hf")
+        if "paged-graphs" in engines and args.kv_dtype == "int4":
+            engines.remove("paged-graphs")
     else:
         engines = args.engines.split(",")
     bad = [e for e in engines if e not in known]
@@ -231,9 +261,15 @@ def choose_engines(args, cuda: bool) -> list[str]:
         raise ValueError(f"unknown engine {bad[0]!r} in --engines {args.engines}; choose from {', '.join(known)}")
     if "paged-graphs" in engines and not cuda:
         raise ValueError("paged-graphs needs --device cuda (CUDA graphs)")
+    if "paged-graphs" in engines and args.kv_dtype == "int4":
+        raise ValueError("--kv-dtype int4 runs without CUDA graphs (they do not replay its residual slots); leave "
+                         "paged-graphs out of --engines, or use --kv-dtype int8")
     if args.attention == "triton" and not cuda:  # refused now, not after the other engines have run
         raise ValueError("--attention triton runs on CUDA only; use --attention gather (or auto) on the CPU")
     if "hf" in engines:
+        if args.kv_dtype:
+            raise ValueError(f"--kv-dtype {args.kv_dtype} sets the zoo engines' cache; the transformers baseline hf "
+                             f"keeps its own in the model's dtype: leave hf out of --engines")
         if args.family != HF_FAMILY:
             raise ValueError(f"the transformers baseline hf runs Llama 3 only (--family {HF_FAMILY}), not --family "
                              f"{args.family}; leave hf out of --engines")
@@ -259,15 +295,32 @@ def run_engine(name: str, model, prompts, new_tokens: list[int], args, device) -
     if name == "hf":
         return run_hf(model, prompts, args.new_tokens, args.hf_batch, device)
     if name == "naive":
-        return run_naive(model, prompts, new_tokens, device)
+        return run_naive(model, prompts, new_tokens, device, args.kv_dtype)
     kv_blocks = args.kv_blocks
     if kv_blocks is None:
         kv_blocks = -(-len(prompts) * (args.shared_prefix + args.max_len + args.new_tokens) // args.block_size)
-    ecfg = EngineConfig(block_size=args.block_size, num_blocks=kv_blocks, max_num_seqs=max(256, len(prompts)),
-                        max_num_batched_tokens=max(args.max_batched_tokens, max(256, len(prompts))),
+    return run_paged(model, prompts, new_tokens, device, engine_config(name, args, len(prompts), kv_blocks))
+
+
+def engine_config(name: str, args, num_prompts: int, num_blocks: int) -> EngineConfig:
+    return EngineConfig(block_size=args.block_size, num_blocks=num_blocks, max_num_seqs=max(256, num_prompts),
+                        max_num_batched_tokens=max(args.max_batched_tokens, max(256, num_prompts)),
                         enable_prefix_caching=name != "paged-nocache", cuda_graphs=name == "paged-graphs",
-                        attention=args.attention)
-    return run_paged(model, prompts, new_tokens, device, ecfg)
+                        attention=args.attention, kv_dtype=args.kv_dtype)
+
+
+def check_kv_dtype(args, model, engines: list[str]) -> None:
+    """With --kv-dtype, build each zoo engine's cache once, tiny, before any engine runs: a combination it cannot
+    run (fp8 where torch lacks it, int4 on an odd head width, the Triton kernel on a format it cannot read)
+    fails here, with the engine's own message, and not after the engines before it have run."""
+    if args.kv_dtype is None:
+        return
+    with contextlib.redirect_stderr(io.StringIO()):  # the engines' notes are printed when they run
+        for name in engines:
+            if name == "naive":
+                NaiveKVCache.for_model(model, 1, 2, kv_dtype=args.kv_dtype)
+            elif name != "hf":
+                LLMEngine(model, engine_config(name, args, 1, num_blocks=2))
 
 
 def bench_line(name: str, results: dict, where: str) -> str:
@@ -318,13 +371,15 @@ def main(argv=None) -> dict:
     with torch.device(device):
         model = registry.model_class(args.family)(cfg)
     model = model.to(dtype).eval()
+    check_kv_dtype(args, model, engines)
     prompts, new_tokens = workload(args, cfg.vocab_size)
     gpu = torch.cuda.get_device_name(device).replace(" ", "_") if cuda else "none"
     varied = args.min_new_tokens is not None
     where = (f"family={args.family} preset={args.preset} device={device.type} gpu={gpu} torch={torch.__version__} "
              f"dtype={str(dtype).removeprefix('torch.')} "
              f"prompts={len(prompts)} len={args.min_len}-{args.max_len} shared_prefix={args.shared_prefix} "
-             f"new_tokens={f'{args.min_new_tokens}-' if varied else ''}{args.new_tokens}")
+             f"new_tokens={f'{args.min_new_tokens}-' if varied else ''}{args.new_tokens}"
+             + (f" kv_dtype={args.kv_dtype}" if args.kv_dtype else ""))
 
     results: dict[str, dict] = {}
     for name in engines:

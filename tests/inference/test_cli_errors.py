@@ -7,11 +7,16 @@ Starting Python with torch costs ~2 s on 2 cores, so the cases of one command sh
 `DRIVER` runs them one after the other, capturing each one's exit status, stdout and stderr (an
 exception that escapes is printed as Python would print it, traceback and all).
 
+A case's arguments may name `{checkpoint}` (the tiny checkpoint below), `{truncated}` (the same with
+its model.safetensors cut in half) or `{corpus}` (a small .txt corpus), filled in when it runs.
+
 Also here: generate's one-line `note:` when the prompt leaves less room than --max-new-tokens,
 its --help, and the benchmark without transformers installed or with another --family.
+tests/inference/test_command_options.py has what the commands do with the options they now take.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +85,8 @@ BENCH = ["--device", "cpu", "--preset", "tiny", "--num-prompts", "2", "--min-len
          "--new-tokens", "2"]
 MISSING = "no/such/checkpoint"
 UNKNOWN_FAMILY = f"unknown architecture family 'gpt2'; the registered ones are {', '.join(registry.FAMILIES)}"
+A_FILE = "README.md"  # relative to the repository, where the commands run: a file where a folder is expected
+NOT_A_FOLDER = f"{A_FILE} is a file"
 CASES = {
     "inference.generate": [  # after --checkpoint (the tiny one) --prompt "Line 3" --device cpu
         (["--device", "gpu0"], "unknown device 'gpu0'"),
@@ -89,7 +96,43 @@ CASES = {
         (["--top-k", "inf"], "invalid int value: 'inf'"),
         (["--max-new-tokens", "-1"], "max_new_tokens must be >= 0, got -1"),
         (["--prompt", ""], "--prompt is empty"),
-        (["--checkpoint", MISSING], f"checkpoint directory {MISSING} does not exist"),
+        (["--checkpoint", MISSING], f"--checkpoint {MISSING} does not exist"),
+        (["--checkpoint", A_FILE], f"--checkpoint {NOT_A_FOLDER}"),
+        (["--checkpoint", "{truncated}"], "the weights file {truncated}/model.safetensors is truncated or corrupt"),
+        (["--adapter", MISSING], f"--adapter {MISSING} does not exist"),
+        (["--adapter", A_FILE], f"--adapter {NOT_A_FOLDER}"),
+        (["--adapter", "architectures"], "--adapter architectures is not a LoRA adapter: it has no adapter_config.json"),
+        (["--adapter", "{checkpoint}"], "is a whole model (config.json), not a LoRA adapter; pass it as --checkpoint"),
+        (["--kv-dtype", "int8", "--no-cache"], "--no-cache keeps none; drop one of them"),
+    ],
+    "inference.benchmarks.quantized_weights": [  # after --device cpu --corpus {corpus}
+        (["--checkpoint", MISSING], f"--checkpoint {MISSING} does not exist"),
+        (["--checkpoint", A_FILE], f"--checkpoint {NOT_A_FOLDER}"),
+        (["--checkpoint", "architectures"], "architectures has no config.json"),
+        (["--checkpoint", "{truncated}"], "the weights file {truncated}/model.safetensors is truncated or corrupt"),
+        (["--checkpoint", "{checkpoint}", "--block-size", str(CONTEXT + 1)],
+         f"--block-size {CONTEXT + 1} is longer than the model's context (max_position_embeddings={CONTEXT})"),
+        (["--checkpoint", "{checkpoint}", "--block-size", "0"], "--block-size must be >= 1, got 0"),
+        (["--checkpoint", "{checkpoint}", "--group-size", "-1"], "--group-size must be >= 1, got -1"),
+        (["--checkpoint", "{checkpoint}"], "cannot be quantized to int4 with --group-size 64: group_size=64 does not "
+                                           "divide in_features=32"),
+        (["--checkpoint", "{checkpoint}", "--device", "gpu0"], "unknown device 'gpu0'"),
+    ],
+    "inference.benchmarks.quantized_kv": [
+        (["--parts", "nonsense"], "unknown part 'nonsense' in --parts nonsense; give a comma list of kernel, capacity, "
+                                  "speed, quality"),
+        (["--parts", "kernel,"], "unknown part '' in --parts kernel,"),
+        (["--budget-gib", "nan"], "--budget-gib must be a finite number > 0, got nan"),
+        (["--budget-gib", "-1"], "--budget-gib must be a finite number > 0, got -1.0"),
+        (["--seats", "0"], "--seats must be >= 1, got 0"),
+        (["--long-len", "-5"], "--long-len must be >= 1, got -5"),
+        (["--chunk", "0"], "--chunk must be >= 1, got 0"),
+        (["--preset", "mixtral-8x7b"], "--preset 'mixtral-8x7b' is not a llama3 preset; llama3's presets are tiny, "),
+        (["--checkpoint", MISSING], f"--checkpoint {MISSING} does not exist"),
+        (["--checkpoint", A_FILE], f"--checkpoint {NOT_A_FOLDER}"),
+        (["--checkpoint", "{checkpoint}", "--corpus", "no/such/corpus.txt"], "corpus file no/such/corpus.txt does not "
+                                                                             "exist"),
+        (["--device", "gpu0"], "unknown device 'gpu0'"),
     ],
     "inference.benchmarks.throughput": [  # after BENCH
         (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
@@ -105,11 +148,26 @@ CASES = {
         (["--device", "gpu0"], "unknown device 'gpu0'"),
         (["--device", "cuda"], "'cuda' requested but this torch sees no CUDA GPU"),
         (["--hidden-size", "big"], "--hidden-size expects int, got 'big'"),
+        (["--preset", "mixtral-8x7b"], "--preset 'mixtral-8x7b' is not a llama3 preset; llama3's presets are tiny, "),
+        (["--kv-dtype", "int3"], "argument --kv-dtype: invalid choice: 'int3'"),
+        (["--kv-dtype", "int8", "--engines", "hf,naive"], "--kv-dtype int8 sets the zoo engines' cache; the "
+                                                          "transformers baseline hf keeps its own"),
+        (["--kv-dtype", "int4", "--block-size", "15"], "--kv-dtype int4 groups each block's keys (two 4-bit codes a "
+                                                       "byte): --block-size must be even, got 15"),
+        # An odd latent width: refused before the first engine runs, in the engines' own words.
+        (["--kv-dtype", "int4", "--family", "deepseek_v3", "--kv-lora-rank", "33"],
+         "kv_dtype='int4' packs pairs of numbers: layer 0 caches latent of width 49, which is odd"),
+        (["--out", A_FILE], f"--out {NOT_A_FOLDER}; pass a directory"),
     ],
     "inference.memory": [
         (["--family", "gpt2"], UNKNOWN_FAMILY),
         (["--mean-len", "0"], "--mean-len must be in [1, --seq-len=8192], got 0"),  # 0 used to mean "the default"
         (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+        (["--batch", "-2"], "--batch must be >= 1, got -2"),
+        (["--family", "mixtral", "--preset", "llama-3.2-1b"], "--preset 'llama-3.2-1b' is not a mixtral preset; "
+                                                              "mixtral's presets are tiny, shakespeare, mixtral-8x7b"),
+        (["--preset", "nonsense"], "--preset 'nonsense' is not a llama3 preset"),
+        (["--kv-dtype", "int4", "--block-size", "15"], "int4 packs two tokens' key codes per byte"),
     ],
     "inference.benchmarks.paged_decode": [
         (["--iters", "0"], "--iters must be >= 1, got 0"),
@@ -117,6 +175,9 @@ CASES = {
         (["--grid", "tile=64 warps=4"], "--grid entry 'warps=4': write NAME=V1,V2 with NAME one of tile, num_warps"),
         (["--shape", "deepseek-v3", "--kv-dtype", "int8"], "times the latent cache in bf16; drop --kv-dtype int8"),
         (["--kv-dtype", "int4", "--sweep"], "for int4 give --grid"),
+        (["--grid", "tile=abc"], "--grid entry 'tile=abc': 'abc' is not a whole number >= 1"),
+        (["--splits", "4,x"], "--splits 4,x: 'x' is not a whole number >= 1 (or None for the automatic choice)"),
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
     ],
     "architectures.mixtral.benchmarks.moe_layer": [
         (["--device", "gpu0"], "unknown device 'gpu0'"),
@@ -127,16 +188,32 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def outcome(checkpoint):
+def files(checkpoint, tmp_path_factory):
+    """What a case's `{name}` stands for: the tiny checkpoint, a truncated copy, a small corpus."""
+    folder = tmp_path_factory.mktemp("files")
+    truncated = folder / "truncated"
+    shutil.copytree(checkpoint, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    (folder / "corpus.txt").write_text(TEXT)
+    return {"checkpoint": str(checkpoint), "truncated": str(truncated), "corpus": str(folder / "corpus.txt")}
+
+
+@pytest.fixture(scope="module")
+def outcome(checkpoint, files, tmp_path_factory):
     """outcome(module, argv) -> what the command printed and returned; a command's cases run together."""
     generate = ["--checkpoint", str(checkpoint), "--prompt", "Line 3", "--device", "cpu"]
-    before = {"inference.generate": generate, "inference.benchmarks.throughput": BENCH}
+    before = {"inference.generate": generate, "inference.benchmarks.throughput": BENCH,
+              "inference.benchmarks.quantized_weights": ["--device", "cpu", "--corpus", "{corpus}"]}
     done: dict[str, dict] = {}
 
     def get(module: str, argv: list[str]) -> dict:
         if module not in done:
             argvs = [argv for argv, _ in CASES[module]]
-            runs = run_each(module, [before.get(module, []) + a for a in argvs])
+            filled = [[a.format(**files) for a in before.get(module, []) + argv] for argv in argvs]
+            with pytest.MonkeyPatch.context() as mp:  # the token cache of a corpus goes to a temporary folder
+                mp.setenv("ZOO_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+                runs = run_each(module, filled)
             done[module] = dict(zip(map(tuple, argvs), runs))
         return done[module][tuple(argv)]
     return get
@@ -157,8 +234,8 @@ def _case(module: str, argv: list[str], names: str):
 
 
 @pytest.mark.parametrize("module,argv,names", [_case(m, *case) for m, cases in CASES.items() for case in cases])
-def test_a_bad_input_ends_the_command_with_one_error_line(outcome, module, argv, names):
-    assert_one_error_line(outcome(module, argv), names)
+def test_a_bad_input_ends_the_command_with_one_error_line(outcome, files, module, argv, names):
+    assert_one_error_line(outcome(module, argv), names.format(**files))
 
 
 def test_benchmark_without_transformers_runs_the_zoo_engines_and_says_why_hf_is_left_out():
@@ -229,3 +306,11 @@ def test_benchmark_runs_a_mixtral_model_with_the_zoo_engines(capsys):
     results = benchmark_main([*BENCH, "--family", "mixtral"])
     assert list(results) == ["naive", "paged"], "hf is a Llama 3 baseline: left out of the default for mixtral"
     assert "family=mixtral" in capsys.readouterr().out
+
+
+def test_benchmark_with_another_family_names_its_presets_when_none_is_given(command_error):
+    from inference.benchmarks.throughput import main as benchmark_main
+
+    assert command_error(benchmark_main, ["--family", "mixtral", "--device", "cpu"]) == (
+        "error: --family mixtral needs a --preset (the default llama-3.2-1b is llama3's); mixtral's presets are "
+        "tiny, shakespeare, mixtral-8x7b")
