@@ -7,13 +7,11 @@ model, config.json or tokenizer.json is missing, or a weights file is missing, t
 corrupt (each safetensors header is opened, which checks that the file covers every tensor the
 header lists, without reading the tensors).
 
-A folder written by the zoo's training loop also holds what the run recorded:
-- `trainer_state.pt` (training/checkpointing.py's STATE_FILE), whose "record" is the run's
-  configs: "train" is the loop's TrainConfig (its block_size is the context the model was trained
-  on), and a post-training method adds "method", the method's own options;
-- `summary.json`, the run's final figures (training/posttrain.py's `write_summary` for the methods,
-  training/cli.py's `final_report` for pretraining).
-They are read here by file name, without importing training/ (inference sits below it), and
+A folder written by the zoo's training loop also holds what the run recorded, in
+`trainer_state.pt` (training/checkpointing.py's STATE_FILE): its "record" is the run's configs.
+"train" is the loop's TrainConfig (its block_size is the context the model was trained on), and a
+chat method (SFT, LoRA, DPO, GRPO) adds "chat_format", the format it trained the model to answer
+in. It is read here by file name, without importing training/ (inference sits below it), and
 `tests/inference/test_generate_chat.py` checks the reading against training's own `read_record`.
 """
 
@@ -29,20 +27,8 @@ from architectures.common.checkpoint import INDEX_FILE, SINGLE_FILE, read_config
 from architectures.utils.command_line import one_line
 
 STATE_FILE = "trainer_state.pt"  # training/checkpointing.py
-SUMMARY_FILE = "summary.json"  # training/posttrain.py, training/cli.py
 ADAPTER_CONFIG = "adapter_config.json"  # training/lora/peft_format.py, and PEFT's
 TOKENIZER_FILE = "tokenizer.json"
-
-# The methods that train a model to answer in a chat format (training/chat.py), and how each one's
-# options in the training record tell it apart: the fields of its config dataclass that no other
-# method's has (training/{dpo,grpo}/train.py, training/lora/recipes.py, training/sft/recipes.py).
-CHAT_METHODS = (("training.dpo", {"beta", "loss_type"}), ("training.grpo", {"group_size", "kl_coef"}),
-                ("training.lora", {"r", "target_modules", "chat_format"}), ("training.sft", {"pack", "chat_format"}))
-# Without a training record, summary.json tells: the chat methods alone score held-out questions
-# asked in the chat format ("exact_match_after"); the first key of this list found names the method.
-SUMMARY_SIGNS = (("preference_accuracy", "training.dpo"), ("trainable_parameters", "training.lora"),
-                 ("val_loss", "training.sft"), ("exact_match_after", "training.grpo"))
-
 
 def check_checkpoint(path: str | Path, flag: str = "--checkpoint", why_tokenizer: str | None = None,
                      adapter_hint: str = "load it with python -m inference.generate --adapter DIR") -> Path:
@@ -111,18 +97,6 @@ def training_record(path: str | Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def training_summary(path: str | Path) -> dict | None:
-    """summary.json of the run that wrote `path`, or None if there is none (or it is not a JSON object)."""
-    file = Path(path) / SUMMARY_FILE
-    if not file.is_file():
-        return None
-    try:
-        summary = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return summary if isinstance(summary, dict) else None
-
-
 def trained_block_size(path: str | Path) -> int | None:
     """The block size (tokens per training row) the run that wrote `path` trained with, or None."""
     record = training_record(path) or {}
@@ -130,26 +104,12 @@ def trained_block_size(path: str | Path) -> int | None:
     return size if isinstance(size, int) and size > 0 else None
 
 
-def chat_method(path: str | Path) -> str | None:
-    """"training.sft", "training.lora", "training.dpo" or "training.grpo" when one of the chat methods
-    wrote `path` (a model or an adapter folder), read from its training record, else its summary.json;
-    None for anything else (pretraining, distillation, a download)."""
-    record = training_record(path)
-    if record is not None and "method" in record:
-        method = record["method"]
-        fields = set(method) if isinstance(method, dict) else set()
-        return next((name for name, signs in CHAT_METHODS if signs <= fields), None)
-    summary = training_summary(path) or {}
-    if "exact_match_after" not in summary:
-        return None
-    return next(name for key, name in SUMMARY_SIGNS if key in summary)
-
-
 def recorded_chat_format(path: str | Path) -> str | None:
-    """The chat format a run was told to use ("zoo", "llama3"), or None for the tokenizer's own ("auto")."""
-    method = (training_record(path) or {}).get("method")
-    name = method.get("chat_format") if isinstance(method, dict) else None
-    return name if isinstance(name, str) and name != "auto" else None
+    """The chat format ("zoo", "llama3") a chat method (training.sft, lora, dpo, grpo) trained the model
+    in, as its training record names it ("chat_format"); None for any other folder (pretraining,
+    distillation, a download), which `generate` then prompts with plain text."""
+    name = (training_record(path) or {}).get("chat_format")
+    return name if isinstance(name, str) else None
 
 
 # ---- a LoRA adapter folder -------------------------------------------------------------------------

@@ -17,8 +17,8 @@ says so.
 the chat format of the checkpoint's tokenizer (training/chat.py: the zoo's <|user|> ... <|eos|>
 <|assistant|>, or Llama 3's headers), generation stops at the format's end of turn, and only the
 reply is printed, without special tokens. It is on by default for a checkpoint (or adapter) that
-training.sft, training.dpo, training.grpo or training.lora wrote, which their training record says
-(inference/checkpoint_files.py: `chat_method`); --no-chat sends the prompt as plain text.
+training.sft, training.dpo, training.grpo or training.lora wrote, in the format their training record
+names (inference/checkpoint_files.py: `recorded_chat_format`); --no-chat sends the prompt as plain text.
 
 --adapter DIR samples from a base model with a LoRA adapter (PEFT's format, as training.lora.train
 writes it) merged into its weights: the base is --checkpoint, or the local folder the adapter
@@ -36,8 +36,7 @@ from safetensors import safe_open
 from architectures import registry
 from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.utils.device import add_device_option, add_dtype_option, compute_dtype, resolve_device
-from inference.checkpoint_files import (TOKENIZER_FILE, adapter_base, chat_method, check_adapter, check_checkpoint,
-                                        recorded_chat_format)
+from inference.checkpoint_files import TOKENIZER_FILE, adapter_base, check_adapter, check_checkpoint, recorded_chat_format
 from inference.quantized_kv import valid_kv_dtypes
 from inference.sampling import SamplingParams, eos_ids, stream
 from training.chat import ChatFormat, chat_format
@@ -154,10 +153,9 @@ def check_adapter_fits(model, adapter: Path, base: Path) -> None:
 def chat_for(args, tokenizer: Tokenizer, folders: list[Path]) -> ChatFormat | None:
     """The chat format to wrap the prompt in, or None for plain text: --chat / --no-chat, else on for the
     folders a chat method wrote (in the format that run used, if it named one)."""
-    chat = args.chat if args.chat is not None else any(chat_method(f) for f in folders)
-    if not chat:
-        return None
     name = next(filter(None, (recorded_chat_format(f) for f in reversed(folders))), None)
+    if not (args.chat if args.chat is not None else name is not None):
+        return None
     return chat_format(tokenizer, name)
 
 

@@ -2,9 +2,9 @@
 
 --chat: a checkpoint written by a chat method (here, two real steps of training.sft) is asked in its
 chat format without being told to: the ids fed to the model are the format's prompt, generation
-stops at the format's end of turn, and only the reply is printed, without special tokens. Which
-method wrote a folder is read from its training record (trainer_state.pt) or, without one, from
-summary.json; both are checked against what training writes.
+stops at the format's end of turn, and only the reply is printed, without special tokens. The
+format is the one the run's training record (trainer_state.pt) names, checked against what
+training writes.
 
 --adapter: a LoRA adapter in PEFT's format (as training.lora.train saves it) merged into its base:
 the model sampled from gives the logits of the base with the adapter applied; a folder that is no
@@ -24,7 +24,7 @@ import torch
 from architectures import registry
 from architectures.llama3 import Llama3, save_pretrained
 from inference import generate
-from inference.checkpoint_files import STATE_FILE, chat_method, trained_block_size, training_record
+from inference.checkpoint_files import STATE_FILE, recorded_chat_format, trained_block_size, training_record
 from training.chat import chat_format
 from training.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from training.lora.lora import ALL_PROJECTIONS, lora_layers
@@ -37,40 +37,22 @@ CPU = ["--device", "cpu", "--temperature", "0"]
 
 # ---- which method wrote a folder ---------------------------------------------------------------------
 
-def test_the_training_record_names_sft_as_training_writes_it(sft_checkpoint):
+def test_the_training_record_names_sfts_chat_format_as_training_writes_it(sft_checkpoint):
     from training.checkpointing import read_record
 
     assert training_record(sft_checkpoint) == read_record(sft_checkpoint), "the same record training reads back"
-    assert chat_method(sft_checkpoint) == "training.sft"
+    assert recorded_chat_format(sft_checkpoint) == "zoo"
     assert trained_block_size(sft_checkpoint) == 64
 
 
-def _method_options():
-    from training.dpo.train import DPOConfig
-    from training.grpo.train import GRPOConfig
-    from training.lora.recipes import LoRASFTConfig
-    from training.sft.recipes import SFTConfig
-
-    return {"training.sft": SFTConfig(), "training.lora": LoRASFTConfig(), "training.dpo": DPOConfig(lora=True),
-            "training.grpo": GRPOConfig()}
-
-
-def test_each_chat_method_is_told_from_its_options_and_other_runs_are_not_chat(tmp_path):
-    records = {name: {"method": dataclasses.asdict(options)} for name, options in _method_options().items()}
-    records |= {None: {"train": {"block_size": 16}}, "distillation": {"method": "forward KL to the teacher"}}
-    for name, record in records.items():
-        folder = tmp_path / str(name)
-        folder.mkdir()
-        torch.save({"step": 1, "record": record}, folder / STATE_FILE)  # as training/checkpointing.py saves it
-        assert chat_method(folder) == (name if name != "distillation" else None), name
-
-
-def test_without_a_training_record_summary_json_tells(sft_checkpoint, tmp_path):
-    copy = tmp_path / "copy"
+def test_a_folder_without_a_recorded_chat_format_is_not_a_chat_model(sft_checkpoint, tmp_path):
+    pretrained = tmp_path / "pretrained"
+    pretrained.mkdir()
+    torch.save({"step": 1, "record": {"train": {"block_size": 16}}}, pretrained / STATE_FILE)  # as pretraining saves it
+    assert recorded_chat_format(pretrained) is None
+    copy = tmp_path / "copy"  # the model files alone, without their training record
     shutil.copytree(sft_checkpoint, copy, ignore=shutil.ignore_patterns(STATE_FILE, "train_state"))
-    assert chat_method(copy) == "training.sft"
-    (copy / "summary.json").write_text(json.dumps({"family": "llama3", "val_nats_per_char": 2.0}))  # pretraining's
-    assert chat_method(copy) is None
+    assert recorded_chat_format(copy) is None
 
 
 # ---- --chat ------------------------------------------------------------------------------------------

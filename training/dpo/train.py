@@ -187,7 +187,8 @@ def main(argv=None) -> dict:
                    save_model=method_saver(model, tokenizer, base, method.lora), resume=args.resume,
                    frozen=reference.frozen, on_step=family_on_step(model),
                    config_record={"method": dataclasses.asdict(method), "data": dataclasses.asdict(data_cfg),
-                                  "base": str(base)}, loss_label=f"train loss (dpo {method.loss_type})")
+                                  "base": str(base), "chat_format": fmt.name},
+                   loss_label=f"train loss (dpo {method.loss_type})")
     after = held_out(model, reference.to(device), test_enc, cfg.block_size, pad, step)
     em_after = tasks.exact_match(model, fmt, test_examples, data_cfg.max_new_tokens)
     say(f"held-out preference accuracy: {after['preference_accuracy']:.1%} (chosen ranked above rejected, "

@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
                    save_model=method_saver(model, tokenizer, base, method.lora), resume=args.resume,
                    on_step=family_on_step(model),
                    config_record={"method": dataclasses.asdict(method), "data": dataclasses.asdict(data_cfg),
-                                  "base": str(base)}, loss_label="train loss (grpo)")
+                                  "base": str(base), "chat_format": fmt.name}, loss_label="train loss (grpo)")
     after = tasks.exact_match(model, fmt, examples["val"], data_cfg.max_new_tokens)
     plot_rewards(args.out / "metrics.jsonl", args.out / "grpo.png")
     say(f"held-out exact match, arithmetic: {before:.1%} (the SFT model) -> {after:.1%} after GRPO "

@@ -125,8 +125,9 @@ def prepare(args: Args) -> Prepared:
     say(f"data: {len(train_convs):,} training conversations, {len(val_convs):,} validation; chat format {fmt.name}")
     batches = SFTBatches(encode_all(train_convs, fmt, block), encode_all(val_convs, fmt, block, "validation conversation"),
                          block, tokenizer.pad_id if tokenizer.pad_id is not None else 0, args.recipe.model.pack)
+    # "chat_format": what `python -m inference.generate` reads to ask the model in the format it learned.
     record = {"method": dataclasses.asdict(args.recipe.model), "data": dataclasses.asdict(data_cfg),
-              "base": str(base), "model": dataclasses.asdict(model.config)}
+              "base": str(base), "model": dataclasses.asdict(model.config), "chat_format": fmt.name}
     return Prepared(model, base, tokenizer, fmt, batches, eval_sets, record)
 
 

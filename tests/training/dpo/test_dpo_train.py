@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from training.checkpointing import read_record
 from training.dpo.data import Pair, encode_pairs, load_pairs, near_miss
 
 TINY = ["--max-steps", "2", "--batch-size", "4", "--eval-interval", "2", "--eval-batches", "1", "--train-pairs", "12",
@@ -21,6 +22,7 @@ def test_dpo_train_logs_trl_rewards_and_reports_preference_accuracy(chat_base, t
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(logged[0])
     assert "held-out preference accuracy" in capsys.readouterr().out
+    assert read_record(out)["chat_format"] == "zoo"  # what generate asks the model in
 
 
 def test_beta_of_zero_is_a_one_line_error(chat_base, tmp_path, command_error):

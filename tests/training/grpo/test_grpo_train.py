@@ -4,6 +4,7 @@ import json
 
 import torch
 
+from training.checkpointing import read_record
 from training.grpo.rollout import arithmetic_reward, token_logps
 
 TINY = ["--max-steps", "2", "--batch-size", "8", "--group-size", "4", "--eval-interval", "2", "--eval-batches", "1",
@@ -21,6 +22,7 @@ def test_grpo_train_samples_groups_and_logs_the_reward(chat_base, tmp_path, monk
     assert logged[0]["kl"] == 0.0  # the first update's policy is the reference
     assert (out / "grpo.png").is_file() and 0.0 <= summary["exact_match_after"] <= 1.0
     assert "after GRPO" in capsys.readouterr().out
+    assert read_record(out)["chat_format"] == "zoo"  # what generate asks the model in
 
 
 def test_a_group_of_one_is_a_one_line_error(chat_base, tmp_path, command_error):
