@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from architectures.common.checkpoint import INDEX_FILE, SINGLE_FILE, read_config_json
+from architectures.common.checkpoint import read_config_json, weight_map
 from architectures.utils.command_line import one_line
 
 STATE_FILE = "trainer_state.pt"  # training/checkpointing.py
@@ -49,28 +49,9 @@ def check_checkpoint(path: str | Path, flag: str = "--checkpoint", why_tokenizer
     return path
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder: model.safetensors, or the shards its index lists."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index (it needs a 'weight_map'); the file is "
-                             f"truncated or corrupt: {one_line(e)}") from e
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path}: shard file(s) {missing} listed in {INDEX_FILE} are missing")
-        return [path / s for s in shards]
-    if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE]
-    raise FileNotFoundError(f"{path} has no weights: neither {SINGLE_FILE} nor {INDEX_FILE} (found: "
-                            f"{sorted(p.name for p in path.iterdir())})")
-
-
 def check_weights(path: Path) -> None:
     """Open every weights file's header: a truncated or corrupt file fails here, named, before any loading."""
-    for file in weight_files(path):
+    for file in weight_map(path):
         try:
             with safe_open(str(file), framework="pt") as f:
                 f.keys()

@@ -62,32 +62,38 @@ def _read_safetensors(file: Path, names=None) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, from one safetensors file or a sharded index."""
+def weight_map(path: str | Path) -> dict[Path, list[str] | None]:
+    """The safetensors files of a checkpoint directory, each with the tensor names to read from it:
+    the shards its index lists, or model.safetensors whole (None: every tensor in it)."""
     path = Path(path)
     index = path / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            names = json.loads(index.read_text())["weight_map"]
+            by_shard: dict[str, list[str]] = {}
+            for name, shard in names.items():
+                by_shard.setdefault(shard, []).append(name)
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
-        by_shard: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            by_shard.setdefault(shard, []).append(name)
         missing = sorted(s for s in by_shard if not (path / s).is_file())
         if missing:
             raise FileNotFoundError(f"{path}: shard file(s) {missing} listed in {INDEX_FILE} are missing")
-        state: dict[str, torch.Tensor] = {}
-        for shard, names in sorted(by_shard.items()):
-            state.update(_read_safetensors(path / shard, names))
-        return state
+        return {path / shard: tensors for shard, tensors in sorted(by_shard.items())}
     single = path / SINGLE_FILE
     if single.is_file():
-        return _read_safetensors(single)
+        return {single: None}
     raise FileNotFoundError(
         f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}; "
         f"found: {sorted(p.name for p in path.iterdir())}"
     )
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, from one safetensors file or a sharded index."""
+    state: dict[str, torch.Tensor] = {}
+    for file, names in weight_map(path).items():
+        state.update(_read_safetensors(file, names))
+    return state
 
 
 def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
