@@ -6,9 +6,9 @@ on its line into the option's --help), so a check here is what a user's mistake 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from training.checks import check_in
 from training.distributed import STRATEGIES
 
 
@@ -53,15 +53,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                           ("grad_clip", "0: no clipping")):
         if getattr(cfg, name) < 0:
             raise ValueError(f"TrainConfig.{name} must be >= 0 ({meaning}), got {getattr(cfg, name)}")
-    for name, low in (("lr", "above 0"), ("min_lr", "at least 0"), ("weight_decay", "at least 0"),
-                      ("grad_clip", "at least 0 (0: no clipping)")):
-        value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number {low}, got {value}")
-    for name in ("beta1", "beta2"):
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and 0 <= value < 1):
-            raise ValueError(f"--{name} must be in [0, 1) (AdamW's moment decay), got {value}")
+    for name, interval, why in (("lr", "(0, inf)", "the peak learning rate"), ("min_lr", "[0, inf)", ""),
+                                ("weight_decay", "[0, inf)", ""), ("grad_clip", "[0, inf)", "0: no clipping"),
+                                ("beta1", "[0, 1)", "AdamW's moment decay"), ("beta2", "[0, 1)", "AdamW's moment decay")):
+        check_in("--" + name.replace("_", "-"), float(getattr(cfg, name)), interval, why)
     if cfg.loss_chunk < 0:
         raise ValueError(f"TrainConfig.loss_chunk must be >= 0 (0: the whole head at once), got {cfg.loss_chunk}")
     if cfg.batch_size % (world_size * cfg.grad_accum_steps):

@@ -47,7 +47,8 @@ def test_pretraining_out_under_a_file_is_refused_before_the_corpus_is_read(tmp_p
     assert f"--out {tmp_path / 'afile/run'} cannot be created" in line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a folder of mode 0o500")
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a folder of mode 0o500 anyway; the refusal itself "
+                    "is checked for root too, with the OS errors simulated (test_an_os_error_while_probing_out...)")
 def test_out_in_a_read_only_folder_is_refused(tmp_path, command_error):
     (tmp_path / "ro").mkdir(mode=0o500)
     line = command_error(llama_main, ["--out", str(tmp_path / "ro/run")])
@@ -149,7 +150,7 @@ def test_pretraining_on_a_hub_name_while_offline_is_refused_in_one_line(tmp_path
 @pytest.mark.parametrize("main", [sft_main, dpo_main])
 def test_fine_tuning_on_a_hub_name_while_offline_is_refused_before_any_base_is_made(main, tmp_path, monkeypatch,
                                                                                    command_error):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a dependency of the zoo (pyproject.toml): imported, never skipped
 
     def offline(name, **kwargs):  # what `datasets` raises with HF_HUB_OFFLINE=1
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
@@ -299,13 +300,13 @@ INVOCATION = re.compile(rf"^(?:-h, --help|--[\w-]+)(?: (?:\[bool\]|\{{[^}}]*\}}|
 
 
 @pytest.mark.parametrize("flags,line", [
-    (["--lr", "-1"], "--lr must be a finite number above 0, got -1.0"),
-    (["--lr", "nan"], "--lr must be a finite number above 0, got nan"),
-    (["--lr", "0"], "--lr must be a finite number above 0, got 0.0"),
-    (["--min-lr", "inf"], "--min-lr must be a finite number at least 0, got inf"),
-    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number at least 0, got -0.1"),
-    (["--grad-clip", "nan"], "--grad-clip must be a finite number at least 0 (0: no clipping), got nan"),
-    (["--beta2", "1"], "--beta2 must be in [0, 1) (AdamW's moment decay), got 1.0"),
+    (["--lr", "-1"], "--lr must be a finite number > 0 (the peak learning rate), got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0 (the peak learning rate), got nan"),
+    (["--lr", "0"], "--lr must be a finite number > 0 (the peak learning rate), got 0.0"),
+    (["--min-lr", "inf"], "--min-lr must be a finite number >= 0, got inf"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0, got -0.1"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number >= 0 (0: no clipping), got nan"),
+    (["--beta2", "1"], "--beta2 must be a number in [0, 1) (AdamW's moment decay), got 1.0"),
 ])
 def test_a_learning_rate_or_optimizer_setting_out_of_range_is_refused_before_any_work(command_error, tmp_path,
                                                                                        flags, line):
@@ -316,4 +317,4 @@ def test_a_learning_rate_or_optimizer_setting_out_of_range_is_refused_before_any
 
 def test_lr_zero_is_one_line_from_the_shell_too(tmp_path):
     proc = run("architectures.llama3.train", "--lr", "0", "--out", "run", cwd=tmp_path)
-    assert_one_line_error(proc, "--lr must be a finite number above 0, got 0.0")
+    assert_one_line_error(proc, "--lr must be a finite number > 0 (the peak learning rate), got 0.0")
