@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import re
 import textwrap
 import typing
 from pathlib import Path
 
-from architectures.utils.command_line import ArgumentParser, UserRuntimeError, UserTypeError
+from architectures.utils.command_line import ArgumentParser, UserTypeError
 from architectures.utils.config import apply_overrides
+from training.checks import check_writable
 from training.options import field_meanings, type_name
 
 
@@ -91,19 +91,18 @@ def check_config(cfg) -> None:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an --out that is (or lies under) a file, one that cannot be written, and one holding a
-    finished run's summary.json unless `overwrite`; read-only (the script creates the folder)."""
+    """Refuse an --out that is (or lies under) a file, one holding a finished run's summary.json unless
+    `overwrite`, and one that cannot be written (the script creates the folder later)."""
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent  # the nearest folder that exists: the script creates the rest
     if not existing.is_dir():
         what = f"--out {out} is a file" if existing == out else f"--out {out} lies under {existing}, a file"
         raise NotADirectoryError(f"{what}; pass a directory (it is created if missing)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserRuntimeError(f"--out {out}: cannot write in {existing}; pass a directory you can write to")
     if (out / "summary.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a finished run (summary.json); pass --overwrite to replace it, "
                               f"or choose another --out")
+    check_writable(out)  # the zoo's one probe: it makes the folder, writes in it, and removes what it made
 
 
 def default_out(prog: str, preset: str) -> str:

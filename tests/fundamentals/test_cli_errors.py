@@ -176,3 +176,19 @@ def test_out_must_be_a_directory_that_holds_no_finished_run(tmp_path, command_er
 def test_the_default_out_is_a_folder_per_script_and_preset_under_runs():
     assert default_out("python -m fundamentals.cnn.train", "small") == "runs/fundamentals-cnn-small"
     assert default_out("python -m fundamentals.rnn.classify", "tiny") == "runs/fundamentals-rnn-classify-tiny"
+
+
+def test_an_out_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, command_error):
+    """A read-only file system, as the OS raises it (root's chmod would not refuse the write)."""
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    out = tmp_path / "run"
+    line = command_error(SCRIPTS["nn.train"].main, ["--out", str(out)])
+    assert line == (f"error: --out {out} cannot be written: Read-only file system; pass a --out in a folder you can "
+                    f"write (it is created if missing)")
+    assert not out.exists()
