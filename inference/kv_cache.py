@@ -63,7 +63,11 @@ class NaiveKVCache:
         self.pad = pad  # left-padding slots of each row
         self._pad = torch.tensor(pad, device=device)  # (B,)
         self._padded = any(pad)
-        self._mask = None  # (T, S) or (B, T, S) of the current step, built once and shared by every layer
+        # A sliding-window layer sees only its last `window` slots: one mask per distinct window per step,
+        # built when a layer of that window first reads and shared by every layer with the same window.
+        self.windows = [getattr(s, "window", None) for s in specs]
+        self._masks: dict[int | None, torch.Tensor | None] = {}  # window -> (T, S) or (B, T, S) of this step
+        self._step = (0, "cpu")  # this step's (T, device)
         self._end = 0
 
     @classmethod
@@ -84,7 +88,7 @@ class NaiveKVCache:
                 f"KV cache capacity {self.capacity} exceeded: {self.length} cached + {seq_len} new tokens; "
                 f"create the cache with a larger capacity"
             )
-        self._mask = self._step_mask(seq_len, device)
+        self._masks, self._step = {}, (seq_len, device)
         self._end = self.length + seq_len  # slots the step's queries may see: 0 .. end - 1
         slots = torch.arange(self.length, self.length + seq_len, device=device)  # (T,)
         if not self._padded:
@@ -93,21 +97,30 @@ class NaiveKVCache:
         # (their outputs are never used).
         return (slots[None] - self._pad.to(device)[:, None]).clamp(min=0)  # (B, T)
 
-    def _step_mask(self, T: int, device) -> torch.Tensor | None:
-        """Which slots each of this step's T queries sees: None when all (one query, no padding)."""
+    def _step_mask(self, T: int, device, window: int | None) -> torch.Tensor | None:
+        """Which slots each of this step's T queries sees: None when all (one query, no padding, no window cut)."""
         end = self.length + T
-        if T == 1 and not self._padded:
+        if T == 1 and not self._padded and (window is None or end <= window):
             return None
-        # Query i sits in slot length + i and may see slots 0 .. length + i ...
+        # Query i sits in slot length + i and may see slots 0 .. length + i (the last `window` of them) ...
         i = torch.arange(self.length, end, device=device)[:, None]  # (T, 1)
         j = torch.arange(end, device=device)[None, :]  # (1, S)
         mask = j <= i  # (T, S)
+        if window is not None:
+            mask = mask & (j > i - window)  # slots and positions differ by the row's padding, so distances agree
         if self._padded:
             # ... except its row's padding. A padding query still sees itself, so that no row
             # of the softmax is all -inf (which would give NaN, and NaN * 0 is still NaN).
             real = j[None] >= self._pad.to(device)[:, None, None]  # (B, 1, S)
             mask = (mask[None] & real) | (j == i)[None]  # (B, T, S)
         return mask
+
+    def mask(self, layer: int) -> torch.Tensor | None:
+        """This step's mask for `layer`, shared by every layer with the same window."""
+        window = self.windows[layer]
+        if window not in self._masks:
+            self._masks[window] = self._step_mask(*self._step, window)
+        return self._masks[window]
 
     def max_length(self) -> int:
         return self.length
@@ -149,7 +162,7 @@ class NaiveKVCache:
             full = [fmt.decode(name, {part: stored[part][:, :end // G] for part in parts}, self.ndim[layer][name])
                     ] if end >= G else []
             out[name] = torch.cat(full + [self.residual[layer][name][:, :end % G]], 1)  # (B, end, *shape)
-        return CacheView(out, self._mask)
+        return CacheView(out, self.mask(layer))
 
     def state(self, layer: int) -> dict[str, torch.Tensor]:
         return self.states[layer]

@@ -28,10 +28,24 @@ import torch
 
 @dataclass(frozen=True)
 class KVSpec:
-    """Full attention: per token, K of (num_kv_heads, head_dim) and V of (num_kv_heads, v_head_dim)."""
+    """Attention over stored keys: per token, K of (num_kv_heads, head_dim) and V of (num_kv_heads, v_head_dim).
+
+    window: a sliding-window layer's query at position p sees only the keys at positions
+    p - window + 1 .. p (the last `window` tokens, itself included), so a cache may drop older ones;
+    None: full causal attention. softcap: the layer passes its scores through
+    softcap * tanh(score / softcap) before the softmax (Gemma 2); declared here because both decide
+    which kernels can read the layer's cache and how much of it must be kept."""
     num_kv_heads: int
     head_dim: int
     v_head_dim: int | None = None  # None: the same as head_dim
+    window: int | None = None  # sliding window in tokens, itself included; None: full causal attention
+    softcap: float | None = None  # attention-logit soft-capping; None: plain scores
+
+    def __post_init__(self):
+        if self.window is not None and self.window <= 0:
+            raise ValueError(f"a sliding window must be a positive number of tokens, got window={self.window}")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"an attention soft-cap must be positive, got softcap={self.softcap}")
 
     @property
     def per_token(self) -> dict[str, tuple[int, ...]]:
