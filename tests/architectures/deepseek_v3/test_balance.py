@@ -209,10 +209,14 @@ def worker(out: str) -> None:
         with ddp.no_sync() if i == 0 else torch.enable_grad():
             ddp(x).float().pow(2).mean().backward()
     update_routing_bias(model)
-    torch.distributed.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "planted": [r.e_score_correction_bias.tolist() for r in holder],
         "model": [layer.mlp.gate.e_score_correction_bias.tolist() for layer in model.model.layers[1:]]}))
+    # Tear down in order: DDP's reducer holds the gloo group, and a rank that destroys the group while the
+    # other is still in a collective aborts the process ("terminate called without an active exception").
+    del ddp
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
