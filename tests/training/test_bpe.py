@@ -106,3 +106,11 @@ def test_pattern_whitespace_is_unicode_white_space():
     assert pretokenize("a\u3000\u3000b") == ["a", "\u3000", "\u3000", "b"]
     assert pretokenize("a  b") == ["a", " ", " b"]
     assert pretokenize("a\x1c\x1cb") == ["a", "\x1c\x1c", "b"]
+
+
+def test_the_benchmark_checks_and_times_both_tokenizers():
+    from training.benchmarks.bpe import measure
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 30
+    row = measure(text, "Speak, speak. We proceed.\n", 300, repeats=1)
+    assert row["merges"] == 300 - len(SPECIAL_TOKENS) - 256 and row["val_tokens"] > 0
+    assert min(row["train_s_ours"], row["train_s_tokenizers"], row["encode_s_ours"], row["encode_s_tokenizers"]) >= 0
