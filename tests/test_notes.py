@@ -100,6 +100,71 @@ def test_checker_catches_a_missing_symbol_and_path():
     assert check("TokenData.no_such_method", names) is not None
 
 
+# Where a note says which file holds a symbol, the symbol must be defined in that file, not just
+# somewhere: "`rope_tables` in `architectures/common/rope.py`" (or "`a`, `b` and `c` in ..."),
+# "`training/optimizer.py`'s
+# `lr_at`", "`lm_loss` (`architectures/common/loss.py`)", a path followed by a parenthesis
+# naming what it holds ("`training/tokenizer.py` (the `Tokenizer` class and `get_tokenizer`)"),
+# and a table row whose first cell is the file.
+SYMBOLS_THEN_FILE = (re.compile(r"((?:`[^`\s]+`(?:, |,? and |,? or ))*`[^`\s]+`) in `([^`\s]+\.py)`"),
+                     re.compile(r"(`[^`\s]+`) \(`([^`\s]+\.py)`\)"))
+FILE_THEN_SYMBOLS = (re.compile(r"`([^`\s]+\.py)`'s (`[^`\s]+`)"), re.compile(r"`([^`\s]+\.py)` \(([^()]*)\)"),
+                     re.compile(r"^\| `([^`\s]+\.py)` \| ([^|]*)\|", re.M))
+
+
+def defined_in(path: Path) -> set[str]:
+    """Every name a Python file defines: functions, classes, methods, and assigned names and attributes."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+    return names
+
+
+def placements(text: str) -> list[tuple[str, str]]:
+    """(symbol, file) for every symbol the text places in a file, by the patterns above."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    found = [(symbol, m.group(2)) for pattern in SYMBOLS_THEN_FILE for m in pattern.finditer(text)
+             for symbol in re.findall(r"`([^`]+)`", m.group(1))]
+    for pattern in FILE_THEN_SYMBOLS:
+        for m in pattern.finditer(text):
+            found += [(symbol, m.group(1)) for symbol in re.findall(r"`([^`]+)`", m.group(2))]
+    return [(symbol, path) for symbol, path in found
+            if is_symbol(symbol) and not symbol.endswith((".py", ".md")) and (REPO / path).is_file()]
+
+
+def misplaced(text: str) -> list[str]:
+    problems = []
+    for symbol, path in placements(text):
+        parts = [p for p in (symbol[:-2] if symbol.endswith("()") else symbol).split(".") if not p.isdigit()]
+        missing = [p for p in parts if p not in defined_in(REPO / path)]
+        if missing:
+            problems.append(f"{symbol} is placed in {path}, which does not define {missing}")
+    return problems
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_a_symbol_placed_in_a_file_is_defined_there(doc):
+    problems = misplaced(doc.read_text())
+    assert not problems, f"{doc.relative_to(REPO)}:\n" + "\n".join(problems)
+
+
+def test_placement_checker_catches_a_symbol_in_the_wrong_file():
+    assert misplaced("from a custom op (`rope_tables` in `architectures/common/rope.py`)") == []
+    assert misplaced("from a custom op (`rope_tables` in `architectures/llama3/model.py`)") != []
+    assert misplaced("`architectures/llama3/model.py`'s `rope_tables`") != []
+    assert misplaced("`with_aux_loss`, `rope_tables` and `family_on_step` in `training/posttrain.py`") != []
+    assert misplaced("`with_aux_loss` and `family_on_step` in `training/posttrain.py`") == []
+    assert misplaced("the loss (`lm_loss` (`training/trainer.py`))") != []
+    assert misplaced("Read beside `training/tokenizer.py` (the `Tokenizer` class and `prepare_data`)") != []
+    assert misplaced("| `training/tokenizer.py` | `Tokenizer.encode`, `Tokenizer.no_such` |") != []
+    assert misplaced("| `training/tokenizer.py` | `Tokenizer.encode`, `get_tokenizer` |") == []
+
+
 ZOO_PACKAGES = ("architectures", "training", "inference", "fundamentals")
 SOURCES = DOCS + [f for d in ZOO_PACKAGES for f in sorted((REPO / d).rglob("*.py"))]
 

@@ -51,7 +51,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
 
     rewards (N,) hold N / group_size groups of consecutive completions (completion j of prompt i
     at i * group_size + j). The group mean is the baseline a critic would otherwise learn; the std
-    (unbiased, as GRPO and TRL compute it) puts every prompt's advantages on one scale. A group
+    (unbiased, as TRL computes it; the GRPO paper writes std() without naming an estimator) puts
+    every prompt's advantages on one scale. A group
     whose completions all scored the same has advantages 0: it teaches nothing."""
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2: the baseline of a completion is the mean reward of the other "
