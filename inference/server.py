@@ -1,0 +1,202 @@
+"""An OpenAI-compatible HTTP server on the paged engine: FastAPI routes over one engine loop.
+
+    app = create_app(EngineLoop(engine), codec, model_name="runs/sft-tiny", api_key=None)
+    server = ServerThread(app).start()      # uvicorn on 127.0.0.1, a free port (tests, benchmarks, the chat command)
+    ... OpenAI(base_url=server.url + "/v1", api_key="-") ...
+    server.stop()
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (the engine loop's
+snapshot: free and used blocks, running and waiting sequences, live requests). A request travels
+HTTP -> parse and check (inference/openai_api.py; a mistake is a 400 with the API's error object, before
+anything reaches the engine) -> `Generation` (inference/request_stream.py) -> the engine loop's queue
+(inference/engine_loop.py) -> a scheduler step -> its tokens back through the request's queue -> text
+(stop strings) -> one JSON answer, or server-sent events as tokens come.
+
+`codec` is what turns text into ids and back (training/inference_setup.py's `TextCodec`, passed in by
+`python -m inference.serve`, because the tokenizer lives in training/): completion_prompt(text),
+chat_prompt(messages), decode(ids), and the ids that end and are hidden from a completion or a chat reply
+(completion_stop_ids, completion_hidden, chat_stop_ids, chat_hidden). The server never dies on a bad
+request: every failure inside a route is answered (400, 401, 404, 500) and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inference import openai_api as api
+from inference.engine_loop import EngineLoop
+from inference.request_stream import EventStream, Generation, until_disconnect
+
+COMPLETION_DEFAULT_MAX = 16  # the completions API's default max_tokens (chat's: the room the context leaves)
+
+
+def create_app(loop: EngineLoop, codec, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The app; it starts `loop` when it starts serving and closes it when it stops."""
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loop.start()
+        yield
+        loop.close()
+
+    app = FastAPI(title="llm-zoo", lifespan=lifespan)
+    created = int(time.time())
+    context = loop.engine.max_model_len
+
+    @app.exception_handler(api.ApiError)
+    async def api_error(request, e: api.ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):  # unknown route, wrong method
+        return JSONResponse(api.ApiError(e.status_code, str(e.detail), code=str(e.status_code)).body(), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def bug(request, e: Exception):
+        traceback.print_exception(e, file=sys.stderr)
+        error = api.ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    def check(request: Request) -> None:
+        if api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise api.ApiError(401, "missing or incorrect API key: send the server's --api-key as "
+                                    "'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    async def body_of(request: Request, model: type[api.Strict]):
+        check(request)
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise api.ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+        parsed = api.parse(model, body)
+        if parsed.model not in (None, model_name):
+            raise api.ApiError(404, f"the model {parsed.model!r} does not exist here; this server serves "
+                                    f"{model_name!r} (GET /v1/models)", "model", "model_not_found")
+        return parsed
+
+    def generation(req, prompt_ids: list[int], stop_ids, hidden, default_max, logprobs) -> Generation:
+        params = api.sampling_params(req, len(prompt_ids), context, stop_ids, default_max, logprobs)
+        try:
+            loop.engine.check_request(prompt_ids, params)  # vocabulary, pool size: refused here, not in the loop
+        except ValueError as e:
+            raise api.ApiError(400, str(e)) from None
+        return Generation(loop, prompt_ids, params, api.stop_strings(req), hidden, codec.decode)
+
+    def token_text(token: int) -> str:
+        return codec.decode([token])
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **loop.stats()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check(request)
+        return api.models_list(model_name, created)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await body_of(request, api.CompletionRequest)
+        prompt_ids = api.completion_prompt(req, codec.completion_prompt)
+        gen = generation(req, prompt_ids, codec.completion_stop_ids, codec.completion_hidden, COMPLETION_DEFAULT_MAX,
+                         req.logprobs)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+
+        def choice(d) -> dict:
+            logprobs = api.completion_logprobs(d.events, token_text, d.offsets) if req.logprobs is not None else None
+            return {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
+
+        async def chunks():
+            async for d in gen.deltas():
+                yield api.envelope(rid, "text_completion", model_name, [choice(d)])
+            if req.stream_options and req.stream_options.include_usage:
+                yield api.envelope(rid, "text_completion", model_name, [],
+                                   api.usage(len(prompt_ids), gen.completion_tokens))
+
+        if req.stream:
+            return EventStream(chunks())
+        done, whole = await until_disconnect(request.receive, gen.collect())
+        return api.envelope(rid, "text_completion", model_name, [choice(d) for d in whole],
+                            api.usage(len(prompt_ids), gen.completion_tokens)) if done else None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await body_of(request, api.ChatRequest)
+        try:
+            prompt_ids = codec.chat_prompt(api.message_dicts(req))
+        except ValueError as e:
+            raise api.ApiError(400, f"messages: {e}", "messages") from None
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        gen = generation(req, prompt_ids, codec.chat_stop_ids, codec.chat_hidden, None, top)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+
+        def logprobs(d):
+            return api.chat_logprobs(d.events, token_text) if req.logprobs else None
+
+        async def chunks():
+            for i in range(req.n):
+                yield api.envelope(rid, "chat.completion.chunk", model_name, [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            async for d in gen.deltas():
+                yield api.envelope(rid, "chat.completion.chunk", model_name, [
+                    {"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": logprobs(d),
+                     "finish_reason": d.finish_reason}])
+            if req.stream_options and req.stream_options.include_usage:
+                yield api.envelope(rid, "chat.completion.chunk", model_name, [],
+                                   api.usage(len(prompt_ids), gen.completion_tokens))
+
+        if req.stream:
+            return EventStream(chunks())
+        done, whole = await until_disconnect(request.receive, gen.collect())
+        choices = [{"index": d.index, "message": {"role": "assistant", "content": d.text}, "logprobs": logprobs(d),
+                    "finish_reason": d.finish_reason} for d in whole]
+        return api.envelope(rid, "chat.completion", model_name, choices,
+                            api.usage(len(prompt_ids), gen.completion_tokens)) if done else None
+
+    return app
+
+
+class ServerThread:
+    """uvicorn serving `app` from a background thread, on `host` and `port` (0: a free port, chosen by the
+    system as the socket is bound, so that two servers never race for one)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.host, self.port = host, self._socket.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
+                                        name="uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "ServerThread":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+        self._socket.close()
