@@ -52,8 +52,12 @@ def create_app(loop: EngineLoop, codec, model_name: str, api_key: str | None = N
         loop.close()
 
     app = FastAPI(title="llm-zoo", lifespan=lifespan)
-    created = int(time.time())
-    context = loop.engine.max_model_len
+    app.state.loop = loop
+    routes = Routes(loop, codec, model_name, api_key)
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    app.add_api_route("/v1/models", routes.models, methods=["GET"])
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
 
     @app.exception_handler(api.ApiError)
     async def api_error(request, e: api.ApiError):
@@ -69,105 +73,106 @@ def create_app(loop: EngineLoop, codec, model_name: str, api_key: str | None = N
         error = api.ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
         return JSONResponse(error.body(), status_code=500)
 
-    def check(request: Request) -> None:
-        if api_key is None:
-            return
-        if request.headers.get("authorization", "") != f"Bearer {api_key}":
+    return app
+
+
+class Routes:
+    """The handlers, over one engine loop and one codec."""
+
+    def __init__(self, loop: EngineLoop, codec, model_name: str, api_key: str | None):
+        self.loop, self.codec, self.model_name, self.api_key = loop, codec, model_name, api_key
+        self.created = int(time.time())
+        self.context = loop.engine.max_model_len
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is not None and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
             raise api.ApiError(401, "missing or incorrect API key: send the server's --api-key as "
                                     "'Authorization: Bearer KEY'", code="invalid_api_key")
 
-    async def body_of(request: Request, model: type[api.Strict]):
-        check(request)
+    async def parse(self, request: Request, model: type[api.Strict]):
+        self.check_key(request)
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise api.ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
         parsed = api.parse(model, body)
-        if parsed.model not in (None, model_name):
+        if parsed.model not in (None, self.model_name):
             raise api.ApiError(404, f"the model {parsed.model!r} does not exist here; this server serves "
-                                    f"{model_name!r} (GET /v1/models)", "model", "model_not_found")
+                                    f"{self.model_name!r} (GET /v1/models)", "model", "model_not_found")
         return parsed
 
-    def generation(req, prompt_ids: list[int], stop_ids, hidden, default_max, logprobs) -> Generation:
-        params = api.sampling_params(req, len(prompt_ids), context, stop_ids, default_max, logprobs)
+    def generation(self, req, prompt_ids: list[int], stop_ids, hidden, default_max, logprobs) -> Generation:
+        params = api.sampling_params(req, len(prompt_ids), self.context, stop_ids, default_max, logprobs)
         try:
-            loop.engine.check_request(prompt_ids, params)  # vocabulary, pool size: refused here, not in the loop
+            self.loop.engine.check_request(prompt_ids, params)  # vocabulary, pool size: refused here, not in the loop
         except ValueError as e:
             raise api.ApiError(400, str(e)) from None
-        return Generation(loop, prompt_ids, params, api.stop_strings(req), hidden, codec.decode)
+        return Generation(self.loop, prompt_ids, params, api.stop_strings(req), hidden, self.codec.decode)
 
-    def token_text(token: int) -> str:
-        return codec.decode([token])
+    def token_text(self, token: int) -> str:
+        return self.codec.decode([token])
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", **loop.stats()}
+    async def health(self):
+        return {"status": "ok", **self.loop.stats()}
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check(request)
-        return api.models_list(model_name, created)
+    async def models(self, request: Request):
+        self.check_key(request)
+        return api.models_list(self.model_name, self.created)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req = await body_of(request, api.CompletionRequest)
-        prompt_ids = api.completion_prompt(req, codec.completion_prompt)
-        gen = generation(req, prompt_ids, codec.completion_stop_ids, codec.completion_hidden, COMPLETION_DEFAULT_MAX,
-                         req.logprobs)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+    async def completions(self, request: Request):
+        req = await self.parse(request, api.CompletionRequest)
+        prompt_ids = api.completion_prompt(req, self.codec.completion_prompt)
+        gen = self.generation(req, prompt_ids, self.codec.completion_stop_ids, self.codec.completion_hidden,
+                              COMPLETION_DEFAULT_MAX, req.logprobs)
+        rid, kind = f"cmpl-{uuid.uuid4().hex}", "text_completion"
 
         def choice(d) -> dict:
-            logprobs = api.completion_logprobs(d.events, token_text, d.offsets) if req.logprobs is not None else None
-            return {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
+            lp = api.completion_logprobs(d.events, self.token_text, d.offsets) if req.logprobs is not None else None
+            return {"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}
 
         async def chunks():
             async for d in gen.deltas():
-                yield api.envelope(rid, "text_completion", model_name, [choice(d)])
+                yield api.envelope(rid, kind, self.model_name, [choice(d)])
             if req.stream_options and req.stream_options.include_usage:
-                yield api.envelope(rid, "text_completion", model_name, [],
-                                   api.usage(len(prompt_ids), gen.completion_tokens))
+                yield api.envelope(rid, kind, self.model_name, [], api.usage(len(prompt_ids), gen.completion_tokens))
 
         if req.stream:
             return EventStream(chunks())
         done, whole = await until_disconnect(request.receive, gen.collect())
-        return api.envelope(rid, "text_completion", model_name, [choice(d) for d in whole],
+        return api.envelope(rid, kind, self.model_name, [choice(d) for d in whole],
                             api.usage(len(prompt_ids), gen.completion_tokens)) if done else None
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = await body_of(request, api.ChatRequest)
+    async def chat_completions(self, request: Request):
+        req = await self.parse(request, api.ChatRequest)
         try:
-            prompt_ids = codec.chat_prompt(api.message_dicts(req))
+            prompt_ids = self.codec.chat_prompt(api.message_dicts(req))
         except ValueError as e:
             raise api.ApiError(400, f"messages: {e}", "messages") from None
         top = (req.top_logprobs or 0) if req.logprobs else None
-        gen = generation(req, prompt_ids, codec.chat_stop_ids, codec.chat_hidden, None, top)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        gen = self.generation(req, prompt_ids, self.codec.chat_stop_ids, self.codec.chat_hidden, None, top)
+        rid, kind = f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk"
 
         def logprobs(d):
-            return api.chat_logprobs(d.events, token_text) if req.logprobs else None
+            return api.chat_logprobs(d.events, self.token_text) if req.logprobs else None
 
         async def chunks():
             for i in range(req.n):
-                yield api.envelope(rid, "chat.completion.chunk", model_name, [
+                yield api.envelope(rid, kind, self.model_name, [
                     {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             async for d in gen.deltas():
-                yield api.envelope(rid, "chat.completion.chunk", model_name, [
+                yield api.envelope(rid, kind, self.model_name, [
                     {"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": logprobs(d),
                      "finish_reason": d.finish_reason}])
             if req.stream_options and req.stream_options.include_usage:
-                yield api.envelope(rid, "chat.completion.chunk", model_name, [],
-                                   api.usage(len(prompt_ids), gen.completion_tokens))
+                yield api.envelope(rid, kind, self.model_name, [], api.usage(len(prompt_ids), gen.completion_tokens))
 
         if req.stream:
             return EventStream(chunks())
         done, whole = await until_disconnect(request.receive, gen.collect())
         choices = [{"index": d.index, "message": {"role": "assistant", "content": d.text}, "logprobs": logprobs(d),
                     "finish_reason": d.finish_reason} for d in whole]
-        return api.envelope(rid, "chat.completion", model_name, choices,
+        return api.envelope(rid, "chat.completion", self.model_name, choices,
                             api.usage(len(prompt_ids), gen.completion_tokens)) if done else None
-
-    return app
 
 
 class ServerThread:

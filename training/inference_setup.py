@@ -10,7 +10,8 @@ text) through one `TextCodec`, so that a server's greedy answer is byte for byte
 - `TextCodec`: a plain prompt's ids (with the bos a published model was trained with), a conversation's
   ids, the ids that end an answer, the ids never shown as text, and decoding;
 - `numbered_tokenizer`: a tokenizer for a randomly initialised model of any vocabulary (token i is the
-  word "w<i>"), so that a server can run on a shape no trained tokenizer exists for (benchmarks).
+  word "w<i>"), so that a server can run on a shape no trained tokenizer exists for (benchmarks);
+- `server_app`: the OpenAI-compatible app of inference/server.py for a loaded model, on a new engine.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import tokenizers
 from safetensors import safe_open
 
 from architectures import registry
+from inference.engine import EngineConfig, LLMEngine
+from inference.engine_loop import EngineLoop
+from inference.server import create_app
 from inference.checkpoint_files import TOKENIZER_FILE, adapter_base, check_adapter, check_checkpoint, recorded_chat_format
 from inference.sampling import eos_ids
 from training.chat import ChatFormat, chat_format
@@ -160,3 +164,13 @@ def numbered_tokenizer(vocab_size: int) -> Tokenizer:
     backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     backend.add_special_tokens(list(SPECIAL_TOKENS))
     return Tokenizer(backend)
+
+
+def server_app(model, tokenizer: Tokenizer, folders: list[Path], model_name: str, engine_config: EngineConfig,
+               api_key: str | None = None):
+    """The server's FastAPI app for `model` on a new engine (its loop starts and stops with the app; the
+    loop is `app.state.loop`, its engine `app.state.loop.engine`). Its chat endpoint asks in the format of
+    `served_chat_format`, or answers 400 with the reason when none fits the tokenizer."""
+    fmt, why_not = served_chat_format(tokenizer, folders)
+    codec = TextCodec(tokenizer, model.config, fmt, why_not)
+    return create_app(EngineLoop(LLMEngine(model, engine_config)), codec, model_name, api_key)
