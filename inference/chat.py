@@ -21,7 +21,7 @@ import sys
 
 from architectures.utils.command_line import ArgumentParser, command_line
 from inference.command_checks import add_engine_options, engine_config
-from inference.http_client import EventStream, ServerError
+from inference.http_client import EventStream, ServerError, request_json
 from inference.server import ServerThread
 from training.inference_setup import load_checkpoint, server_app
 from architectures.utils.device import compute_dtype, resolve_device
@@ -115,8 +115,9 @@ def main(argv=None, lines=None) -> list[dict]:
         model, tokenizer, folders = load_checkpoint(args.checkpoint, None, device, compute_dtype(args.dtype, device))
         server = ServerThread(server_app(model, tokenizer, folders, args.checkpoint, config)).start()
     url = server.url if server else args.url.rstrip("/")
-    print(f"chatting with {args.checkpoint or url}; {HELP}", file=sys.stderr)
     try:
+        request_json(url, "GET", "/v1/models", api_key=args.api_key, timeout=30)  # there, and the key fits: say so now
+        print(f"chatting with {args.checkpoint or url}; {HELP}", file=sys.stderr)
         return converse(url, args, lines if lines is not None else prompts(sys.stdin), sys.stdout)
     finally:
         if server:

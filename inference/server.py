@@ -52,7 +52,7 @@ def create_app(loop: EngineLoop, codec, model_name: str, api_key: str | None = N
         loop.close()
 
     app = FastAPI(title="llm-zoo", lifespan=lifespan)
-    app.state.loop = loop
+    app.state.loop, app.state.codec = loop, codec
     routes = Routes(loop, codec, model_name, api_key)
     app.add_api_route("/health", routes.health, methods=["GET"])
     app.add_api_route("/v1/models", routes.models, methods=["GET"])
