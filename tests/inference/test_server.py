@@ -246,3 +246,11 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks_at_once(client, s
     idle = wait_idle(server)
     assert idle["used_blocks"] == 0 and idle["free_blocks"] == idle["total_blocks"]
     assert idle["steps"] - steps < 50, "the engine stopped long before the 100 tokens asked for"
+
+
+def test_serve_refuses_bad_options_in_one_line(command_error, tmp_path):
+    from inference import serve
+
+    assert "does not exist" in command_error(serve.main, ["--checkpoint", str(tmp_path / "nowhere")])
+    assert "--port" in command_error(serve.main, ["--checkpoint", str(tmp_path), "--port", "70000"])
+    assert "--max-num-seqs" in command_error(serve.main, ["--checkpoint", str(tmp_path), "--max-num-seqs", "0"])
