@@ -1,6 +1,8 @@
 """Checks the inference command lines share, made before any work starts: a family's presets,
 numbers, an output folder. Each failure is a ValueError (or NotADirectoryError) whose message names
-the option and says what would work, which `command_line` prints as one `error: ...` line."""
+the option and says what would work, which `command_line` prints as one `error: ...` line. Also the
+engine options of the serving commands (`python -m inference.serve`, the serving load test):
+`add_engine_options` and the `EngineConfig` they make (`engine_config`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,9 @@ import math
 from pathlib import Path
 
 from architectures import registry
+from architectures.utils.device import add_device_option, add_dtype_option
+from inference.engine import EngineConfig
+from inference.quantized_kv import valid_kv_dtypes
 
 # The presets every family has for training from scratch (its train.py's recipes); the others are the
 # shapes of published models, which is what a memory or speed figure is usually wanted for.
@@ -57,3 +62,26 @@ def check_out_dir(flag: str, path: str | Path | None) -> None:
     """An output folder that may not exist yet, but must not be a file."""
     if path is not None and Path(path).exists() and not Path(path).is_dir():
         raise NotADirectoryError(f"{flag} {path} is a file; pass a directory (it is created if missing)")
+
+
+def add_engine_options(p) -> None:
+    """--max-num-seqs, --num-blocks, --kv-dtype, --device and --dtype on an ArgumentParser."""
+    p.add_argument("--max-num-seqs", type=int, default=64,
+                   help="sequences in one forward pass at most (the batch continuous batching fills); more wait")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="KV blocks of 16 tokens in the pool; default: half the free GPU memory, or 4096 on a CPU")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", *valid_kv_dtypes()],
+                   help="how the KV cache stores keys and values (quantized int8/fp8/int4, or a plain dtype); "
+                        "auto: the weights' dtype")
+    add_device_option(p)
+    add_dtype_option(p, help="weights' number format; auto: bf16 on a GPU, fp32 on the CPU")
+
+
+def engine_config(args) -> EngineConfig:
+    """The EngineConfig of `add_engine_options`' options, checked."""
+    check_at_least(("--max-num-seqs", args.max_num_seqs, 1))
+    if args.num_blocks is not None:
+        check_at_least(("--num-blocks", args.num_blocks, 1))
+    return EngineConfig(max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks,
+                        max_num_batched_tokens=max(4096, args.max_num_seqs),
+                        kv_dtype=None if args.kv_dtype == "auto" else args.kv_dtype)

@@ -17,9 +17,13 @@ runs with the same seeds.
 One step = schedule (inference/scheduler.py) -> copy-on-write copies -> one forward pass of
 all scheduled sequences packed in one row (inference/step_metadata.py), whose cache is a view of
 the pool (inference/paged_cache.py over inference/kv_pool.py) -> sample -> bookkeeping.
-Attention (EngineConfig.attention): on a GPU, decode-only steps run the Triton kernel of
-inference/triton_paged_attention.py and other steps the batched gather of
+Attention (EngineConfig.attention, chosen in inference/attention_choice.py): on a GPU, decode-only steps
+run the Triton kernel of inference/triton_paged_attention.py and other steps the batched gather of
 inference/paged_attention.py; on a CPU every step runs the gather.
+
+A request can be stopped before it ends (`abort`: a client that went away, a stop string a server found
+in the text), which gives its blocks back at once; `check_request` runs the submission checks alone, with
+no side effect, so a server can refuse a bad request before it reaches the thread that owns the engine.
 
 K/V may be stored quantized (EngineConfig.kv_dtype: "int8", "fp8", "int4"; inference/quantized_kv.py):
 the pool's blocks hold codes and scales, so the same memory holds about twice (int8, fp8) or over three
@@ -45,7 +49,7 @@ from typing import Iterator
 
 import torch
 
-from architectures.common.cache import KVSpec, LatentSpec
+from inference.attention_choice import choose_attention
 from inference.block_manager import BlockManager, StateSlots
 from inference.cuda_graphs import DecodeGraphs
 from inference.kv_pool import PagedKVPool
@@ -54,8 +58,6 @@ from inference.quantized_kv import valid_kv_dtypes
 from inference.sampling import SamplingParams, check_prompt_ids, eos_ids, sample_next
 from inference.scheduler import Scheduler, Sequence
 from inference.step_metadata import build_metadata
-from inference.triton_kivi_attention import kivi_unavailable_reason
-from inference.triton_paged_attention import key_split, triton_unavailable_reason
 
 
 @dataclass
@@ -97,6 +99,8 @@ class TokenEvent:
     token: int
     finished: bool
     finish_reason: str | None  # "stop" or "length" once finished
+    logprob: float | None = None  # with SamplingParams.logprobs set: log-probability of `token`
+    top_logprobs: list[tuple[int, float]] | None = None  # and the most likely tokens' [(id, logprob)]
 
 
 @dataclass
@@ -158,52 +162,13 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, cfg.block_size, self.prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    StateSlots(slots) if slots else None)
-        self.attention = self._choose_attention(cfg.attention)
+        self.attention = choose_attention(cfg.attention, model, self.kv_format, self.device, cfg.block_size)
         self.graphs = DecodeGraphs(model, self.pool, cfg.max_num_seqs, self.attention) if cfg.cuda_graphs else None
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[str, tuple[list[int], list[Sequence]]] = {}
         self._eos = eos_ids(model.config.eos_token_id)
-
-    def _choose_attention(self, choice: str) -> str:
-        """The kernel follows what the layers cache: the Triton decode kernel reads K/V of equal widths."""
-        choices = ("auto", "triton", "gather", "reference")
-        if choice not in choices:
-            raise ValueError(f"attention must be one of {', '.join(choices)}, got {choice!r}")
-        specs = [s for s in self.model.cache_specs() if s is not None and s.per_token]
-        why_not = next(filter(None, (self._kernel_unavailable_reason(s) for s in specs)), None)
-        if choice == "triton" and why_not:
-            raise ValueError(f"attention='triton': {why_not}; use attention='gather' (or 'auto')")
-        if choice == "auto":
-            return "gather" if why_not else "triton"
-        return choice
-
-    def _kernel_unavailable_reason(self, spec) -> str | None:
-        """None if the Triton decode kernel can read what this layer caches, else why not."""
-        fmt = self.kv_format
-        if not fmt.kernel_reads:
-            return (f"the Triton decode kernels read plain caches of the model's dtype, int8/fp8 ones and int4 ones "
-                    f"of a bf16 model, not kv_dtype={fmt.name!r} with a {fmt.compute_dtype} model")
-        if isinstance(spec, KVSpec) and fmt.name == "int4":
-            if (spec.v_head_dim or spec.head_dim) != spec.head_dim:
-                return "the int4 decode kernel reads K and V of equal widths only"
-            return kivi_unavailable_reason(self.device, spec.head_dim, self.config.block_size)
-        if isinstance(spec, KVSpec):
-            value = spec.v_head_dim or spec.head_dim
-            if fmt.quantized and value != spec.head_dim:
-                return "the Triton decode kernel reads quantized K and V of equal widths only"
-            return triton_unavailable_reason(self.device, spec.head_dim, fmt.storage_dtype, value)
-        if isinstance(spec, LatentSpec) and spec.value_width is not None:
-            if fmt.quantized:
-                return f"the Triton decode kernel reads plain latent caches, not kv_dtype={fmt.name!r}"
-            split = key_split(spec.width)
-            if split is not None and split[0] != spec.value_width:
-                return (f"the Triton decode kernel takes a latent's values from its first power-of-2 part ({split[0]} "
-                        f"numbers of {spec.width}), and this one declares {spec.value_width}")
-            return triton_unavailable_reason(self.device, spec.width, None, spec.value_width)
-        return (f"the Triton decode kernel reads K/V or a latent whose value width is declared, and a layer caches "
-                f"{type(spec).__name__}")
 
     def _default_num_blocks(self) -> int:
         if self.device.type != "cuda":
@@ -219,10 +184,9 @@ class LLMEngine:
 
     # ---- requests --------------------------------------------------------------------------------
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
-                    request_id: str | None = None) -> str:
-        """Queue a prompt; returns its id. Every check happens here, so a bad request fails now,
-        with a message, instead of failing (or hanging) later inside a step."""
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt as a list of ints, once the request can run here; else a ValueError that says why.
+        Reads only what never changes after construction, so any thread may call it while another steps."""
         check_prompt_ids(prompt_ids)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -246,6 +210,14 @@ class LLMEngine:
         if need > self.blocks.num_blocks:
             raise ValueError(f"request needs {need} KV blocks of {self.blocks.block_size} tokens ({P} prompt + {M} new), "
                              f"but the whole pool has {self.blocks.num_blocks}; raise num_blocks or lower max_new_tokens")
+        return prompt
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+                    request_id: str | None = None) -> str:
+        """Queue a prompt; returns its id. Every check happens here (`check_request`), so a bad request
+        fails now, with a message, instead of failing (or hanging) later inside a step."""
+        prompt = self.check_request(prompt_ids, params)
+        P, M = len(prompt), params.max_new_tokens
         rid = str(next(self._ids)) if request_id is None else request_id
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -269,6 +241,27 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop completions at once and give their blocks and state slots back to the pool.
+
+        index=None: every unfinished completion of the request stops and the engine forgets the request
+        (its `output` is gone); a server calls this when a client disconnects, and also once it has sent a
+        whole answer, so that the engine does not keep every request it ever served. index=i: completion i
+        alone stops (a server found a stop string in its text), finishing with reason "stop"."""
+        if request_id not in self._requests:
+            raise ValueError(f"unknown request id {request_id!r} (never added, or already aborted)")
+        seqs = self._requests[request_id][1]
+        if index is None:
+            del self._requests[request_id]
+        else:
+            seqs = [s for s in seqs if s.index == index]
+            if not seqs:
+                raise ValueError(f"request {request_id!r} has no completion {index} running (its siblings are forked "
+                                 f"at its first token); abort the whole request with index=None")
+        for seq in seqs:
+            if not seq.finished:
+                self.scheduler.abort(seq, "abort" if index is None else "stop")
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -325,8 +318,19 @@ class LLMEngine:
                 reason = self._finish_reason(s, token)
                 if reason:
                     self.scheduler.finish(s, reason)
-                events.append(TokenEvent(s.request_id, s.index, token, reason is not None, reason))
+                events.append(TokenEvent(s.request_id, s.index, token, reason is not None, reason,
+                                         *self._logprobs(logits[b], token, s.params.logprobs)))
         return events
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, token: int, top: int | None) -> tuple:
+        """(logprob of `token`, its `top` most likely alternatives [(id, logprob)]) under the model's own
+        distribution (before temperature, top-k and top-p), or (None, None) when the request asked for none."""
+        if top is None:
+            return None, None
+        logprobs = logits.float().log_softmax(-1)  # (V,)
+        values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
+        return float(logprobs[token]), list(zip(ids.tolist(), values.tolist()))
 
     def _fork(self, seq: Sequence) -> list[Sequence]:
         """At a parent's first sample, its n - 1 siblings: they start from the same logits, and from a copy of

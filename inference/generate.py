@@ -19,6 +19,8 @@ the chat format of the checkpoint's tokenizer (training/chat.py: the zoo's <|use
 reply is printed, without special tokens. It is on by default for a checkpoint (or adapter) that
 training.sft, training.dpo, training.grpo or training.lora wrote, in the format their training record
 names (inference/checkpoint_files.py: `recorded_chat_format`); --no-chat sends the prompt as plain text.
+Loading, the chat format and the text <-> ids rules are training/inference_setup.py's, which
+`python -m inference.serve` shares, so that a server's greedy answer is byte for byte what this prints.
 
 --adapter DIR samples from a base model with a LoRA adapter (PEFT's format, as training.lora.train
 writes it) merged into its weights: the base is --checkpoint, or the local folder the adapter
@@ -29,20 +31,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from safetensors import safe_open
-
-from architectures import registry
 from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.utils.device import add_device_option, add_dtype_option, compute_dtype, resolve_device
-from inference.checkpoint_files import TOKENIZER_FILE, adapter_base, check_adapter, check_checkpoint, recorded_chat_format
 from inference.quantized_kv import valid_kv_dtypes
-from inference.sampling import SamplingParams, eos_ids, stream
-from training.chat import ChatFormat, chat_format
-from training.lora import load_adapter, merge
-from training.lora.lora import find_targets
-from training.lora.peft_format import PREFIX, WEIGHTS_FILE, expected_shapes, read_adapter_config
+from inference.sampling import SamplingParams, stream
+from training.inference_setup import TextCodec, chat_for, load_checkpoint
 from training.tokenizer import Tokenizer
 
 CHAT_HELP = ("send --prompt as one user turn in the chat format of the checkpoint's tokenizer, stop at its end of "
@@ -114,56 +108,6 @@ def parse_args(argv) -> argparse.Namespace:
     return args
 
 
-def load(args, device, dtype) -> tuple:
-    """(model, tokenizer, the folders they came from): the checkpoint, or the base with --adapter merged in."""
-    adapter = check_adapter(args.adapter) if args.adapter else None
-    base = Path(args.checkpoint) if args.checkpoint else adapter_base(adapter)
-    own_tokenizer = adapter is not None and (adapter / TOKENIZER_FILE).is_file()
-    check_checkpoint(base, "--checkpoint" if args.checkpoint else f"--adapter {adapter}'s base",
-                     why_tokenizer=None if own_tokenizer else "generation needs the checkpoint's tokenizer",
-                     adapter_hint="pass it as --adapter DIR (with its base model as --checkpoint DIR if it records none)")
-    tokenizer = Tokenizer.from_file((adapter if own_tokenizer else base) / TOKENIZER_FILE)
-    if adapter is None:
-        return registry.from_pretrained(base, dtype=dtype, device=device), tokenizer, [base]
-    model = registry.from_pretrained(base, device=device)  # fp32: the adapter is merged at full precision
-    check_adapter_fits(model, adapter, base)
-    merge(load_adapter(model, adapter))
-    return model.to(dtype), tokenizer, [base, adapter]
-
-
-def check_adapter_fits(model, adapter: Path, base: Path) -> None:
-    """The adapter's tensors must be those its target modules need on this base, of the same shapes: else one
-    short line with the first difference and their count (load_adapter would list every tensor)."""
-    config = read_adapter_config(adapter)
-    shapes = {n.removeprefix(PREFIX): s for n, s in expected_shapes(model, find_targets(model, config), config).items()}
-    try:
-        with safe_open(str(adapter / WEIGHTS_FILE), framework="pt") as f:
-            found = {k.removeprefix(PREFIX): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception:  # missing, truncated or corrupt: load_adapter says which
-        return
-    diffs = ([f"{n} is not in the adapter" for n in shapes if n not in found]
-             + [f"{n} adapts no module of the base" for n in found if n not in shapes]
-             + [f"{n}: adapter {found[n]} vs base {s}" for n, s in shapes.items() if n in found and found[n] != s])
-    if diffs:
-        more = f" (and {len(diffs) - 1} more differences)" if len(diffs) > 1 else ""
-        raise ValueError(f"--adapter {adapter} does not fit the base model {base}: {diffs[0]}{more}; pass the model it "
-                         f"was trained on as --checkpoint")
-
-
-def chat_for(args, tokenizer: Tokenizer, folders: list[Path]) -> ChatFormat | None:
-    """The chat format to wrap the prompt in, or None for plain text: --chat / --no-chat, else on for the
-    folders a chat method wrote (in the format that run used, if it named one)."""
-    name = next(filter(None, (recorded_chat_format(f) for f in reversed(folders))), None)
-    if not (args.chat if args.chat is not None else name is not None):
-        return None
-    return chat_format(tokenizer, name)
-
-
-def special_ids(tokenizer: Tokenizer) -> set[int]:
-    """The ids of the tokenizer's special tokens (<|eos|>, <|user|>, ...): never printed as a chat reply."""
-    return {i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
-
-
 def show(tokens, tokenizer: Tokenizer, hidden: set[int]) -> str:
     """Print the text of `tokens` as they come (leaving out `hidden` ids) and a newline; returns the text."""
     new: list[int] = []
@@ -187,22 +131,18 @@ def main(argv=None) -> str:
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
-    model, tokenizer, folders = load(args, device, dtype)
-    fmt = chat_for(args, tokenizer, folders)
-    stop_ids = eos_ids(model.config.eos_token_id) | set(fmt.stop_ids if fmt else ())
-    if tokenizer.eos_id is not None:
-        stop_ids.add(tokenizer.eos_id)
-    prompt_ids = tokenizer.encode(args.prompt)
-    if not prompt_ids:
+    model, tokenizer, folders = load_checkpoint(args.checkpoint, args.adapter, device, dtype)
+    fmt = chat_for(args.chat, tokenizer, folders)
+    codec = TextCodec(tokenizer, model.config, fmt)  # the same text <-> ids as python -m inference.serve
+    if not tokenizer.encode(args.prompt):
         raise ValueError("--prompt is empty: give some text to continue")
-    bos = tokenizer.kind == "pretrained" and tokenizer.bos_id is not None
     if fmt is not None:
-        prompt_ids = fmt.prompt([{"role": "user", "content": args.prompt}])
-    elif bos:
-        prompt_ids = [tokenizer.bos_id] + prompt_ids  # published models were trained with a leading bos
+        prompt_ids, stop_ids = codec.chat_prompt([{"role": "user", "content": args.prompt}]), codec.chat_stop_ids
+    else:
+        prompt_ids, stop_ids = codec.completion_prompt(args.prompt), codec.completion_stop_ids
     # The library's `stream` refuses a request that does not fit; a person at a terminal would
     # rather get what fits, told so before the prompt is printed.
-    keep_first = len(fmt.begin()) if fmt is not None else int(bos)
+    keep_first = codec.chat_begin_len if fmt is not None else len(codec.bos)
     prompt_ids, max_new, note = fit_to_context(prompt_ids, args.max_new_tokens, model.config.max_position_embeddings,
                                                keep_first=keep_first)
     if note:
@@ -210,9 +150,9 @@ def main(argv=None) -> str:
         params = SamplingParams(args.temperature, args.top_k, args.top_p, max_new, args.seed)
     tokens = stream(model, prompt_ids, params, stop_ids=stop_ids, use_cache=not args.no_cache, kv_dtype=args.kv_dtype)
     if fmt is not None:  # the reply alone
-        return show(tokens, tokenizer, stop_ids | special_ids(tokenizer))
+        return show(tokens, tokenizer, codec.chat_hidden)
     sys.stdout.write(args.prompt)
-    return args.prompt + show(tokens, tokenizer, stop_ids)
+    return args.prompt + show(tokens, tokenizer, codec.completion_hidden)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ class SamplingParams:
     n: int = 1  # completions of one prompt (parallel sampling); completion i uses seed + i
     stop_token_ids: tuple[int, ...] = ()  # stop after producing any of these (the token is kept)
     ignore_eos: bool = False  # keep going past the model's EOS token (benchmarks want fixed lengths)
+    logprobs: int | None = None  # the engine reports each token's log-probability and this many alternatives'
 
     def __post_init__(self):
         if self.n < 1:
@@ -47,6 +48,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs (alternatives per token) must be >= 0 or None, got {self.logprobs}")
 
 
 def eos_ids(eos_token_id: int | list[int] | None) -> set[int]:
@@ -107,8 +110,9 @@ def stream(model, prompt_ids: list[int], params: SamplingParams = SamplingParams
     check_prompt_ids(prompt_ids)
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's bos id)")
-    if params.n != 1:
-        raise ValueError(f"stream makes one completion, got n={params.n}; use inference.engine.LLMEngine for n > 1")
+    if params.n != 1 or params.logprobs is not None:
+        raise ValueError(f"stream makes one completion and no log-probabilities, got n={params.n}, logprobs="
+                         f"{params.logprobs}; use inference.engine.LLMEngine for those")
     stop_ids = set(stop_ids) | set(params.stop_token_ids)
     limit = model.config.max_position_embeddings
     if len(prompt_ids) + params.max_new_tokens > limit:

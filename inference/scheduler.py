@@ -52,7 +52,7 @@ class Sequence:
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     state_slot: int = -1  # its slot of per-sequence state (models with a StateSpec layer), -1 when none
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (a stop token or EOS) or "length" (max_new_tokens)
+    finish_reason: str | None = None  # "stop" (a stop token, EOS, a stop string), "length" (max_new_tokens), "abort"
 
     @property
     def output_ids(self) -> list[int]:
@@ -178,3 +178,11 @@ class Scheduler:
         seq.block_table = []
         self._free_state(seq)
         self.running.remove(seq)
+
+    def abort(self, seq: Sequence, reason: str) -> None:
+        """End `seq` where it stands, waiting or running: its blocks and state slot go back now."""
+        if seq in self.running:
+            self.finish(seq, reason)
+            return
+        self.waiting.remove(seq)  # a waiting sequence holds no blocks (a preempted one gave them back)
+        seq.finished, seq.finish_reason = True, reason

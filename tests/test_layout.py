@@ -3,7 +3,8 @@
 - Layers: `architectures/utils/` (the ground floor) < `architectures/` < `inference/` < `training/`
   < `fundamentals/`. A library module imports only its own layer or lower ones; the ground floor
   imports nothing of the zoo.
-- Scripts (a folder's `train.py`, `inference/generate.py`, the runnable modules of a `benchmarks/`
+- Scripts (a folder's `train.py`, the inference commands `inference/generate.py`, `inference/serve.py` and
+  `inference/chat.py`, the runnable modules of a `benchmarks/`
   or `experiments/` folder) sit on top of every layer and may import any library module, but never
   another script: what two scripts share is a library (beside them, without a __main__ block, if
   only that folder's scripts use it).
@@ -44,11 +45,14 @@ def layer(module: str) -> int:
     return max(i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + "."))
 
 
+ENTRY_SCRIPTS = ("inference.generate", "inference.serve", "inference.chat")  # the inference commands
+
+
 def is_script(module: str) -> bool:
-    """A folder's train.py, inference/generate.py, or a runnable module (one with a __main__ block) in a
-    benchmarks/ or experiments/ folder; a module there without one is the library its scripts share."""
+    """A folder's train.py, an inference command (ENTRY_SCRIPTS), or a runnable module (one with a __main__
+    block) in a benchmarks/ or experiments/ folder; a module there without one is the library its scripts share."""
     parts = module.split(".")
-    if parts[-1] == "train" or module == "inference.generate":
+    if parts[-1] == "train" or module in ENTRY_SCRIPTS:
         return True
     runnable = 'if __name__ == "__main__"' in MODULES[module].read_text()
     return runnable and ("benchmarks" in parts[:-1] or "experiments" in parts[:-1])

@@ -26,6 +26,7 @@ from architectures.llama3 import Llama3, save_pretrained
 from inference import generate
 from inference.checkpoint_files import STATE_FILE, recorded_chat_format, trained_block_size, training_record
 from training.chat import chat_format
+from training.inference_setup import load_checkpoint
 from training.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from training.lora.lora import ALL_PROJECTIONS, lora_layers
 from training.tokenizer import Tokenizer
@@ -129,7 +130,7 @@ def adapter(chat_base, tmp_path_factory):
 
 def test_the_adapter_is_loaded_onto_the_base_it_records_and_gives_the_adapted_logits(chat_base, adapter):
     args = generate.parse_args(["--adapter", str(adapter), "--prompt", QUESTION])
-    model, tokenizer, folders = generate.load(args, torch.device("cpu"), torch.float32)
+    model, tokenizer, folders = load_checkpoint(args.checkpoint, args.adapter, torch.device("cpu"), torch.float32)
     assert folders == [chat_base, adapter]
     ids = torch.tensor([tokenizer.encode(QUESTION)])
     reference = load_adapter(registry.from_pretrained(chat_base), adapter)  # the adapter applied, not merged
