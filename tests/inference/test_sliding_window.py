@@ -21,7 +21,7 @@ from inference.memory import global_specs, layer_blocks, paged_kv_bytes
 from inference.sampling import SamplingParams, generate
 from tests.conftest import tiny_config
 
-NEW = 24  # new tokens per prompt: with windows of 3 to 8 every sequence runs past 3x its window
+NEW = 18  # new tokens per prompt: with windows of 3 to 6 every sequence (the shortest: 1 + 18) runs past 3x its window
 
 
 def windowed(windows, softcap=None, layers=3, seed=0):
@@ -29,7 +29,7 @@ def windowed(windows, softcap=None, layers=3, seed=0):
     return WindowedLlama(tiny_config(num_hidden_layers=layers), windows, softcap).eval()
 
 
-def prompts(seed=1, lengths=(5, 17, 1, 11, 8)):
+def prompts(seed=1, lengths=(5, 13, 1, 9)):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 97, (n,), generator=g).tolist() for n in lengths]
 
@@ -41,7 +41,16 @@ def completions(outputs):
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=NEW)
 
 
-@pytest.mark.parametrize("windows,softcap", [((4, None, 4), None), ((3, None, 8), None), ((5, None, 5), 2.0),
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matrices on a shared 2-core machine: threads only add contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("windows,softcap", [((4, None, 4), None), ((3, None, 6), None), ((5, None, 5), 2.0),
                                              ((6, 6, 6), None), ((None, None, None), 1.5)],
                          ids=["local-global-local", "two-windows", "softcap", "all-local", "softcap-only"])
 def test_paged_engine_gives_the_tokens_of_no_cache_and_of_the_naive_cache(windows, softcap):
@@ -69,16 +78,17 @@ def test_the_reference_attention_applies_windows_and_softcaps():
 
 
 def test_int8_blocks_give_the_tokens_of_the_int8_naive_cache():
-    model, batch = windowed((4, None, 4), 3.0), prompts()
+    model, batch = windowed((4, None, 4), 3.0), prompts(lengths=(5, 13))
+    few = SamplingParams(temperature=0.0, max_new_tokens=12)  # past 3x the window of 4
     engine = LLMEngine(model, EngineConfig(block_size=4, num_blocks=256, kv_dtype="int8"))
-    assert completions(engine.generate(batch, GREEDY)) == [generate(model, p, GREEDY, kv_dtype="int8") for p in batch]
+    assert completions(engine.generate(batch, few)) == [generate(model, p, few, kv_dtype="int8") for p in batch]
 
 
 def test_preemption_and_parallel_sampling_with_windows():
     model, batch = windowed((4, None, 4)), prompts()
     expected = [generate(model, p, GREEDY, use_cache=False) for p in batch]
-    # 3 groups x 11 blocks hold the longest request's recompute (17 + 24 - 1 tokens) but not the batch
-    small = LLMEngine(model, EngineConfig(block_size=4, num_blocks=33))
+    # 3 groups x 8 blocks hold the longest request's recompute (13 + 18 - 1 tokens) but not the batch
+    small = LLMEngine(model, EngineConfig(block_size=4, num_blocks=24))
     assert completions(small.generate(batch, GREEDY)) == expected
     assert small.stats.preemptions > 0 and small.blocks.num_used == 0
     params = SamplingParams(temperature=1.0, max_new_tokens=NEW, seed=3, n=3)
@@ -180,3 +190,43 @@ def test_block_manager_gives_back_blocks_before_the_window_and_keeps_its_invaria
     grouped.free(tables)
     blocks.check_invariants([])
     assert blocks.num_used == 0 and isinstance(grouped.take_prefix([[], []])[1], BlockTable)
+
+
+def test_the_benchmark_runs_its_checks_and_both_models_at_a_tiny_size(capsys):
+    from inference.benchmarks.sliding_window import main
+
+    rows = main(["--smoke", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "ok=0" not in out and out.count("check tokens ok=1") == 8  # 4 paths x 2 soft-caps on a CPU
+    windowed, every = rows
+    assert (windowed["model"], every["model"]) == ("windowed", "global") and windowed["preemptions"] == 0
+    assert windowed["seqs_in_budget"] > every["seqs_in_budget"] == 3  # the budget is what 3 global ones need
+    assert out.rstrip().splitlines()[-1].startswith("| global |")
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU path: needs CUDA (run on the GPU machine; the "
+                                                                     "CPU suite checks the gather and the reference)")
+
+
+@needs_gpu
+def test_triton_kernel_with_windows_and_softcaps_matches_the_reference_on_gpu():
+    from inference.benchmarks.sliding_window import check_kernel
+
+    check_kernel(torch.device("cuda"))  # raises SystemExit on the first mismatch
+
+
+@needs_gpu
+def test_engine_with_the_kernel_and_cuda_graphs_gives_the_tokens_of_no_cache_on_gpu():
+    from inference.benchmarks.sliding_window import check_tokens
+
+    check_tokens(torch.device("cuda"), window=8)  # gather, triton, triton + CUDA graphs vs no cache and naive
+
+
+@needs_gpu
+def test_int8_blocks_under_the_kernel_and_cuda_graphs_give_the_gather_paths_tokens_on_gpu():
+    model, batch = windowed((4, None, 4), 3.0), prompts()
+    model = model.cuda()
+    runs = [completions(LLMEngine(model, EngineConfig(block_size=4, num_blocks=256, kv_dtype="int8", **kw))
+                        .generate(batch, GREEDY)) for kw in (dict(attention="gather"), dict(attention="triton"),
+                                                             dict(attention="triton", cuda_graphs=True))]
+    assert runs[0] == runs[1] == runs[2]
