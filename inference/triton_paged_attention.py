@@ -142,12 +142,11 @@ def _kernel():
                             stride_ksblk, stride_ksslot, stride_kshead, stride_vsblk, stride_vsslot, stride_vshead,
                             qk_scale,  # softmax scale * log2(e): scores in base 2 (with SOFTCAP: the scale alone)
                             split_len,  # keys per split of the context (a multiple of TILE)
-                            window,  # WINDOWED: a query sees the last `window` keys of its context
+                            window,  # a query sees the last `window` keys of its context (2**30: all of them)
                             cap_log2e, two_over_cap,  # SOFTCAP: softcap * log2(e) and 2 * log2(e) / softcap
                             R: tl.constexpr, R_BLOCK: tl.constexpr, D: tl.constexpr, D_EXTRA: tl.constexpr,
                             DV: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
-                            QUANT: tl.constexpr, V_IS_K: tl.constexpr, SPLIT: tl.constexpr,
-                            WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr):
+                            QUANT: tl.constexpr, V_IS_K: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr):
         b = tl.program_id(0)  # sequence
         kh = tl.program_id(1) // tl.cdiv(R, R_BLOCK)  # KV head
         hb = tl.program_id(1) % tl.cdiv(R, R_BLOCK)  # which block of R_BLOCK of its r query heads
@@ -169,10 +168,8 @@ def _kernel():
         m = tl.full((R_BLOCK,), float("-inf"), tl.float32)  # running max of the scores, per query row
         l = tl.zeros((R_BLOCK,), tl.float32)  # running sum of exp2(s - m)
         acc = tl.zeros((R_BLOCK, DV), tl.float32)  # running sum of exp2(s - m) * v
-        base = 0
-        if WINDOWED:  # keys ctx - window .. ctx - 1: the window's first position, not 0, starts the walk
-            base = tl.maximum(ctx - window, 0)
-        lo = base + split * split_len
+        # keys ctx - window .. ctx - 1 are visible: the window's first position, not 0, starts the walk
+        lo = tl.maximum(ctx - window, 0) + split * split_len
         hi = tl.minimum(ctx, lo + split_len)
         for start in range(lo, hi, TILE):
             tok = start + tl.arange(0, TILE)  # (TILE,) logical positions
@@ -314,10 +311,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         *out_strides, *ml_strides, ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1),
         vs.stride(2), (1 if softcap else math.log2(math.e)) * (1 / math.sqrt(dk) if scale is None else scale),
-        split_len, window or 0, math.log2(math.e) * (softcap or 1.0), 2 * math.log2(math.e) / (softcap or 1.0),
+        split_len, window or 2**30, math.log2(math.e) * (softcap or 1.0), 2 * math.log2(math.e) / (softcap or 1.0),
         R=r, R_BLOCK=r_block, D=D, D_EXTRA=D_extra, DV=dv, BS=bs, TILE=tile,
         PRECISION=precision, QUANT=quant, V_IS_K=values_in_keys, SPLIT=splits > 1,
-        WINDOWED=window is not None, SOFTCAP=softcap is not None,
+        SOFTCAP=softcap is not None,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}))
     return merge_splits(out, m, l, q.dtype) if splits > 1 else out
 
