@@ -37,6 +37,8 @@ def kernel_unavailable_reason(spec, fmt, device: torch.device, block_size: int) 
         return (f"the Triton decode kernels read plain caches of the model's dtype, int8/fp8 ones and int4 ones "
                 f"of a bf16 model, not kv_dtype={fmt.name!r} with a {fmt.compute_dtype} model")
     if isinstance(spec, KVSpec) and fmt.name == "int4":
+        if spec.softcap is not None:
+            return "the int4 decode kernel applies no attention soft-cap"
         if (spec.v_head_dim or spec.head_dim) != spec.head_dim:
             return "the int4 decode kernel reads K and V of equal widths only"
         return kivi_unavailable_reason(device, spec.head_dim, block_size)

@@ -17,6 +17,13 @@ Invariants (checked by `check_invariants`, and by the property tests after every
 - a block is free (ref_count 0) or in use, never both; no block is lost;
 - a prefix-cache hit returns only blocks whose whole prefix of tokens equals the query's.
 
+Sliding windows (inference/kv_groups.py). A model whose layers attend over different windows keeps
+one table per group of layers, all over this one pool of blocks; `group` names the table's group in
+the calls that register or match prefixes (each group has its own chain, rooted at `_root(group)`),
+and a windowed group's `allocate` first gives back the blocks wholly before its window. A given-back
+entry of a table becomes RELEASED (-1); such entries always form the table's prefix, counted by
+`BlockTable.released`.
+
 Prefix caching. A full block is keyed by h_i = hash(h_{i-1}, tokens of block i), so a key
 names the whole prefix up to and including the block, not just its own 16 tokens. A hash can
 collide, so a hit also compares the stored (parent, tokens) with the query's, where parent is
@@ -29,6 +36,19 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
+
+
+RELEASED = -1  # a table entry whose block was given back (a windowed group's block before its window)
+
+
+class BlockTable(list):
+    """A sequence's block table for one group of layers: physical block ids by logical block. Its first
+    `released` entries are RELEASED: the blocks before a windowed group's window, given back to the pool."""
+    __slots__ = ("released",)
+
+    def __init__(self, blocks=(), released: int = 0):
+        super().__init__(blocks)
+        self.released = released
 
 
 class NoFreeBlocks(RuntimeError):
@@ -69,11 +89,17 @@ class BlockManager:
 
     # ---- prefix cache ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _root(group: int):
+        """The parent of a group's first block: None for group 0, a negative number (never a content id) for
+        the others, so that equal tokens in two groups (two sets of layers) never match each other."""
+        return None if group == 0 else -1 - group
+
     def _key(self, parent: int | None, token_ids, i: int) -> tuple:
         bs = self.block_size
         return parent, tuple(token_ids[i * bs:(i + 1) * bs])
 
-    def match_prefix(self, token_ids: list[int]) -> list[int]:
+    def match_prefix(self, token_ids: list[int], group: int = 0) -> list[int]:
         """Cached blocks holding the longest prefix of `token_ids`, in order (no refs are taken).
 
         The block holding the last token is never matched: its logits must be computed, and its
@@ -82,7 +108,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        h, parent = None, None
+        h = parent = self._root(group)
         for i in range((len(token_ids) - 1) // self.block_size):
             key = self._key(parent, token_ids, i)
             h = self.hash_fn((h, key[1]))
@@ -93,16 +119,17 @@ class BlockManager:
             parent = self.block_uid[b]
         return hits
 
-    def _register(self, table: list[int], token_ids: list[int], i: int) -> None:
+    def _register(self, table: list[int], token_ids: list[int], i: int, group: int = 0) -> None:
         """Make full block table[i] findable by later prompts starting with token_ids[:(i+1)*bs]."""
         b = table[i]
         if self.block_uid[b] is not None:
             return  # already registered (a prefix hit, or registered by an earlier step)
-        if i > 0 and self.block_uid[table[i - 1]] is None:
-            return  # the chain is broken (the parent could not be registered), so this is unreachable
-        parent = self.block_uid[table[i - 1]] if i > 0 else None
+        if i > 0 and (table[i - 1] == RELEASED or self.block_uid[table[i - 1]] is None):
+            return  # the chain is broken (the parent was given back or could not be registered): unreachable
+        root = self._root(group)
+        parent = self.block_uid[table[i - 1]] if i > 0 else root
         key = self._key(parent, token_ids, i)
-        h = self.hash_fn((self.block_hash[table[i - 1]] if i > 0 else None, key[1]))
+        h = self.hash_fn((self.block_hash[table[i - 1]] if i > 0 else root, key[1]))
         other = self.cached.get(h)
         if other is not None and self.block_key[other] == key:
             # The same content is cached in another block (two equal prompts in one step): share
@@ -148,27 +175,54 @@ class BlockManager:
             self.filled_in_use += self.filled[b]
         self.ref_count[b] += 1
 
-    def blocks_needed(self, table: list[int], start: int, end: int) -> int:
-        """Free blocks `allocate(table, ..., start, end)` will take: new blocks, plus one copy if the
-        block that receives token `start` is shared."""
+    def blocks_needed(self, table: list[int], start: int, end: int, window: int | None = None) -> int:
+        """Free blocks `allocate(table, ..., start, end, window=window)` will take: new blocks, plus one copy
+        if the block that receives token `start` is shared, less the blocks its window gives back to the
+        free list first (those it alone holds). Never below 0."""
         new = max(0, self.blocks_for(end) - len(table))
         i = start // self.block_size
         cow = i < len(table) and self.ref_count[table[i]] > 1
-        return new + int(cow)
+        freed = sum(self.ref_count[table[j]] == 1 for j in self._outside_window(table, start, window))
+        return max(0, new + int(cow) - freed)
 
-    def prompt_blocks_needed(self, token_ids: list[int]) -> tuple[int, list[int]]:
-        """(free blocks needed to admit this prompt, its prefix-cache hits)."""
-        hits = self.match_prefix(token_ids)
+    def _outside_window(self, table: list[int], start: int, window: int | None) -> list[int]:
+        """Indices of the table's held blocks that lie wholly before the window of a query at `start` (which
+        sees positions start - window + 1 .. start): a block j ends at (j + 1) * bs - 1 < start - window + 1.
+        Given-back entries form the table's prefix, so the walk down from the last such block stops at the
+        first of them: each block is visited once over a sequence's life."""
+        if window is None:
+            return []
+        out, j = [], min((start - window + 1) // self.block_size, len(table)) - 1
+        while j >= 0 and table[j] != RELEASED:
+            out.append(j)
+            j -= 1
+        return out
+
+    def release_outside_window(self, table: BlockTable, start: int, window: int | None) -> None:
+        """Give back the blocks of a windowed group's table that no query at `start` or later can see; changes
+        `table` (their entries become RELEASED). A block another table shares stays with it; a cached block
+        stays findable until it is evicted, as any freed cached block does, so its K/V are intact while served."""
+        outside = self._outside_window(table, start, window)
+        if outside:
+            self.free([table[j] for j in outside])
+            for j in outside:
+                table[j] = RELEASED
+            table.released = max(table.released, outside[0] + 1)
+
+    def prompt_blocks_needed(self, token_ids: list[int], group: int = 0) -> tuple[int, list[int]]:
+        """(free blocks needed to admit this prompt, its prefix-cache hits in `group`'s chain)."""
+        hits = self.match_prefix(token_ids, group)
         revived = sum(self.ref_count[b] == 0 for b in hits)  # hits sitting in the free list
         return self.blocks_for(len(token_ids)) - len(hits) + revived, hits
 
-    def take_prefix(self, hits: list[int]) -> list[int]:
+    def take_prefix(self, hits: list[int]) -> BlockTable:
         """A new table starting with the hit blocks (their refs taken); extend it with `allocate`."""
         for b in hits:
             self._incref(b)
-        return list(hits)
+        return BlockTable(hits)
 
-    def allocate(self, table: list[int], token_ids: list[int], start: int, end: int) -> list[tuple[int, int]]:
+    def allocate(self, table: list[int], token_ids: list[int], start: int, end: int, group: int = 0,
+                 window: int | None = None) -> list[tuple[int, int]]:
         """Give `table` slots for tokens start .. end-1 about to be written; changes `table`.
 
         Returns the copy-on-write copies [(src, dst)] that the KV pool must do before the write:
@@ -176,7 +230,11 @@ class BlockManager:
         private copy instead. Full blocks are registered in the prefix cache now, before the
         forward pass that fills them: every layer writes a step's K/V before any attention of
         that layer reads, so a later prompt of the same step may already hit them.
+        window: a windowed group's table (a `BlockTable`) first gives back the blocks before the window
+        of the query at `start` (`release_outside_window`).
         """
+        if window is not None:
+            self.release_outside_window(table, start, window)
         bs, copies = self.block_size, []
         i = start // bs
         if i < len(table) and self.ref_count[table[i]] > 1:
@@ -190,19 +248,22 @@ class BlockManager:
         for j in range(i, self.blocks_for(end)):
             self._set_filled(table[j], min(bs, end - j * bs))
             if self.enable_prefix_caching and end >= (j + 1) * bs:
-                self._register(table, token_ids, j)
+                self._register(table, token_ids, j, group)
         return copies
 
-    def fork(self, table: list[int]) -> list[int]:
+    def fork(self, table: list[int]) -> BlockTable:
         """A child table sharing every block of `table` (parallel sampling); copies happen on write."""
         for b in table:
-            self._incref(b)
-        return list(table)
+            if b != RELEASED:
+                self._incref(b)
+        return BlockTable(table, getattr(table, "released", 0))
 
     def free(self, table: list[int]) -> None:
         """Drop `table`'s references (the caller discards the table). Blocks are released last
         first, so the LRU evicts a sequence's tail before its prefix, which is likelier reused."""
         for b in reversed(table):
+            if b == RELEASED:
+                continue
             if self.ref_count[b] <= 0:
                 raise RuntimeError(f"block {b} freed more often than it was taken (double free)")
             self.ref_count[b] -= 1
@@ -221,8 +282,10 @@ class BlockManager:
         """Raise AssertionError unless the bookkeeping matches `tables`, all the live tables."""
         held = [0] * self.num_blocks
         for t in tables:
-            for b in t:
-                held[b] += 1
+            for j, b in enumerate(t):
+                assert b != RELEASED or j < getattr(t, "released", 0), "a given-back entry outside the table's prefix"
+                if b != RELEASED:
+                    held[b] += 1
         assert held == self.ref_count, "a block's ref_count differs from the number of tables holding it"
         free = list(self.free_uncached) + list(self.free_cached)
         assert len(free) == len(set(free)), "a block is twice in the free lists"

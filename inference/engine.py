@@ -37,6 +37,11 @@ what the engine does follows the layers' cache specs, never the architecture. Th
 such layers one state slot per seat (max_num_seqs), the scheduler gives each running sequence a
 slot, a forked sequence gets a copy of its parent's state, and prefix caching is off: a cached
 prefix of K/V blocks cannot restore the state the layers had after it.
+
+Sliding-window layers (Gemma 2 and 3) keep one block table per group of layers (inference/kv_groups.py):
+a windowed group's blocks before its window go back to the pool as a sequence advances, so a long
+sequence's memory grows with its global layers only; each layer reads through its group's tables, with
+its own window and soft-cap, on every attention path.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import torch
 from inference.attention_choice import choose_attention
 from inference.block_manager import BlockManager, StateSlots
 from inference.cuda_graphs import DecodeGraphs
+from inference.kv_groups import GroupedBlocks
 from inference.kv_pool import PagedKVPool
 from inference.paged_cache import PagedBatch
 from inference.quantized_kv import valid_kv_dtypes
@@ -160,7 +166,7 @@ class LLMEngine:
         slots = cfg.max_num_seqs if stateful or residual else 0  # one per seat
         self.pool = PagedKVPool.for_model(model, num_blocks, cfg.block_size, slots, cfg.kv_dtype)
         self.blocks = BlockManager(num_blocks, cfg.block_size, self.prefix_caching)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+        self.scheduler = Scheduler(self._grouped(self.blocks), cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    StateSlots(slots) if slots else None)
         self.attention = choose_attention(cfg.attention, model, self.kv_format, self.device, cfg.block_size)
         self.graphs = DecodeGraphs(model, self.pool, cfg.max_num_seqs, self.attention) if cfg.cuda_graphs else None
@@ -169,6 +175,10 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._requests: dict[str, tuple[list[int], list[Sequence]]] = {}
         self._eos = eos_ids(model.config.eos_token_id)
+
+    def _grouped(self, blocks: BlockManager) -> GroupedBlocks:
+        """The block tables of each sequence, one per group of layers of the pool (one without windows)."""
+        return GroupedBlocks(blocks, [g.window for g in self.pool.table_groups])
 
     def _default_num_blocks(self) -> int:
         if self.device.type != "cuda":
@@ -205,8 +215,9 @@ class LLMEngine:
             raise ValueError(f"prompt of {P} tokens + max_new_tokens={M} exceeds max_model_len={self.max_model_len}; "
                              f"lower max_new_tokens to at most {self.max_model_len - P} or shorten the prompt")
         # K/V are stored for every token but the last generated one. A sequence that needs more
-        # blocks than the whole pool could never finish: refuse it now rather than hang later.
-        need = self.blocks.blocks_for(P + M - 1)
+        # blocks than the whole pool could never finish: refuse it now rather than hang later. With
+        # sliding windows that is every group's blocks of the whole sequence, as a recompute holds them.
+        need = self.scheduler.blocks.peak_blocks(P + M - 1)
         if need > self.blocks.num_blocks:
             raise ValueError(f"request needs {need} KV blocks of {self.blocks.block_size} tokens ({P} prompt + {M} new), "
                              f"but the whole pool has {self.blocks.num_blocks}; raise num_blocks or lower max_new_tokens")
@@ -381,4 +392,4 @@ class LLMEngine:
         if self.has_unfinished():
             raise RuntimeError("reset_prefix_cache needs an idle engine; finish or drop the requests first")
         self.blocks = BlockManager(self.blocks.num_blocks, self.blocks.block_size, self.prefix_caching)
-        self.scheduler.blocks = self.blocks
+        self.scheduler.blocks = self._grouped(self.blocks)

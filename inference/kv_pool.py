@@ -15,6 +15,11 @@ slots instead of blocks, one per running sequence (inference/block_manager.py's 
 Block `num_blocks` of the pool (one past the blocks the block manager hands out) is scratch:
 padding rows of a CUDA-graph batch write there, so they never touch a sequence's blocks.
 
+Sliding-window layers (inference/kv_groups.py): the attention layers are grouped by window into
+groups of g layers, each group with its own block table per sequence, all over these blocks. A block is
+then g pages, one per slot of a group: one stacked tensor per stored name of (g, num_blocks + 1, bs, ...),
+whose slot j serves layer j of every group, so a block costs g layers' bytes, not every layer's.
+
 Quantized K/V (`kv_dtype`, inference/quantized_kv.py): the blocks hold codes and their scales
 (int8, fp8: k, k_scale, v, v_scale, each (num_blocks + 1, bs, K, ...)). int4 (KIVI) quantizes a
 block's keys per channel over its bs tokens, so a block is quantized only when it fills; until then
@@ -27,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from architectures.common.cache import CacheSpec, bytes_per_sequence
+from inference.kv_groups import TableGroup, table_groups
 from inference.quantized_kv import (KVFormat, bytes_per_group, check_int4_shapes, kv_format,
                                     residual_bytes_per_sequence)
 
@@ -60,21 +66,23 @@ class PagedKVPool:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_block = num_blocks
         self.specs = list(specs)  # layer -> its declaration (a decode kernel reads a latent by its value width)
-        groups: dict[CacheSpec, list[int]] = {}
-        for i, spec in enumerate(specs):
-            if spec is not None and spec.per_token:
-                groups.setdefault(spec, []).append(i)
+        self.table_groups: list[TableGroup] = table_groups(specs)  # one block table per sequence in each
+        self.group_of = {layer: g for g, grp in enumerate(self.table_groups) for layer in grp.layers}
+        if fmt.residual and len(self.table_groups) > 1:
+            raise ValueError("kv_dtype='int4' keeps each sequence's unfilled block in a residual that follows one block "
+                             "table, and sliding-window layers keep one table per group of layers; use kv_dtype='int8' "
+                             "or 'fp8' (or the model's dtype) with sliding windows")
         per_block = block_size // fmt.token_group  # quantization groups per block: bs, or 1 for int4
-        self.stacks: list[dict[str, torch.Tensor]] = []  # per group: {part: (layers, num_blocks + 1, per_block, *part)}
+        self.stacks: list[dict[str, torch.Tensor]] = []  # per stack: {part: (entries, num_blocks + 1, per_block, *part)}
         self.shapes: dict[int, dict[str, tuple[int, ...]]] = {}  # layer -> {name: per-token shape}
-        self._where: dict[int, tuple[int, int]] = {}  # layer -> (group, index within the group)
-        for g, (spec, layers) in enumerate(groups.items()):
-            self.stacks.append({part: torch.zeros(len(layers), num_blocks + 1, per_block, *shape, dtype=dt,
+        self._where: dict[int, tuple[int, int]] = {}  # layer -> (stack, entry within the stack)
+        for g, (spec, entries) in enumerate(_stacks(specs, self.table_groups)):
+            self.stacks.append({part: torch.zeros(len(entries), num_blocks + 1, per_block, *shape, dtype=dt,
                                                   device=device)
                                 for name, full in spec.per_token.items()
                                 for part, (shape, dt) in fmt.group_parts(name, full).items()})
-            self._where.update({layer: (g, j) for j, layer in enumerate(layers)})
-            self.shapes.update({layer: dict(spec.per_token) for layer in layers})
+            self._where.update({layer: (g, j) for j, layers in enumerate(entries) for layer in layers})
+            self.shapes.update({layer: dict(spec.per_token) for layers in entries for layer in layers})
         # int4: layer -> {name: (num_state_slots, block_size, *shape)}, the full-precision tokens of each
         # sequence's last, unfilled block
         self.residual: dict[int, dict[str, torch.Tensor]] = {
@@ -98,7 +106,7 @@ class PagedKVPool:
         """Bytes one block costs over all layers: block_size x the model's bytes per cached token, scales included."""
         p = next(model.parameters())
         fmt = PagedKVPool.block_format(kv_dtype, p.dtype, p.device, block_size)
-        return block_size // fmt.token_group * bytes_per_group(model.cache_specs(), fmt)
+        return block_size // fmt.token_group * bytes_per_group(block_specs(model.cache_specs()), fmt)
 
     @staticmethod
     def bytes_per_state_slot(model) -> int:
@@ -153,6 +161,28 @@ class PagedKVPool:
             dst = torch.tensor([d for _, d in copies], device=self.device)
             for t in self.tensors():
                 t[:, dst] = t[:, src]
+
+
+def _stacks(specs: list[CacheSpec | None], groups: list[TableGroup]) -> list[tuple[CacheSpec, list[list[int]]]]:
+    """How the pool stacks its tensors: [(spec giving the shapes, entries)], entry j of a stack serving the
+    layers entries[j]. One table group (no windows): a stack per distinct spec, an entry per layer. Several
+    (windows): one stack of g entries, entry j serving layer j of every group (every layer caches the same
+    shapes, `table_groups` checks)."""
+    if len(groups) > 1:
+        entries = [[grp.layers[j] for grp in groups] for j in range(len(groups[0].layers))]
+        return [(specs[groups[0].layers[0]], entries)]
+    by_spec: dict[CacheSpec, list[list[int]]] = {}
+    for i, spec in enumerate(specs):
+        if spec is not None and spec.per_token:
+            by_spec.setdefault(spec, []).append([i])
+    return list(by_spec.items())
+
+
+def block_specs(specs: list[CacheSpec | None]) -> list[CacheSpec | None]:
+    """The specs of the layers one block holds pages of: every layer that keeps something per token, or, with
+    sliding windows, the g layers of one table group (inference/kv_groups.py)."""
+    groups = table_groups(specs)
+    return specs if len(groups) == 1 else [specs[i] for i in groups[0].layers]
 
 
 def index_copy(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:

@@ -18,6 +18,14 @@ The formulas are
 checked against the bytes of real `NaiveKVCache` and `PagedKVPool` tensors by
 tests/inference/test_memory.py; notes/kv-cache.md uses them.
 
+A sliding-window layer (`KVSpec.window`, Gemma 2 and 3) needs only the keys of its last `window` tokens,
+and the paged engine gives its older blocks back (inference/kv_groups.py), so the paged lines count, per
+layer, the blocks of the whole sequence (global layers) or of its last `window` tokens (windowed ones);
+the naive cache still reserves every slot. For Gemma 3 1B (4 global and 22 local layers of one KV head of
+256, window 512) one sequence of 32,768 tokens in bf16 holds
+    4 x 32768 x 1024 + 22 x 512 x 1024 = 145,752,064 bytes, against 26 x 32768 x 1024 = 872,415,232 if global:
+    python -m inference.memory --family gemma --preset gemma-3-1b --seq-len 32768 --batch 1
+
 A model whose layers cache a latent (multi-head latent attention) gets two lines of contrast,
 computed for the same layers: its attention with each head's K and V cached decompressed (the
 spec its config declares, `decompressed_kv_spec()`), and grouped-query attention with Llama 3
@@ -40,6 +48,7 @@ tests/inference/test_quantized_kv.py):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import torch
@@ -48,6 +57,7 @@ from architectures import registry
 from architectures.common.cache import KVSpec, LatentSpec, bytes_per_sequence, bytes_per_token
 from architectures.utils.command_line import ArgumentParser, command_line
 from architectures.llama3.config import LlamaConfig
+from inference.kv_groups import table_groups
 from inference.command_checks import check_at_least, check_preset, default_preset, presets_help
 from inference.quantized_kv import PLAIN, QUANTIZED, kv_format, residual_bytes_per_sequence
 from inference.quantized_kv import bytes_per_token as quantized_bytes_per_token
@@ -77,10 +87,38 @@ def naive_kv_bytes(specs: list, batch: int, capacity: int, dtype_bytes: int) -> 
     return batch * capacity * kv_bytes_per_token(specs, dtype_bytes)
 
 
-def paged_kv_bytes(specs: list, lengths: list[int], block_size: int, dtype_bytes: int) -> int:
-    """K/V blocks actually held by sequences of these lengths (the pool itself may be larger)."""
-    blocks = sum(-(-n // block_size) for n in lengths)
-    return blocks * block_size * kv_bytes_per_token(specs, dtype_bytes)
+def layer_blocks(spec, n: int, block_size: int) -> int:
+    """Blocks one layer holds for a sequence of n stored tokens: all ceil(n / bs), or, for a sliding-window
+    layer, those holding its last min(n, window) tokens (positions n - window .. n - 1), which is what the
+    engine keeps between steps."""
+    window = getattr(spec, "window", None)
+    if window is None or n <= window:
+        return -(-n // block_size)
+    return (n - 1) // block_size - (n - window) // block_size + 1
+
+
+def paged_kv_bytes(specs: list, lengths: list[int], block_size: int, dtype_bytes: int,
+                   layer_bytes=None) -> int | float:
+    """K/V blocks actually held by sequences of these lengths (the pool itself may be larger), layer by layer:
+    a sliding-window layer holds the blocks of its window only. layer_bytes(spec): the bytes a token costs in
+    one layer (default: `bytes_per_token` of that layer alone, in dtype_bytes)."""
+    layer_bytes = layer_bytes or (lambda spec: bytes_per_token([spec], dtype_bytes))
+    return sum(layer_blocks(spec, n, block_size) * block_size * layer_bytes(spec)
+               for spec in specs if spec is not None and spec.per_token for n in lengths)
+
+
+def global_specs(specs: list) -> list:
+    """The same layers with every sliding window removed: what the cache would hold if all were global."""
+    return [dataclasses.replace(s, window=None) if getattr(s, "window", None) is not None else s for s in specs]
+
+
+def windowed_layers(specs: list) -> dict[int, int]:
+    """{window: number of layers with it}, {} for a model without sliding windows."""
+    out: dict[int, int] = {}
+    for s in specs:
+        if getattr(s, "window", None) is not None:
+            out[s.window] = out.get(s.window, 0) + 1
+    return out
 
 
 def block_table_bytes(lengths: list[int], block_size: int, entry_bytes: int = 4) -> int:
@@ -96,7 +134,8 @@ def describe(specs: list) -> str:
     parts = []
     for spec, n in counts.items():
         if isinstance(spec, KVSpec) and spec.v_head_dim in (None, spec.head_dim):
-            parts.append(f"2 (K and V) x {n} layers x {spec.num_kv_heads} KV heads x {spec.head_dim} head_dim")
+            window = f" (window {spec.window})" if spec.window is not None else ""
+            parts.append(f"2 (K and V) x {n} layers{window} x {spec.num_kv_heads} KV heads x {spec.head_dim} head_dim")
         elif isinstance(spec, KVSpec):
             parts.append(f"{n} layers x {spec.num_kv_heads} KV heads x ({spec.head_dim} K + {spec.v_head_dim} V)")
         else:
@@ -134,6 +173,18 @@ def latent_contrasts(specs: list, cfg) -> dict[str, tuple[str, list]]:
     out["gqa"] = (f"grouped-query attention of the same depth, Llama 3 70B's grouping ({gqa.num_kv_heads} KV heads "
                   f"of {gqa.head_dim})", swap(gqa))
     return out
+
+
+def _print_windows(specs: list, windows: dict[int, int], a, lengths: list[int], paged: int, nbytes: int) -> None:
+    """The lines of a model with sliding-window layers: what they hold, against the same layers all global."""
+    every = paged_kv_bytes(global_specs(specs), lengths, a.block_size, nbytes)
+    n_global = sum(1 for s in specs if s is not None and s.per_token and getattr(s, "window", None) is None)
+    kept = ", ".join(f"{n} layers the blocks of their last {w} tokens" for w, n in sorted(windows.items()))
+    print(f"sliding windows: {n_global} global layers keep every block, {kept}: {paged} bytes of K/V for "
+          f"{a.batch} sequence(s) of {lengths[0]} tokens, against {every} bytes if every layer were global "
+          f"({every / paged:.2f}x)")
+    print(f"memory windows preset={a.preset} dtype={a.dtype} batch={a.batch} mean_len={lengths[0]} "
+          f"block_size={a.block_size} kv_bytes={paged} global_kv_bytes={every}")
 
 
 def _gib(n: int) -> str:
@@ -174,7 +225,7 @@ def main(argv=None) -> dict:
     naive = naive_kv_bytes(specs, a.batch, a.seq_len, nbytes) + a.batch * per_seq
     lengths = [mean] * a.batch
     paged = paged_kv_bytes(specs, lengths, a.block_size, nbytes) + a.batch * per_seq
-    tables = block_table_bytes(lengths, a.block_size)
+    tables = block_table_bytes(lengths, a.block_size) * len(table_groups(specs))  # a table per group of layers
     print(f"{a.preset}: {describe(specs)} x {nbytes} bytes ({a.dtype}) = {per_token} bytes = "
           f"{per_token / 1024:.1f} KiB per token")
     contrasts = {}
@@ -188,9 +239,13 @@ def main(argv=None) -> dict:
     state = f" (+ {a.batch} x {per_seq} bytes of state)" if per_seq else ""
     print(f"naive: {a.batch} sequences x {a.seq_len} reserved slots{state} = {_gib(naive)} GiB, "
           f"of which {mean / a.seq_len:.1%} hold tokens")
+    windows = windowed_layers(specs)
+    held = "" if windows or not per_token else \
+        f", {a.batch * mean * per_token / (paged - a.batch * per_seq):.1%} of slots hold tokens"
     print(f"paged: {a.batch} sequences x ceil({mean}/{a.block_size}) blocks x {a.block_size} slots{state} = "
-          f"{_gib(paged)} GiB (+ {tables} bytes of block tables)"
-          + (f", {a.batch * mean * per_token / (paged - a.batch * per_seq):.1%} of slots hold tokens" if per_token else ""))
+          f"{_gib(paged)} GiB (+ {tables} bytes of block tables){held}")
+    if windows:
+        _print_windows(specs, windows, a, lengths, paged - a.batch * per_seq, nbytes)
     common = f"preset={a.preset} dtype={a.dtype} batch={a.batch} seq_len={a.seq_len} mean_len={mean} block_size={a.block_size}"
     print(f"memory cache=naive {common} bytes_per_token={per_token} bytes_per_sequence={per_seq} total_bytes={naive} "
           f"total_gib={_gib(naive)}")
@@ -226,8 +281,9 @@ def _quantized(a, specs: list, mean: int) -> dict:
     per_seq = bytes_per_sequence(specs, DTYPE_BYTES[a.dtype]) + residual  # state, and int4's residual
     plain = kv_bytes_per_token(specs, DTYPE_BYTES[a.dtype])
     naive = math.ceil(a.batch * a.seq_len * per_token) + a.batch * per_seq
-    blocks = a.batch * -(-mean // a.block_size)
-    paged = math.ceil(blocks * a.block_size * per_token) + a.batch * per_seq
+    fmt = kv_format(a.kv_dtype, PLAIN[a.dtype], "cpu", a.block_size if a.kv_dtype == "int4" else None)
+    held = paged_kv_bytes(specs, [mean] * a.batch, a.block_size, 0, lambda s: quantized_bytes_per_token([s], fmt))
+    paged = math.ceil(held) + a.batch * per_seq
     tables = block_table_bytes([mean] * a.batch, a.block_size)
     how = {"int8": "int8 codes + an fp16 scale per token and KV head",
            "fp8": "fp8 e4m3 codes + an fp16 scale per token and KV head",

@@ -21,6 +21,12 @@ A layer with a per-sequence state (Mamba-2) finds its sequences' tokens in the p
 `read`: a view with no tensors whose `pack` gives each sequence a row (B, Tmax), right-padded, and
 whose mask (B, Tmax, Tmax) lets the row's last query see exactly the row's real tokens.
 
+Sliding windows and soft-caps (`KVSpec.window`, `KVSpec.softcap`): each layer writes to and reads through
+its group's block tables (inference/kv_groups.py); the gather masks each query's keys to its layer's
+window (one mask per distinct window per step, shared by the layers of that window), the reference and
+the Triton decode kernel are given the window and start at its first position, and both apply the
+layer's soft-cap (the gather leaves it to `attend_kv`, which the layer passes it to).
+
 Quantized K/V (inference/quantized_kv.py): `write` quantizes, the gather dequantizes what it gathered,
 and the Triton decode kernels read codes and scales in place. int4 (KIVI) quantizes a block only when
 it fills; its unfilled blocks wait in each sequence's residual (inference/kivi_residual.py), which
@@ -65,7 +71,8 @@ class PagedBatch:
         # Tmax == 1: every sequence brings exactly one token, a decode-only step (known from a shape,
         # so deciding costs no host synchronisation and a CUDA graph captures one branch).
         self.decode_kernel = attention == "triton" and meta.q_index.shape[1] == 1 and pool.format.kernel_reads
-        self.mask = self.context_lens = self.kernel_tables = None
+        self.context_lens = self.kernel_tables = None
+        self.masks: dict[int | None, torch.Tensor] = {}  # window -> the gather's additive mask of this step
         self.state_mask = None  # (B, Tmax, Tmax) bool: the state layers' view of which packed tokens are real
         self.gathered: dict[int, dict[str, torch.Tensor]] = {}  # layer -> the states handed out this pass
         self.kivi: KiviResidual | None = None  # int4: the step's block writes and residual reads
@@ -86,16 +93,27 @@ class PagedBatch:
         # Built here, once per forward pass, so that every layer shares it (and a CUDA graph captures it).
         if self.decode_kernel:
             self.context_lens = self.meta.positions[0] + 1  # (B,): the new token sees itself and all before it
-            self.kernel_tables = self.meta.block_tables.to(torch.int32)  # what the kernel reads fastest, once a step
+            # what the kernel reads fastest, once a step (one table per group of layers)
+            self.kernel_tables = [self.meta.tables(g).to(torch.int32) for g in range(len(self.pool.table_groups))]
         elif self.attention != "reference":  # the gather path (a "triton" step that is not decode-only too)
-            # The additive mask SDPA would otherwise rebuild from a boolean one in every layer.
-            allowed = attention_mask(self.meta.q_pos, self.meta.block_tables.shape[1] * self.pool.block_size)
-            self.mask = torch.zeros(allowed.shape, dtype=self.pool.format.compute_dtype, device=allowed.device)
-            self.mask.masked_fill_(~allowed, float("-inf"))  # (B, Tmax, S): 0 where visible, -inf elsewhere
+            # The additive masks SDPA would otherwise rebuild from a boolean one in every layer: one per window.
+            for window in dict.fromkeys(g.window for g in self.pool.table_groups):
+                allowed = attention_mask(self.meta.q_pos, self.meta.block_tables.shape[1] * self.pool.block_size,
+                                         window)
+                mask = torch.zeros(allowed.shape, dtype=self.pool.format.compute_dtype, device=allowed.device)
+                self.masks[window] = mask.masked_fill_(~allowed, float("-inf"))  # (B, Tmax, S): 0 visible, -inf not
         return self.meta.positions
 
     def max_length(self) -> None:
         return None
+
+    def _group(self, layer: int) -> int:
+        """The table group (inference/kv_groups.py) whose blocks hold this layer's K/V."""
+        return self.pool.group_of[layer]
+
+    def _window_softcap(self, layer: int) -> tuple[int | None, float | None]:
+        spec = self.pool.specs[layer]
+        return getattr(spec, "window", None), getattr(spec, "softcap", None)
 
     # ---- write: this step's tokens into their slots -------------------------------------------
 
@@ -104,14 +122,15 @@ class PagedBatch:
         if self.kivi is not None:
             return self.kivi.write(layer, new)
         stored, fmt, shapes = self.pool.layer(layer), self.pool.format, self.pool.shapes[layer]
+        slots = self.meta.slots(self._group(layer))  # (N,)
         for name, t in new.items():
-            if fmt.name in ("int8", "fp8") and self._fused_write(name, t[0], stored):
+            if fmt.name in ("int8", "fp8") and self._fused_write(name, t[0], stored, slots):
                 continue
             for part, codes in fmt.encode(name, t[0], len(shapes[name])).items():  # plain: {name: t[0]}
                 cache = stored[part]  # (num_blocks + 1, bs, *part)
-                index_copy(cache.view(-1, *cache.shape[2:]), self.meta.slot_mapping, codes)
+                index_copy(cache.view(-1, *cache.shape[2:]), slots, codes)
 
-    def _fused_write(self, name: str, x: torch.Tensor, stored: dict[str, torch.Tensor]) -> bool:
+    def _fused_write(self, name: str, x: torch.Tensor, stored: dict[str, torch.Tensor], slots: torch.Tensor) -> bool:
         """int8 / fp8 on a GPU: quantize and store x (N, *shape) in one Triton kernel
         (inference/triton_kv_write.py), the same numbers as `encode` + index copies; False where it cannot run."""
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, K, d); a latent row is one head
@@ -120,7 +139,7 @@ class PagedBatch:
         scales = scales.view(-1, x.shape[1], 1)
         if fused_write_reason(x, codes, scales) is not None:
             return False
-        write_quantized_rows(x, codes, scales, self.meta.slot_mapping)
+        write_quantized_rows(x, codes, scales, slots)
         return True
 
     # ---- read: one of three views of the blocks, or a state layer's layout --------------------
@@ -144,10 +163,13 @@ class PagedBatch:
         if self.kivi is not None:  # int4: 4-bit blocks, and each sequence's newest tokens in its residual
             return self._int4_kernel_view(layer, stored)
 
+        tables, (window, softcap) = self.kernel_tables[self._group(layer)], self._window_softcap(layer)
+
         def kernel(q, scale):  # q: (1, B, H, d) -> (1, B, H, dv)
-            return paged_decode_attention(q[0], stored["k"], stored["v"], self.kernel_tables, self.context_lens,
+            return paged_decode_attention(q[0], stored["k"], stored["v"], tables, self.context_lens,
                                           scale=scale, k_scale=stored.get("k_scale"),
-                                          v_scale=stored.get("v_scale"), splits=None)[None]
+                                          v_scale=stored.get("v_scale"), splits=None, window=window,
+                                          softcap=softcap)[None]
         return CacheView(kernel=kernel)
 
     def _latent_kernel_view(self, layer: int, stored: dict[str, torch.Tensor]) -> CacheView:
@@ -156,7 +178,7 @@ class PagedBatch:
         value_width = self.pool.specs[layer].value_width
 
         def kernel(q, scale):  # q: (1, B, H, d_c + d_r) -> (1, B, H, d_c)
-            return paged_latent_decode_attention(q[0], stored["latent"], value_width, self.kernel_tables,
+            return paged_latent_decode_attention(q[0], stored["latent"], value_width, self.kernel_tables[0],
                                                  self.context_lens, scale=scale)[None]
         return CacheView(kernel=kernel)
 
@@ -168,18 +190,19 @@ class PagedBatch:
         def kernel(q, scale):  # q: (1, B, H, d) -> (1, B, H, d)
             return paged_int4_decode_attention(
                 q[0], stored["k"], stored["k_scale"], stored["k_zero"], stored["v"], stored["v_scale"],
-                stored["v_zero"], residual["k"], residual["v"], self.slots, self.kernel_tables,
+                stored["v_zero"], residual["k"], residual["v"], self.slots, self.kernel_tables[0],
                 self.context_lens, scale=scale)[None]
         return CacheView(kernel=kernel)
 
     def _reference_view(self, layer: int) -> CacheView:
         """A `kernel` that walks the block tables one slot at a time (`paged_attention_reference`)."""
         kv = self._dequantized_pool(layer) if self.pool.format.quantized else self.pool.layer(layer)
+        g, (window, softcap) = self._group(layer), self._window_softcap(layer)
 
         def kernel(q, scale):
-            return paged_attention_reference(q[0], kv["k"], kv["v"], [s.block_table for s in self.seqs],
+            return paged_attention_reference(q[0], kv["k"], kv["v"], [s.tables[g] for s in self.seqs],
                                              [s.end for s in self.seqs], [s.end - s.start for s in self.seqs],
-                                             scale=scale)[None]
+                                             scale=scale, window=window, softcap=softcap)[None]
         return CacheView(kernel=kernel)
 
     def _dequantized_pool(self, layer: int) -> dict[str, torch.Tensor]:
@@ -197,15 +220,17 @@ class PagedBatch:
         between the packed row and the batch, and the step's mask."""
         stored, m, fmt = self.pool.layer(layer), self.meta, self.pool.format
         B, Tmax = m.q_index.shape
+        group = self._group(layer)
+        tables = m.tables(group)  # (B, nb) this layer's group's tables
         tensors = {}
         for name, parts in self._parts(layer).items():
-            gathered = {part: gather_blocks(stored[part], m.block_tables) for part in parts}  # (B, S / G, *part)
+            gathered = {part: gather_blocks(stored[part], tables) for part in parts}  # (B, S / G, *part)
             tensors[name] = fmt.decode(name, gathered, len(self.pool.shapes[layer][name]))  # (B, S, *shape)
             if self.kivi is not None:
                 tensors[name] = self.kivi.lay_over_gathered(layer, name, tensors[name])
         return CacheView(
             tensors=tensors,
-            mask=self.mask,
+            mask=self.masks[self.pool.table_groups[group].window],
             pack=lambda x: x[0][m.q_index],  # (1, N, ...) -> (B, Tmax, ...)
             unpack=lambda y: y.reshape(B * Tmax, *y.shape[2:])[m.out_index][None],  # -> (1, N, ...)
         )

@@ -22,6 +22,10 @@ For models whose layers keep a per-sequence state (Mamba-2), each running sequen
 state slot (`StateSlots`): taken on admission, copied on fork, given back on finish and on
 preemption, after which the sequence is recomputed from its first token into a fresh state.
 There is a slot per seat (max_num_seqs), so admission never waits for one.
+
+A model with sliding-window layers keeps one block table per group of layers (inference/kv_groups.py):
+a sequence's `tables`, which `GroupedBlocks` allocates, forks and frees together; a windowed group's
+table gives back its blocks before the window as the sequence advances.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inference.block_manager import BlockManager, StateSlots
+from inference.block_manager import BlockManager, BlockTable, StateSlots
+from inference.kv_groups import GroupedBlocks
 from inference.sampling import SamplingParams
 from inference.step_metadata import ScheduledSeq
 
@@ -48,11 +53,16 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None
     pending_forks: int = 0  # siblings to create from this sequence's first sample (n - 1 on the parent)
-    block_table: list[int] = field(default_factory=list)
+    tables: list[BlockTable] = field(default_factory=list)  # its block table in each group of layers (kv_groups.py)
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     state_slot: int = -1  # its slot of per-sequence state (models with a StateSpec layer), -1 when none
     finished: bool = False
     finish_reason: str | None = None  # "stop" (a stop token, EOS, a stop string), "length" (max_new_tokens), "abort"
+
+    @property
+    def block_table(self) -> list[int]:
+        """Its table in the first group (a model without windows has only that one); [] when it holds none."""
+        return self.tables[0] if self.tables else []
 
     @property
     def output_ids(self) -> list[int]:
@@ -74,9 +84,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
+    def __init__(self, blocks: BlockManager | GroupedBlocks, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
                  state_slots: StateSlots | None = None):
-        self.blocks = blocks
+        # One group of layers, the one table per sequence of a model without windows, unless told otherwise.
+        self.blocks = blocks if isinstance(blocks, GroupedBlocks) else GroupedBlocks(blocks, [None])
         self.state_slots = state_slots  # None: the model keeps no per-sequence state
         if state_slots is not None and state_slots.num_slots < max_num_seqs:
             raise ValueError(f"{state_slots.num_slots} state slots for max_num_seqs={max_num_seqs}: every seat needs one")
@@ -92,8 +103,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
-        self.blocks.free(seq.block_table)
-        seq.block_table, seq.num_computed = [], 0
+        self.blocks.free(seq.tables)
+        seq.tables, seq.num_computed = [], 0
         self._free_state(seq)
         preempted.append(seq)
 
@@ -119,16 +130,16 @@ class Scheduler:
         while queue:
             seq = queue.popleft()
             start, end = seq.num_computed, len(seq.token_ids)
-            while self.blocks.blocks_needed(seq.block_table, start, end) > self.blocks.num_free_blocks:
+            while self.blocks.blocks_needed(seq.tables, start, end) > self.blocks.num_free_blocks:
                 victim = queue.pop() if queue else seq
                 self._preempt(victim, preempted)
                 if victim is seq:
                     break
             else:
-                copies += self.blocks.allocate(seq.block_table, seq.token_ids, start, end)
+                copies += self.blocks.allocate(seq.tables, seq.token_ids, start, end)
                 kept.append(seq)
                 seqs.append(seq)
-                slices.append(ScheduledSeq(seq.block_table, start, end, seq.state_slot))
+                slices.append(_slice(seq, start, end))
                 budget -= end - start
         self.running = kept
         # The preempted go back to the front of the queue, oldest first, ahead of newer arrivals.
@@ -140,7 +151,7 @@ class Scheduler:
         while self.waiting:
             seq = self.waiting[0]
             need, hits = self.blocks.prompt_blocks_needed(seq.token_ids)
-            new_tokens = len(seq.token_ids) - len(hits) * bs
+            new_tokens = len(seq.token_ids) - len(hits[0]) * bs
             # One prompt longer than the whole budget may still go, alone with the decodes.
             over_budget = new_tokens > budget and num_prefill > 0
             no_seat = len(self.running) + 1 + seq.pending_forks > self.max_num_seqs
@@ -148,14 +159,14 @@ class Scheduler:
                 # With a preemption in this step memory is short: admitting now would only be undone.
                 break
             self.waiting.popleft()
-            seq.block_table = self.blocks.take_prefix(hits)
-            seq.num_computed = len(hits) * bs
+            seq.tables = self.blocks.take_prefix(hits)
+            seq.num_computed = len(hits[0]) * bs
             self._take_state(seq)
             start, end = seq.num_computed, len(seq.token_ids)
-            copies += self.blocks.allocate(seq.block_table, seq.token_ids, start, end)
+            copies += self.blocks.allocate(seq.tables, seq.token_ids, start, end)
             bisect.insort(self.running, seq, key=lambda s: s.priority)  # a recomputed sequence is older
             seqs.append(seq)
-            slices.append(ScheduledSeq(seq.block_table, start, end, seq.state_slot))
+            slices.append(_slice(seq, start, end))
             budget -= end - start
             num_prefill += end - start
             num_cached += start
@@ -167,15 +178,15 @@ class Scheduler:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Run `child` beside `parent`, sharing all its blocks (parallel sampling). A child of a model
         with per-sequence state gets a slot of its own: the caller copies the parent's state into it."""
-        child.block_table = self.blocks.fork(parent.block_table)
+        child.tables = self.blocks.fork(parent.tables)
         child.num_computed = parent.num_computed
         self._take_state(child)
         bisect.insort(self.running, child, key=lambda s: s.priority)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finished, seq.finish_reason = True, reason
-        self.blocks.free(seq.block_table)
-        seq.block_table = []
+        self.blocks.free(seq.tables)
+        seq.tables = []
         self._free_state(seq)
         self.running.remove(seq)
 
@@ -186,3 +197,8 @@ class Scheduler:
             return
         self.waiting.remove(seq)  # a waiting sequence holds no blocks (a preempted one gave them back)
         seq.finished, seq.finish_reason = True, reason
+
+def _slice(seq: Sequence, start: int, end: int) -> ScheduledSeq:
+    """What the step computes for `seq`: tokens start .. end-1, through its tables (the first group's, and any
+    others)."""
+    return ScheduledSeq(seq.tables[0], start, end, seq.state_slot, tuple(seq.tables[1:]))

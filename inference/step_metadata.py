@@ -9,6 +9,11 @@ K/V is written, each sequence's block table, and the maps between the packed row
 single copy moves them to the GPU and a CUDA graph can replay them from a static buffer
 (inference/cuda_graphs.py). Checked against each other and against the reference attention by
 tests/inference/test_paged_attention.py.
+
+A model with sliding-window layers has one block table per group of layers (inference/kv_groups.py):
+group 0's table and slots are `block_tables` and `slot_mapping`, the other groups' `group_tables` and
+`group_slots` (empty without windows). A windowed table's given-back entries (RELEASED, before its window)
+become the scratch block, so that every row stays a plain array of valid block ids.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ class ScheduledSeq:
     start: int
     end: int
     state_slot: int = -1  # its slot of per-sequence state (-1: the model keeps none); start == 0 means a fresh state
+    extra_tables: tuple = ()  # its tables in groups 1, 2, ... of layers (a model with sliding windows)
+
+    @property
+    def tables(self) -> tuple:
+        """Its table in every group, group 0 first."""
+        return (self.block_table, *self.extra_tables)
 
 
 @dataclass
@@ -45,6 +56,16 @@ class StepMetadata:
     last_index: torch.Tensor  # (B,) packed index of each sequence's last token: its logits are sampled
     seq_index: torch.Tensor  # (N,) which sequence each packed token belongs to
     query_start: torch.Tensor  # (B,) packed index of each sequence's first new token
+    group_tables: torch.Tensor | None = None  # (G - 1, B, nb) the tables of groups 1 .. G-1 (windows), or None
+    group_slots: torch.Tensor | None = None  # (G - 1, N) their slots for each packed token, or None
+
+    def tables(self, group: int) -> torch.Tensor:
+        """(B, nb) the block tables of one group of layers."""
+        return self.block_tables if group == 0 else self.group_tables[group - 1]
+
+    def slots(self, group: int) -> torch.Tensor:
+        """(N,) where each packed token's K/V of one group of layers is written."""
+        return self.slot_mapping if group == 0 else self.group_slots[group - 1]
 
     @classmethod
     def from_flat(cls, flat: torch.Tensor, shapes: list[tuple]) -> StepMetadata:
@@ -80,22 +101,26 @@ def _packed_metadata(seqs: list[ScheduledSeq], token_ids: list[int], block_size:
     starts = torch.tensor([s.start for s in seqs] + [0] * (Bp - B))  # (Bp,)
     q_lens = torch.tensor([s.end - s.start for s in seqs] + [1] * (Bp - B))  # (Bp,)
     nb = max(pad_blocks_to or 0, max(len(s.block_table) for s in seqs))
-    rows = [s.block_table + [scratch_block] * (nb - len(s.block_table)) for s in seqs]
-    tables = torch.tensor(rows + [[scratch_block] * nb] * (Bp - B))  # (Bp, nb)
+    G = len(seqs[0].tables)
+    rows = [list(t) + [scratch_block] * (nb - len(t)) for g in range(G) for t in [s.tables[g] for s in seqs]
+            + [[]] * (Bp - B)]
+    tables = torch.tensor(rows).view(G, Bp, nb)  # (G, Bp, nb)
+    tables = tables.masked_fill(tables < 0, scratch_block)  # given-back entries (before a window): scratch
     ids = torch.tensor(token_ids + [0] * (Bp - B))  # (N,)
     N, Tmax = int(q_lens.sum()), int(q_lens.max())
     seq_index = torch.repeat_interleave(torch.arange(Bp), q_lens)  # (N,)
     query_start = torch.cumsum(q_lens, 0) - q_lens  # (Bp,)
     t_in_seq = torch.arange(N) - query_start[seq_index]  # (N,)
     pos = starts[seq_index] + t_in_seq  # (N,)
-    slot = tables[seq_index, pos // bs] * bs + pos % bs  # (N,)
+    slot = tables[:, seq_index, pos // bs] * bs + pos % bs  # (G, N)
     t = torch.arange(Tmax)
     valid = t[None] < q_lens[:, None]  # (Bp, Tmax)
     q_index = torch.where(valid, query_start[:, None] + t, 0)
     q_pos = torch.where(valid, starts[:, None] + t, 0)
     out_index = seq_index * Tmax + t_in_seq
     last_index = query_start + q_lens - 1
-    parts = [ids[None], pos[None], slot, tables, q_index, q_pos, out_index, last_index, seq_index, query_start]
+    parts = [ids[None], pos[None], slot[0], tables[0], q_index, q_pos, out_index, last_index, seq_index, query_start,
+             tables[1:], slot[1:]]
     return torch.cat([p.reshape(-1) for p in parts]), [tuple(p.shape) for p in parts]
 
 
@@ -114,19 +139,25 @@ class TableRows:
     rebuilding from scratch over a run with appends, copy-on-write and preemption."""
 
     def __init__(self):
-        self.rows: list[tuple[list[int], int, int, int, array.array]] = []  # (table, len, last, nb, row)
+        # per group of layers: [(table, len, last, released, nb, row)] by batch position
+        self.rows: dict[int, list[tuple]] = {}
 
-    def row(self, b: int, table: list[int], nb: int, scratch_block: int) -> array.array:
-        key = (len(table), table[-1] if table else -1, nb)
-        if b < len(self.rows) and self.rows[b][0] is table and self.rows[b][1:4] == key:
-            return self.rows[b][4]
+    def row(self, b: int, table: list[int], nb: int, scratch_block: int, group: int = 0) -> array.array:
+        """A windowed group's table also changes when it gives back blocks before its window (its `released`
+        count), which is part of the key; those entries become the scratch block."""
+        released = getattr(table, "released", 0)
+        key = (len(table), table[-1] if table else -1, released, nb)
+        rows = self.rows.setdefault(group, [])
+        if b < len(rows) and rows[b][0] is table and rows[b][1:5] == key:
+            return rows[b][5]
         row = array.array("q", table)
+        row[:released] = array.array("q", [scratch_block]) * released
         row.extend(array.array("q", [scratch_block]) * (nb - len(table)))
         entry = (table, *key, row)
-        if b < len(self.rows):
-            self.rows[b] = entry
+        if b < len(rows):
+            rows[b] = entry
         else:
-            self.rows.append(entry)
+            rows.append(entry)
         return row
 
 
@@ -143,21 +174,31 @@ def _decode_metadata(seqs: list[ScheduledSeq], token_ids: list[int], bs: int, sc
     nb = max(pad_blocks_to or 0, max(len(s.block_table) for s in seqs))
     pos = [s.start for s in seqs] + [0] * (Bp - B)  # (Bp,) the new token's position
     rows = table_rows or TableRows()
-    tables = array.array("q")  # (Bp * nb,); array.extend of an array is a memory copy
-    for b, s in enumerate(seqs):
-        tables.extend(rows.row(b, s.block_table, nb, scratch_block))
-    tables.extend(array.array("q", [scratch_block]) * (nb * (Bp - B)))
-    slot = [tables[b * nb + p // bs] * bs + p % bs for b, p in enumerate(pos)]  # (Bp,)
+    G = len(seqs[0].tables)
+    tables, slots = [], []  # per group: (Bp * nb,) and (Bp,)
+    for g in range(G):
+        t = array.array("q")  # array.extend of an array is a memory copy
+        for b, s in enumerate(seqs):
+            t.extend(rows.row(b, s.tables[g], nb, scratch_block, g))
+        t.extend(array.array("q", [scratch_block]) * (nb * (Bp - B)))
+        tables.append(t)
+        slots.append([t[b * nb + p // bs] * bs + p % bs for b, p in enumerate(pos)])
+    slot = slots[0]
     ids = list(token_ids) + [0] * (Bp - B)
     ar = list(range(Bp))
     # Field order of StepMetadata: input_ids, positions, slot_mapping, block_tables, q_index,
     # q_pos, out_index, last_index, seq_index, query_start. Through array.array: torch.tensor(list)
     # converts ints one by one, several times slower.
     flat = array.array("q", ids + pos + slot)
-    flat.extend(tables)
+    flat.extend(tables[0])
     flat.extend(ar + pos + ar + ar + ar + ar)
+    for t in tables[1:]:
+        flat.extend(t)
+    for s in slots[1:]:
+        flat.extend(array.array("q", s))
     flat = torch.frombuffer(flat, dtype=torch.int64)
-    shapes = [(1, Bp), (1, Bp), (Bp,), (Bp, nb), (Bp, 1), (Bp, 1), (Bp,), (Bp,), (Bp,), (Bp,)]
+    shapes = [(1, Bp), (1, Bp), (Bp,), (Bp, nb), (Bp, 1), (Bp, 1), (Bp,), (Bp,), (Bp,), (Bp,), (G - 1, Bp, nb),
+              (G - 1, Bp)]
     return flat, shapes
 
 

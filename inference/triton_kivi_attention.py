@@ -45,8 +45,8 @@ import math
 
 import torch
 
-from inference.triton_paged_attention import (merge_splits, default_splits, power_of_two, split_outputs,
-                                              triton_unavailable_reason)
+from inference.split_decode import default_splits, merge_splits, split_outputs
+from inference.triton_paged_attention import power_of_two, triton_unavailable_reason
 
 
 def kivi_unavailable_reason(device, head_dim: int, block_size: int) -> str | None:

@@ -31,8 +31,14 @@ No host synchronisation and fixed launch shapes, so it is captured in the engine
 One program walks a whole context: 64 sequences x 8 KV heads make 512 programs, which read K/V
 at about 1.5 TB/s on an H100, under half its peak (notes/paged-attention.md), and a batch of a
 few long sequences would leave most SMs idle. With `splits` > 1 each context is cut into parts,
-one program per part, and the parts' (acc, m, l) are merged afterwards (`merge_splits`), as
-FlashDecoding does (Dao et al., 2023); the default, 1, writes the output directly.
+one program per part, and the parts' (acc, m, l) are merged afterwards (`merge_splits`, in
+inference/split_decode.py), as FlashDecoding does (Dao et al., 2023); the default, 1, writes the output
+directly.
+
+Sliding windows and soft-caps (`window`, `softcap`): a windowed layer's program starts its walk at the
+window's first key, max(0, ctx - window), so its reads stop growing with the context (and splits cut the
+window, not the table); a soft-capped layer's scores pass through softcap * tanh(s / softcap) before the
+online softmax. tests/inference/test_sliding_window.py checks both against the reference on a GPU.
 
 Multi-head latent attention (DeepSeek-V3) reads its latent cache with the same kernel
 (`paged_latent_decode_attention`): one KV head whose key is the whole cached row [c_kv ; k^R]
@@ -63,6 +69,7 @@ import torch
 
 from architectures.common.kernels import triton_importable
 from inference.quantization import FP8_DTYPE
+from inference.split_decode import default_splits, merge_splits, split_outputs
 
 # Keys per loop iteration (4 blocks of 16; a power of 2, as tl.arange needs). With the launch
 # defaults (4 warps, 2 stages) it is within 10% of the fastest of the 27 settings that
@@ -133,11 +140,13 @@ def _kernel():
                             stride_vblk, stride_vslot, stride_vhead, stride_tb,
                             stride_ob, stride_oh, stride_os, stride_mb, stride_mh,
                             stride_ksblk, stride_ksslot, stride_kshead, stride_vsblk, stride_vsslot, stride_vshead,
-                            qk_scale,  # softmax scale * log2(e): scores in base 2
+                            qk_scale,  # softmax scale * log2(e): scores in base 2 (with SOFTCAP: the scale alone)
                             split_len,  # keys per split of the context (a multiple of TILE)
+                            window,  # a query sees the last `window` keys of its context (2**30: all of them)
+                            cap_log2e, two_over_cap,  # SOFTCAP: softcap * log2(e) and 2 * log2(e) / softcap
                             R: tl.constexpr, R_BLOCK: tl.constexpr, D: tl.constexpr, D_EXTRA: tl.constexpr,
                             DV: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
-                            QUANT: tl.constexpr, V_IS_K: tl.constexpr, SPLIT: tl.constexpr):
+                            QUANT: tl.constexpr, V_IS_K: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr):
         b = tl.program_id(0)  # sequence
         kh = tl.program_id(1) // tl.cdiv(R, R_BLOCK)  # KV head
         hb = tl.program_id(1) % tl.cdiv(R, R_BLOCK)  # which block of R_BLOCK of its r query heads
@@ -159,7 +168,8 @@ def _kernel():
         m = tl.full((R_BLOCK,), float("-inf"), tl.float32)  # running max of the scores, per query row
         l = tl.zeros((R_BLOCK,), tl.float32)  # running sum of exp2(s - m)
         acc = tl.zeros((R_BLOCK, DV), tl.float32)  # running sum of exp2(s - m) * v
-        lo = split * split_len
+        # keys ctx - window .. ctx - 1 are visible: the window's first position, not 0, starts the walk
+        lo = tl.maximum(ctx - window, 0) + split * split_len
         hi = tl.minimum(ctx, lo + split_len)
         for start in range(lo, hi, TILE):
             tok = start + tl.arange(0, TILE)  # (TILE,) logical positions
@@ -178,6 +188,8 @@ def _kernel():
                     k_x = tl.load(k_ptr + k_rows[:, None] + xdims[None, :], mask=live[:, None], other=0.0)
                     s += tl.dot(q_x, tl.trans(k_x), input_precision=PRECISION)
                 s = s * qk_scale
+            if SOFTCAP:  # s in natural units -> softcap * tanh(s / softcap) in base 2; tanh(x) = 1 - 2 / (e^2x + 1)
+                s = cap_log2e * (1.0 - 2.0 / (tl.exp2(s * two_over_cap) + 1.0))
             s = tl.where(live[None, :], s, float("-inf"))
             # Every tile holds at least one live token (start < hi), so m_new is finite and the
             # first tile's rescale factor exp2(-inf - m_new) is 0, wiping the zero-initialised state.
@@ -212,79 +224,13 @@ def _kernel():
     return paged_decode_kernel
 
 
-def merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """FlashDecoding's merge. Part j of a context left acc_j = sum exp2(s - m_j) v and l_j = sum exp2(s - m_j):
-    rescale every part to the common max M = max_j m_j, then out = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) l_j.
-    acc: (B, H, splits, dv); m, l: (B, H, splits), contiguous; a part past the context has m = -inf and l = 0,
-    weight 0. On a GPU one Triton launch (`_merge_kernel`) does what the torch lines below do in nine kernels,
-    in every layer of every decode step (on an H100, 32 x 8k: 128 kernels fewer per step, and a bf16 step's
-    GPU time 5.85 -> 5.58 ms)."""
-    if acc.is_cuda:
-        B, H, S, dv = acc.shape
-        out = torch.empty(B, H, dv, dtype=dtype, device=acc.device)
-        _merge_kernel()[(B * H,)](acc, m, l, out, S, DV=dv, S_PAD=max(2, 1 << (S - 1).bit_length()))
-        return out
-    w = torch.exp2(m - m.amax(-1, keepdim=True))  # (B, H, splits); part 0 always holds keys, so M is finite
-    return ((w[..., None] * acc).sum(2) / (w * l).sum(-1, keepdim=True)).to(dtype)  # (B, H, dv)
-
-
-@functools.cache
-def _merge_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, S, DV: tl.constexpr, S_PAD: tl.constexpr):
-        row = tl.program_id(0)  # one (sequence, query head): its S parts, merged
-        parts = tl.arange(0, S_PAD)
-        ok = parts < S
-        m = tl.load(m_ptr + row * S + parts, mask=ok, other=float("-inf"))
-        l = tl.load(l_ptr + row * S + parts, mask=ok, other=0.0)
-        w = tl.exp2(m - tl.max(m, 0))  # (S_PAD,): 0 for padding and for parts past the context
-        dims = tl.arange(0, DV)
-        acc = tl.load(acc_ptr + (row * S + parts)[:, None] * DV + dims[None, :], mask=ok[:, None], other=0.0)
-        out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
-        tl.store(out_ptr + row * DV + dims, out.to(out_ptr.dtype.element_ty))
-
-    return merge_kernel
-
-
-def split_outputs(q: torch.Tensor, splits: int, dv: int):
-    """What a decode kernel writes for queries q (B, H, .): with splits > 1, each part's fp32 (acc, m, l),
-    (B, H, splits, dv) and (B, H, splits) twice, merged afterwards by `merge_splits`; with one part, the
-    output (B, H, dv) in q's dtype (m and l unused). Returns (out, m, l, out strides, m and l strides)."""
-    B, H = q.shape[:2]
-    if splits > 1:
-        out = torch.empty(B, H, splits, dv, dtype=torch.float32, device=q.device)
-        m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
-        return out, m, l, (out.stride(0), out.stride(1), out.stride(2)), (m.stride(0), m.stride(1))
-    out = torch.empty(B, H, dv, dtype=q.dtype, device=q.device)
-    return out, out, out, (out.stride(0), out.stride(1), 0), (0, 0)
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def default_splits(batch: int, programs_per_seq: int, max_context: int, tile: int, device) -> int:
-    """How many parts to cut each context into: enough for about two programs per SM (a program walks its
-    tiles one after another, so more programs keep more loads in flight), each part at least 16 tiles,
-    since the merge costs launches that short contexts do not repay (on an H100, 2 parts of contexts under
-    640 tokens took 46 us against 30 us whole, when the merge was nine torch kernels). Decided from shapes only (no host
-    synchronisation), so a CUDA graph captures one launch shape."""
-    sms = _multiprocessors(torch.device(device))
-    wanted = -(-2 * sms // (batch * programs_per_seq))
-    return max(1, min(wanted, max_context // (16 * tile)))
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float | None = None,
                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                            tile: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                            heads_per_program: int | None = None, splits: int | None = 1,
-                           max_registers: int | None = None, values_in_keys: bool = False) -> torch.Tensor:
+                           max_registers: int | None = None, values_in_keys: bool = False,
+                           window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """One query per sequence against its paged K/V. q: (B, H, dk); k_cache: (num_blocks, bs, K, dk),
     v_cache: (num_blocks, bs, K, dv), each with the last dimension contiguous; block_tables: (B, nb)
     integer, entries past a sequence's last block are never read; context_lens: (B,) integer >= 1, the
@@ -294,6 +240,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     cache then holds codes, dequantized as code x scale; None for plain caches.
     values_in_keys: v_cache is a view of k_cache's first dv numbers (MLA's latent), so the kernel reads
     each key row once and uses its prefix as the value; see `paged_latent_decode_attention`.
+    window: a sliding-window layer's query sees only its last `window` keys (positions ctx - window .. ctx - 1),
+    and the walk starts there, so a table's entries before the window are never read; None: all ctx keys.
+    softcap: scores become softcap * tanh(score / softcap) before the softmax (Gemma 2's soft-capping).
     Launch settings (inference/benchmarks/paged_decode.py sweeps them): tile keys per loop iteration (64; 128
     for int8 and fp8 codes, 256 for int8 over tables of LONG_CONTEXT keys or more); max_registers per thread (Triton's maxnreg; None: the compiler's choice, but
     CODE_MAX_REGISTERS for codes at the default tile); num_warps (4, or 8 for keys wider than 256 numbers); heads_per_program query heads of
@@ -333,8 +282,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unused pointers when not quantized
     if block_tables.dtype != torch.int32:  # the engine converts once a step (PagedBatch.kernel_tables)
         block_tables = block_tables.to(torch.int32)
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window must be >= 1 key, got window={window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
     r = H // K
     max_context = block_tables.shape[1] * bs  # a shape: the same for every step a CUDA graph replays
+    span = max_context if window is None else min(max_context, window)  # the most keys one query reads
     if quant and tile is None:
         long_int8 = k_cache.dtype == torch.int8 and max_context >= LONG_CONTEXT
         tile = INT8_LONG_TILE_TOKENS if long_int8 else CODE_TILE_TOKENS
@@ -344,9 +298,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     r_block = heads_per_program or min(max(16, 1 << (r - 1).bit_length()), 64)
     r_block = max(16, r_block)  # tl.dot needs at least 16 rows; padding rows are zeros, never stored
     head_blocks = -(-r // r_block)
-    splits = default_splits(B, K * head_blocks, max_context, tile, q.device) if splits is None else splits
-    split_len = -(-max_context // (splits * tile)) * tile  # a multiple of the tile
-    splits = -(-max_context // split_len)
+    splits = default_splits(B, K * head_blocks, span, tile, q.device) if splits is None else splits
+    split_len = -(-span // (splits * tile)) * tile  # a multiple of the tile
+    splits = -(-span // split_len)
     out, m, l, out_strides, ml_strides = split_outputs(q, splits, dv)
     # Matters for fp32 caches only (the tests' exact-token settings): true fp32 products, not
     # TF32's 10-bit mantissa. bf16 and fp16 operands go to the tensor cores as they are.
@@ -356,9 +310,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         *out_strides, *ml_strides, ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1),
-        vs.stride(2), math.log2(math.e) * (1 / math.sqrt(dk) if scale is None else scale), split_len,
+        vs.stride(2), (1 if softcap else math.log2(math.e)) * (1 / math.sqrt(dk) if scale is None else scale),
+        split_len, window or 2**30, math.log2(math.e) * (softcap or 1.0), 2 * math.log2(math.e) / (softcap or 1.0),
         R=r, R_BLOCK=r_block, D=D, D_EXTRA=D_extra, DV=dv, BS=bs, TILE=tile,
         PRECISION=precision, QUANT=quant, V_IS_K=values_in_keys, SPLIT=splits > 1,
+        SOFTCAP=softcap is not None,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}))
     return merge_splits(out, m, l, q.dtype) if splits > 1 else out
 

@@ -221,7 +221,7 @@ def test_triton_decode_kernel_matches_reference_in_bf16(H, K, seed):
 @needs_triton
 @pytest.mark.parametrize("splits,dv", [(2, 64), (3, 512), (5, 16)])
 def test_merge_kernel_equals_the_torch_merge_on_gpu(splits, dv):
-    from inference.triton_paged_attention import merge_splits
+    from inference.split_decode import merge_splits
 
     g = torch.Generator().manual_seed(splits)
     acc = torch.randn(4, 6, splits, dv, generator=g)
