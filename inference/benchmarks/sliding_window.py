@@ -21,7 +21,6 @@ holds; then a table of both.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
