@@ -93,6 +93,7 @@ TINY = ["--max-steps", "2", "--batch-size", "4", "--eval-interval", "2", "--eval
         "--train-questions", "8", "--test-questions", "4", "--samples", "2"]
 
 
+@pytest.mark.slow
 def test_reward_train_writes_a_reward_model_that_loads(chat_base, tmp_path, monkeypatch):
     from training.reward.train import main
 
