@@ -6,7 +6,8 @@ The trunk starts from an SFT checkpoint (default: runs/sft-PRESET, made first if
 new head, hidden size -> 1 (`ScalarModel`, training/reward/model.py). The pairs come from the
 built-in arithmetic task (training/reward/data.py): DPO's pairs (the right answer over the SFT
 model's own mistake, or a near miss) and pairs of the SFT model's sampled replies ranked by the
-task's checker. The loss is `bradley_terry_loss`; held-out pairwise accuracy on both kinds of
+task's checker. The replies are the trunk's own, or those of `--pairs-from DIR` (the model PPO
+will train, when the trunk is a stronger one). The loss is `bradley_terry_loss`; held-out pairwise accuracy on both kinds of
 pairs from the test split's questions is measured before and after. At the end the head is
 rescaled so that the training replies score mean 0 and std 1 (`ScalarModel.normalise`) and the
 directory is rewritten: the trunk's checkpoint, its tokenizer, the head and its marker, which is
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,6 +48,7 @@ class RewardConfig:
     GROUP = "method"  # the title of these options in --help
 
     base: str = ""  # the SFT checkpoint the trunk starts from ("": runs/sft-PRESET, made first if missing)
+    pairs_from: str = ""  # the checkpoint whose sampled replies make the pairs ("": the base); the policy PPO will train
     samples: int = 4  # replies sampled per question (temperature 1) for the checker-ranked pairs
     pairs_per_question: int = 2  # checker-ranked pairs kept per question
     dpo_pairs: bool = True  # also train on DPO's pairs (right answer over the model's own mistake or a near miss)
@@ -144,13 +147,19 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     method, data_cfg, cfg = args.recipe.model, args.recipe.data, args.recipe.train
     check_method(method, data_cfg)
+    if method.pairs_from and not (Path(method.pairs_from) / "config.json").is_file():
+        raise FileNotFoundError(f"--pairs-from {method.pairs_from} has no config.json; pass a checkpoint directory")
     base = sft_checkpoint(args.preset, method.base)
     device = resolve_device(cfg.device)
     trunk = registry.from_pretrained(base, device=device)
     tokenizer = Tokenizer.from_file(base)
     fmt = chat_format(tokenizer)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    train_pairs, held = make_pairs(trunk, fmt, method, data_cfg, cfg.block_size)
+    sampler = registry.from_pretrained(method.pairs_from, device=device) if method.pairs_from else trunk
+    if method.pairs_from:
+        say(f"data: the pairs are {method.pairs_from}'s sampled replies; the trunk starts from {base}")
+    train_pairs, held = make_pairs(sampler, fmt, method, data_cfg, cfg.block_size)
+    del sampler
     torch.manual_seed(cfg.seed)
     model = ScalarModel(trunk).to(device)
     before = {k: pair_accuracy(model, v, pad) for k, v in held.items()}

@@ -113,3 +113,11 @@ def test_a_zero_sample_count_is_a_one_line_error(chat_base, tmp_path, command_er
 
     line = command_error(main, ["--base", str(chat_base), "--out", str(tmp_path / "o")] + TINY + ["--samples", "0"])
     assert "--samples must be an integer >= 1" in line
+
+
+def test_pairs_from_a_folder_without_a_checkpoint_is_a_one_line_error(chat_base, tmp_path, command_error):
+    from training.reward.train import main
+
+    line = command_error(main, ["--base", str(chat_base), "--out", str(tmp_path / "o"), "--pairs-from",
+                                str(tmp_path)] + TINY)
+    assert "--pairs-from" in line and "has no config.json" in line
