@@ -9,6 +9,7 @@ in common live here, so that no method imports another method's script:
   Reference             the model a preference or RL method keeps its policy near: a frozen copy
                         of the starting model, or the policy itself with its LoRA adapters off
   policy_and_reference  makes the policy (adapters applied with --lora) and its `Reference`
+  no_dropout            dropout off, for a method whose policy ratio compares two passes
   with_aux_loss         the method's loss plus the base family's auxiliary terms (a mixture of
                         experts' load-balancing losses), taken from the policy's own forward pass
   family_on_step        the loop's `on_step`: the family's hook (a router's bias update), then
@@ -146,6 +147,16 @@ def policy_and_reference(model: nn.Module, lora: bool, r: int) -> Reference:
         apply_lora(model, LoRAConfig(r=r, alpha=2 * r, target_modules=ALL_PROJECTIONS))
         return Reference(None)
     return Reference(copy.deepcopy(model).eval().requires_grad_(False))
+
+
+def no_dropout(model: nn.Module) -> None:
+    """For an RL method, whose ratio pi / pi_old compares two passes over the same tokens: dropout
+    would make it noise. Sets every dropout probability of `model` to 0, in place."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "dropout", None), float):
+            m.dropout = 0.0
 
 
 # ---------------------------------------------------------------------------- a mixture of experts as the base

@@ -73,37 +73,19 @@ class Rollouts:
 
     @torch.no_grad()
     def rollout(self, split: str, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        from inference.engine import EngineConfig, LLMEngine
-        from inference.sampling import SamplingParams
-
         pool = self.examples[split]
         picked = [pool[int(i)] for i in torch.randint(len(pool), (n // self.G,), generator=generator)]
-        prompts = [self.fmt.prompt(list(e.prompt)) for e in picked]
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
-        longest = max(map(len, prompts)) + self.max_new_tokens
-        engine = LLMEngine(self.model, EngineConfig(num_blocks=(n * (longest // 16 + 2)) + 8, max_model_len=longest))
-        params = SamplingParams(n=self.G, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
-                                seed=seed, stop_token_ids=self.fmt.stop_ids)
-        outputs = engine.generate(prompts, params)
-        rows, answers, replies, lengths = [], [], [], []
-        for e, prompt, out in zip(picked, prompts, outputs):
-            for completion in out.completions:
-                rows.append((prompt, completion))
-                answers.append(e.answer)
-                replies.append(self.fmt.tokenizer.decode([t for t in completion if t not in self.fmt.stop_ids]).strip())
-                lengths.append(len(completion))
+        rows = sample_completions(self.model, self.fmt, [e.prompt for e in picked], self.G, self.temperature,
+                                  self.max_new_tokens, seed)
+        answers = [e.answer for e in picked for _ in range(self.G)]
+        replies = [reply_text(self.fmt, c) for _, c in rows]
+        lengths = [len(c) for _, c in rows]
         rewards = check_rewards(self.reward_fn(replies, answers), len(rows))
-        width = max(len(p) + len(c) for p, c in rows) - 1
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (p, c) in enumerate(rows):
-            seq = torch.tensor(p + c)
-            ids[i, :len(seq) - 1] = seq[:-1]
-            targets[i, len(p) - 1:len(seq) - 1] = seq[len(p):]  # the completion's tokens, predicted from the position before
-        ids, targets = ids.to(device), targets.to(device)
+        ids, targets = completion_batch(rows, device)
         old = token_logps(self.model, ids, targets, self.temperature)
         with self.reference.model(self.model) as reference:
             ref = token_logps(reference, ids, targets, self.temperature)
@@ -112,3 +94,38 @@ class Rollouts:
         return {"input_ids": ids, "targets": targets, "old_logps": old, "ref_logps": ref,
                 "advantages": group_advantages(rewards, self.G).to(device), "reward": rewards.to(device),
                 "correct": correct.to(device), "length": torch.tensor(lengths, dtype=torch.float32, device=device)}
+
+
+def sample_completions(model, fmt: ChatFormat, prompts: list, n: int, temperature: float, max_new_tokens: int,
+                       seed: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of n completions of each prompt (a list of messages), sampled by the
+    paged engine, completion j of prompt i at i * n + j. A completion ends with its stop token, when
+    it reached one within max_new_tokens. GRPO's and PPO's rollouts both sample here."""
+    from inference.engine import EngineConfig, LLMEngine
+    from inference.sampling import SamplingParams
+
+    ids = [fmt.prompt(list(p)) for p in prompts]
+    longest = max(map(len, ids)) + max_new_tokens
+    engine = LLMEngine(model, EngineConfig(num_blocks=(len(ids) * n * (longest // 16 + 2)) + 8, max_model_len=longest))
+    params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                            stop_token_ids=fmt.stop_ids)
+    outputs = engine.generate(ids, params)
+    return [(p, list(c)) for p, out in zip(ids, outputs) for c in out.completions]
+
+
+def reply_text(fmt: ChatFormat, completion: list[int]) -> str:
+    """A completion as the reply a checker reads: decoded without its stop token, stripped."""
+    return fmt.tokenizer.decode([t for t in completion if t not in fmt.stop_ids]).strip()
+
+
+def completion_batch(rows: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, targets), each (N, W): prompt + completion but its last token as inputs, and the
+    completion's tokens as targets at the positions that predict them (-100 elsewhere)."""
+    width = max(len(p) + len(c) for p, c in rows) - 1
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        seq = torch.tensor(p + c)
+        ids[i, :len(seq) - 1] = seq[:-1]
+        targets[i, len(p) - 1:len(seq) - 1] = seq[len(p):]  # the completion's tokens, predicted from the position before
+    return ids.to(device), targets.to(device)

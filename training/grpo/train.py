@@ -26,8 +26,6 @@ import os
 import time
 from dataclasses import dataclass
 
-from torch import nn
-
 from architectures import registry
 from architectures.utils.command_line import command_line
 from training import tasks
@@ -39,7 +37,8 @@ from architectures.utils.device import resolve_device
 from training.grpo.loss import grpo_loss
 from training.grpo.rollout import Rollouts, arithmetic_reward, token_logps
 from training.plots import Curve, plot_curves
-from training.posttrain import family_on_step, method_saver, policy_and_reference, with_aux_loss, write_summary
+from training.posttrain import (family_on_step, method_saver, no_dropout, policy_and_reference, with_aux_loss,
+                                write_summary)
 from training.sft.finetune import sft_checkpoint
 from training.tokenizer import Tokenizer
 from training.train_config import TrainConfig
@@ -94,15 +93,6 @@ def grpo_step(model, batch: dict, frozen=None, *, clip_eps: float, kl_coef: floa
                               clip_eps=clip_eps, kl_coef=kl_coef)
     metrics.update(reward=batch["reward"].mean(), accuracy=batch["correct"].mean(), length=batch["length"].mean())
     return loss, metrics
-
-
-def no_dropout(model: nn.Module) -> None:
-    """The ratio pi / pi_old compares two passes over the same tokens: dropout would make it noise."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "dropout", None), float):
-            m.dropout = 0.0
 
 
 def plot_rewards(metrics_path, path) -> None:
