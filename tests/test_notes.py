@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = sorted((REPO / "notes").glob("*.md")) + [REPO / "README.md"]
+DOCS = sorted((REPO / "notes").rglob("*.md")) + [REPO / "README.md"]  # lessons, lab records (notes/lab/), README
 CODE_DIRS = ("architectures", "training", "inference", "fundamentals", "tests")
 EXTERNAL = ("torch", "F", "nn", "np", "numpy", "transformers", "tokenizers", "datasets", "safetensors", "math",
             "einops", "matplotlib", "tqdm", "pytest", "hypothesis", "os", "sys", "json", "pydoc_data", "urllib",
@@ -84,7 +84,7 @@ def check(token: str, names: set[str]) -> str | None:
     return f"symbol {token}: {missing} not defined in the code" if missing else None
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(REPO)) for d in DOCS])
 def test_every_backticked_path_and_symbol_exists(doc):
     names = defined_names()
     problems = [msg for tok in references(doc.read_text()) if (msg := check(tok, names))]
@@ -147,7 +147,7 @@ def misplaced(text: str) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(REPO)) for d in DOCS])
 def test_a_symbol_placed_in_a_file_is_defined_there(doc):
     problems = misplaced(doc.read_text())
     assert not problems, f"{doc.relative_to(REPO)}:\n" + "\n".join(problems)

@@ -1,0 +1,13 @@
+"""The answer to the characters-per-token exercise of notes/tokenizer.md, from the quick start's output
+that notes/llama3.md prints."""
+
+from pathlib import Path
+
+NOTES = Path(__file__).resolve().parents[2] / "notes"
+
+
+def test_characters_per_token_of_the_quick_start(hints):
+    assert "2.9139 nats/token = 1.5570 nats/char" in (NOTES / "llama3.md").read_text()
+    # nats/char = nats/token x tokens/char, so characters per token = (nats/token) / (nats/char)
+    assert f"{2.9139 / 1.5570:.3f}" == "1.871"
+    assert "2.9139 / 1.5570 = 1.871 characters per token" in hints("tokenizer")
