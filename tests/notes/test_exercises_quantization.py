@@ -59,3 +59,28 @@ def test_step_speedup_if_only_attention_shrinks(hints):
     needed = bf16 - (step - step / 1.2) / layers  # the per-layer time at which the step is 1.2x
     assert round(needed * 1000, -1) == 140
     assert "1.17x" in hints("quantization") and "about 140 us" in hints("quantization")
+
+
+def test_a_rounded_int4_zero_point_moves_the_extremes_by_at_most_half_a_step(hints):
+    """The note's claim about rounding z: with the float z of `quantize_int4` a group's min and max come
+    back exactly; with z rounded to an integer the grid shifts by (z - round(z)) * scale, at most half a
+    step, so the extremes move by up to half a step, never a whole one."""
+    from inference.quantization import dequantize_int4, pack_int4, quantize_int4
+
+    x = torch.randn(4096, 32, generator=torch.Generator().manual_seed(0))
+    packed, scale, zero = quantize_int4(x, 32)
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    exact = dequantize_int4(packed, scale, zero)
+    assert torch.allclose(exact.amin(-1, keepdim=True), lo, atol=1e-5)
+    assert torch.allclose(exact.amax(-1, keepdim=True), hi, atol=1e-5)
+
+    assert scale.shape == zero.shape == (4096, 1)  # one group of 32 per row
+    rounded = zero.round()
+    q = torch.round(x / scale + rounded).clamp(0, 15)
+    moved = dequantize_int4(pack_int4(q.to(torch.uint8)), scale, rounded)
+    step = scale
+    off = torch.cat([(moved.amin(-1, keepdim=True) - lo).abs(), (moved.amax(-1, keepdim=True) - hi).abs()], -1) / step
+    assert off.max() <= 0.5 + 1e-4  # never a whole step...
+    assert off.max() > 0.49  # ...but up to half of one, where the float z had none
+    assert ((moved - x).abs() / step).max() <= 0.5 + 1e-4  # every element stays within half a step
+    assert "off by up to half a step" in " ".join((NOTES / "quantization.md").read_text().split())
