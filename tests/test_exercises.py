@@ -8,6 +8,8 @@
   class), so an exercise cannot point at a test that was renamed away.
 - Every `python -m` module an exercise names answers `--help` with exit status 0 (one subprocess per
   distinct module, run side by side; marked slow since each one imports torch).
+- No concept note's lesson (the note without its Exercises section) runs past LESSON_LINES lines;
+  longer measurement detail belongs in its lab record.
 - A note whose measurement history sits in a lab record (`notes/lab/<name>.md`) links to it, and every
   image or link in a note or a lab record resolves from the file that holds it.
 """
@@ -24,7 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NOTES = REPO / "notes"
 COURSE = ("fundamentals", "tokenizer", "attention", "llama3", "training-loop", "long-context", "mixtral",
-          "deepseek-v3", "mamba2", "quantization", "lora", "distillation")
+          "deepseek-v3", "mamba2", "quantization", "lora", "distillation", "kv-cache")
 WITH_EXERCISES = sorted(p.stem for p in NOTES.glob("*.md") if "\n## Exercises\n" in p.read_text())
 ALL_DOCS = sorted(NOTES.rglob("*.md"))
 NODE_ID = re.compile(r"`(tests/[\w/.-]+\.py)::([\w]+)(?:::(\w+))?(?:\[[^\]`]*\])?`")
@@ -118,6 +120,31 @@ def test_every_command_an_exercise_names_answers_help():
         if proc.returncode != 0:
             failed.append(f"python -m {module} --help: exit {proc.returncode}: {err.strip().splitlines()[-1:]}")
     assert not failed, "\n".join(failed)
+
+
+LESSON_LINES = 320
+NOT_CONCEPT_NOTES = ("README", "contributing")  # the reading order and the house rules, not lessons
+
+
+def lesson_lines(text: str) -> int:
+    """Lines of a note without its `## Exercises` section (the heading up to the next heading or "Next:")."""
+    m = re.search(r"^## Exercises\n.*?(?=^## |^Next:|\Z)", text, flags=re.S | re.M)
+    return len((text[:m.start()] + text[m.end():] if m else text).splitlines())
+
+
+def test_no_lesson_is_longer_than_the_limit():
+    lengths = {p.name: lesson_lines(p.read_text()) for p in NOTES.glob("*.md") if p.stem not in NOT_CONCEPT_NOTES}
+    assert len(lengths) >= 15, "the concept notes were not found"
+    offenders = sorted(f"notes/{name}: {n} lines" for name, n in lengths.items() if n > LESSON_LINES)
+    assert not offenders, f"lessons longer than {LESSON_LINES} lines (move measurement detail to notes/lab/):\n" + \
+        "\n".join(offenders)
+
+
+def test_lesson_lines_leave_out_the_exercises_only():
+    note = "# T\n\nbody\n\n## Exercises\n\n1. a\n2. b\n\nNext: x\n"
+    assert lesson_lines(note) == 5  # "# T", "", "body", "", "Next: x"
+    assert lesson_lines("# T\n\n## Exercises\n\n1. a\n\n## Appendix\n\nz\n") == 5
+    assert lesson_lines("a\n" * 321) == 321
 
 
 LAB = sorted((NOTES / "lab").glob("*.md"))
