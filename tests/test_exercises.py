@@ -26,7 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NOTES = REPO / "notes"
 COURSE = ("fundamentals", "tokenizer", "attention", "llama3", "training-loop", "long-context", "mixtral",
-          "deepseek-v3", "mamba2", "quantization", "lora", "distillation", "kv-cache",
+          "deepseek-v3", "mamba2", "quantization", "lora", "distillation", "kv-cache", "sft",
           "paged-attention")
 WITH_EXERCISES = sorted(p.stem for p in NOTES.glob("*.md") if "\n## Exercises\n" in p.read_text())
 ALL_DOCS = sorted(NOTES.rglob("*.md"))
