@@ -16,7 +16,7 @@ codes back to real values. Shapes, for x of shape (..., n) and G = n // group_si
 The zero point z of int4 is kept as a float, not rounded to an integer: then the smallest and
 largest value of a group are the codes 0 and 15 exactly and every element is within s/2 of its
 dequantized value. (A rounded z makes real 0.0 exact, which matters for zero padding, but shifts
-the grid by up to s/2 so the extremes can be off by a whole step.)
+the grid by up to s/2, so the extremes are no longer exact: they can be off by up to half a step.)
 
 Tested against: bitsandbytes' NF4 (`bitsandbytes.functional.quantize_4bit(..., quant_type="nf4")`,
 then `dequantize_4bit`), bit for bit, in tests/inference/test_quantization.py.
