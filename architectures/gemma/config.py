@@ -39,8 +39,8 @@ class GemmaConfig:
     head_dim: int | None = 32  # width of one head; None means hidden_size // num_attention_heads
     max_position_embeddings: int = 256  # longest sequence the model accepts
     rms_norm_eps: float = 1e-6  # epsilon inside every RMSNorm's square root
-    rope_theta: float = 1000000.0  # RoPE base of the global (full-attention) layers
-    rope_local_base_freq: float = 10000.0  # RoPE base of the sliding-window layers (Gemma 2: equal to rope_theta)
+    rope_theta: float = 10000.0  # RoPE base of the global (full-attention) layers
+    rope_local_base_freq: float | None = None  # RoPE base of the sliding-window layers; None: rope_theta (Gemma 2's one table)
     rope_scaling: dict | None = None  # the global layers' RoPE scaling {rope_type: "linear", factor}, or None
     sliding_window: int = 32  # tokens a local layer's query sees, itself included
     sliding_window_pattern: int = 6  # layer i is global when (i + 1) % pattern == 0: 2 in Gemma 2, 6 in Gemma 3
@@ -55,7 +55,7 @@ class GemmaConfig:
     bos_token_id: int | None = None  # beginning-of-text id, for generation
     eos_token_id: int | list | None = None  # end-of-text id(s): generation stops there
 
-    DERIVED = ("head_dim", "layer_types")  # None means "derive it": re-derived when a command line changes the sizes
+    DERIVED = ("head_dim", "layer_types", "rope_local_base_freq")  # None means "derive it": re-derived when a command line changes the sizes
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -78,6 +78,8 @@ class GemmaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads} (each KV head serves a whole group)")
+        if self.rope_local_base_freq is None:
+            self.rope_local_base_freq = self.rope_theta
         if self.layer_types is None:
             p = self.sliding_window_pattern
             self.layer_types = [LAYER_TYPES[(i + 1) % p == 0] for i in range(self.num_hidden_layers)]
@@ -124,22 +126,22 @@ _GEMMA3_LINEAR_ROPE = {"rope_type": "linear", "factor": 8.0}
 PRESETS: dict[str, GemmaConfig] = {
     # CPU quick start (vocab_size is set from the trained tokenizer): Gemma 3's shape in miniature, five
     # local layers with a 32-token window to one global layer, QK-norm, two RoPE bases, one KV head.
-    "tiny": GemmaConfig(),
+    "tiny": GemmaConfig(rope_theta=1000000.0, rope_local_base_freq=10000.0),
     # The published shapes: google/gemma-2-2b, google/gemma-3-1b-pt (config.json), google/gemma-3-27b-pt
     # (its text_config; the keys it leaves out take Gemma3TextConfig's defaults, vocab_size 262,208 among them).
     "gemma-2-2b": GemmaConfig(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
                               num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                              max_position_embeddings=8192, rope_theta=10000.0, rope_local_base_freq=10000.0,
-                              sliding_window=4096, sliding_window_pattern=2, query_pre_attn_scalar=256,
+                              max_position_embeddings=8192, rope_theta=10000.0, sliding_window=4096, sliding_window_pattern=2, query_pre_attn_scalar=256,
                               attn_logit_softcapping=50.0, final_logit_softcapping=30.0, bos_token_id=2,
                               eos_token_id=1),
     "gemma-3-1b": GemmaConfig(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
                               num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-                              max_position_embeddings=32768, sliding_window=512, query_pre_attn_scalar=256,
-                              bos_token_id=2, eos_token_id=1),
+                              max_position_embeddings=32768, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                              sliding_window=512, query_pre_attn_scalar=256, bos_token_id=2, eos_token_id=1),
     "gemma-3-27b": GemmaConfig(vocab_size=262208, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
                                num_attention_heads=32, num_key_value_heads=16, head_dim=128,
-                               max_position_embeddings=131072, rope_scaling=_GEMMA3_LINEAR_ROPE, sliding_window=1024,
+                               max_position_embeddings=131072, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                               rope_scaling=_GEMMA3_LINEAR_ROPE, sliding_window=1024,
                                query_pre_attn_scalar=168, bos_token_id=2, eos_token_id=[1, 106]),
 }
 
