@@ -90,6 +90,7 @@ def test_windows_and_soft_caps_change_the_function(change):
         assert (a(ids) - b(ids)).abs().max() > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
 def test_greedy_generation_past_three_windows_is_the_same_with_and_without_a_cache(model_type):
     cfg = tiny(model_type=model_type, **({"attn_logit_softcapping": 5.0} if model_type == "gemma2" else {}))

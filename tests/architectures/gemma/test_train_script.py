@@ -1,6 +1,7 @@
 """The contract's command lines: train.py writes a checkpoint (a Gemma3ForCausalLM directory) that
 generate.py, from_pretrained and transformers read, and that generates past its window."""
 
+import pytest
 import transformers
 
 from architectures.gemma import from_pretrained
@@ -8,6 +9,7 @@ from architectures.gemma.train import main as train_main
 from inference.generate import main as generate_main
 
 
+@pytest.mark.slow  # the tiny run's whole-split validation and 80 sampled tokens: about a minute on 2 shared cores
 def test_train_writes_a_checkpoint_that_generate_and_transformers_read(tiny_train_run):
     out, summary, printed = tiny_train_run(train_main)
     model = from_pretrained(out)
