@@ -30,12 +30,14 @@ from typing import Callable
 
 import torch
 
-from architectures import deepseek_v3, llama3, mamba2_hybrid, mixtral
+from architectures import deepseek_v3, gemma, llama3, mamba2_hybrid, mixtral
 from architectures.common.checkpoint import read_config_json
 from architectures.common.loss import lm_loss
 from architectures.deepseek_v3 import config as deepseek_v3_config
 from architectures.deepseek_v3.flops import flops_per_token as deepseek_v3_flops
 from architectures.deepseek_v3.losses import bias_update_step, deepseek_aux_loss, deepseek_lm_loss
+from architectures.gemma import config as gemma_config
+from architectures.gemma.flops import flops_per_token as gemma_flops
 from architectures.llama3 import config as llama3_config
 from architectures.llama3.flops import flops_per_token as llama3_flops
 from architectures.mamba2_hybrid import config as mamba2_hybrid_config
@@ -75,6 +77,8 @@ FAMILIES: dict[str, Family] = {
     "mamba2_hybrid": Family("architectures.mamba2_hybrid", mamba2_hybrid.Mamba2Hybrid, mamba2_hybrid_config,
                             ("mamba2", "nemotron_h"), mamba2_hybrid.from_pretrained, mamba2_hybrid.save_pretrained,
                             mamba2_hybrid_flops, on_step=bias_update_step),
+    "gemma": Family("architectures.gemma", gemma.Gemma, gemma_config, ("gemma3_text", "gemma2", "gemma3"),
+                    gemma.from_pretrained, gemma.save_pretrained, gemma_flops),
 }
 
 # The family and preset of the README's quick start, which is also every post-training method's

@@ -31,6 +31,12 @@ from torch.utils.checkpoint import checkpoint
 from architectures.common.cache import CacheSpec
 
 
+def softcap_logits(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(z / cap): every logit squashed into (-cap, cap), nearly unchanged where |z| << cap;
+    z itself when cap is None. d/dz = 1 - tanh(z / cap)^2, so a logit near the cap stops learning."""
+    return z if cap is None else torch.tanh(z / cap) * cap
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * g. No mean subtraction and no bias, unlike LayerNorm.
     "Root Mean Square Layer Normalization" (Zhang & Sennrich, 2019, arXiv:1910.07467)."""
@@ -117,6 +123,9 @@ class CausalLM(nn.Module):
     residual_projections = ("o_proj.weight", "down_proj.weight")
     residual_branches_per_layer = 2  # a mixer and a feed-forward per block (1 for one-mixer blocks)
     stack_name = "model"  # the stack's attribute, as checkpoints name it (Mamba-2's is `backbone`)
+    # Final-logit soft-capping: logits = c * tanh(z / c) for the head's output z (Gemma 2), or None.
+    # `compute_logits` applies it and the chunked loss reads it (architectures/common/loss.py).
+    logit_softcap: float | None = None
 
     def __init__(self, cfg):
         super().__init__()
@@ -218,7 +227,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) hidden states -> (..., V) logits: pass only the positions that need them."""
-        return self.lm_head(hidden)
+        return softcap_logits(self.lm_head(hidden), self.logit_softcap)
 
     def forward(self, input_ids: torch.Tensor, cache=None, *, hidden_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V); with hidden_only, the final hidden states (B, T, D) instead, for a loss that

@@ -26,7 +26,8 @@ def lm_loss(model, batch, chunk_size: int = 0) -> tuple[torch.Tensor, dict[str, 
     x, y = batch  # (B, T), (B, T)
     if chunk_size:
         hidden = model(x, hidden_only=True)  # (B, T, D)
-        return linear_cross_entropy(hidden, output_head(model).weight, y, chunk_size), {}
+        return linear_cross_entropy(hidden, output_head(model).weight, y, chunk_size,
+                                    softcap=output_softcap(model)), {}
     logits = model(x)  # (B, T, V)
     # Cross-entropy in fp32: under bf16 autocast the logits are bf16, whose 8-bit mantissa
     # would round the log-sum-exp.
@@ -37,6 +38,12 @@ def lm_loss(model, batch, chunk_size: int = 0) -> tuple[torch.Tensor, dict[str, 
 def output_head(model) -> torch.nn.Linear:
     """The model's lm_head, through a DDP wrapper (`.module`) if there is one."""
     return unwrap(model).lm_head
+
+
+def output_softcap(model) -> float | None:
+    """The model's final-logit soft-cap (`CausalLM.logit_softcap`), which a loss applying the head
+    itself must apply too, or None."""
+    return getattr(unwrap(model), "logit_softcap", None)
 
 
 # ---------------------------------------------------------------------------- the chunked loss
@@ -59,7 +66,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     """sum over tokens of cross_entropy(h W^T, y), ignoring y == -100, with gradients made in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                softcap: float | None = None):
         # hidden (N, D), weight (V, D), targets (N,). Runs under the caller's autocast: the matmuls
         # are bf16 where the plain head's would be, the softmax is fp32 as in lm_loss.
         grad_hidden = torch.empty_like(hidden)
@@ -70,6 +78,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]  # (C, D), (C,)
             logits = F.linear(h, weight)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (C, V), at least fp32
+            if softcap is not None:  # logits s = c * tanh(z / c), as the model's compute_logits makes them
+                squashed = torch.tanh(logits / softcap)  # (C, V)
+                logits = squashed * softcap
             valid = y != IGNORE_INDEX
             safe = torch.where(valid, y, 0)
             lse = torch.logsumexp(logits, dim=-1)  # (C,)
@@ -78,6 +89,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad = logits.sub_(lse[:, None]).exp_()
             grad[torch.arange(len(y), device=y.device), safe] -= 1
             grad *= valid[:, None]
+            if softcap is not None:  # chain rule through the cap: ds/dz = 1 - tanh(z / c)^2
+                grad *= 1 - squashed.square()
             # Under autocast the two matmuls below run in bf16 like the head's own; without it, in
             # the weight's dtype.
             g = grad if torch.is_autocast_enabled(h.device.type) else grad.to(weight.dtype)
@@ -94,17 +107,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_output.to(grad_hidden.dtype)
         gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.has_weight_grad else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096,
-                         reduction: str = "mean") -> torch.Tensor:
+                         reduction: str = "mean", softcap: float | None = None) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T, targets) without materialising the logits of all tokens.
 
     hidden (..., D), weight (V, D) (the output head's), targets (...) with -100 where nothing is
-    trained. reduction "mean" (over the targets that are not -100) or "sum". Equal in value and
-    gradients to `F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), targets.flatten())`
-    (tests/architectures/common/test_chunked_loss.py)."""
+    trained. reduction "mean" (over the targets that are not -100) or "sum"; softcap: the logits are
+    softcap * tanh(z / softcap) (a model's final-logit soft-capping), or z when None. Equal in value
+    and gradients to `F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), targets.flatten())`
+    with the cap applied to the logits (tests/architectures/common/test_chunked_loss.py)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 token, got {chunk_size}")
     if reduction not in ("mean", "sum"):
@@ -112,7 +126,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if h.shape[0] != y.shape[0]:
         raise ValueError(f"hidden has {h.shape[0]} tokens but targets has {y.shape[0]}")
-    total = LinearCrossEntropy.apply(h, weight, y, chunk_size)
+    total = LinearCrossEntropy.apply(h, weight, y, chunk_size, softcap)
     if reduction == "sum":
         return total
     return total / (y != IGNORE_INDEX).sum().clamp_min(1)

@@ -11,7 +11,9 @@ published checkpoint's tensors load by name with no renaming table.
 The stack itself (embedding, pre-norm blocks with RMSNorm, final norm, head, input checks,
 init rule) is shared by every family and lives in architectures/common/decoder.py; this file is
 what makes it Llama: which mixer and feed-forward each layer gets (`Llama3.make_mixer`,
-`Llama3.make_ffn`) and what they compute.
+`Llama3.make_ffn`) and what they compute. The attention layer is the zoo's shared grouped-query
+attention (architectures/common/attention_layer.py), imported here as `Attention` with its
+defaults: scale 1/sqrt(d), no window, no soft-cap, no QK-norm.
 
 Symbols: B batch, T tokens in this call, S tokens attended to (cache + new), D hidden_size,
 H query heads, K key/value heads, d head_dim, V vocab_size.
@@ -19,14 +21,11 @@ H query heads, K key/value heads, d head_dim, V vocab_size.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architectures.common.attention import attend_kv, causal_attention
-from architectures.common.cache import KVSpec
+from architectures.common.attention_layer import GroupedQueryAttention as Attention
 from architectures.common.decoder import CausalLM, RMSNorm
 from architectures.common.rope import RotaryEmbedding as BaseRotaryEmbedding
 from architectures.common.rope import apply_rope, rope_parameters, rope_tables
@@ -53,43 +52,6 @@ class RotaryEmbedding(BaseRotaryEmbedding):
     def __init__(self, cfg: LlamaConfig):
         super().__init__(cfg.head_dim, cfg.rope_theta, llama3_scaling(cfg))
         self.config = cfg
-
-
-class Attention(nn.Module):
-    """Grouped-query attention: softmax(q k^T / sqrt(d) + causal mask) v, with K <= H key/value heads.
-
-    Without a cache it attends within the call (`causal_attention`); with one, it hands its new
-    K/V to the cache and attends over everything stored (`attend_kv`): a naive or a paged cache
-    changes where K/V live without touching this code. It declares what it caches per token with
-    `cache_spec()`: a key and a value of K heads x d."""
-
-    def __init__(self, cfg: LlamaConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.dropout = cfg.dropout
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
-
-    def cache_spec(self) -> KVSpec:
-        return KVSpec(self.n_kv_heads, self.head_dim)
-
-    def forward(self, x, rope, cache=None):
-        B, T, _ = x.shape
-        cos, sin = rope
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, d)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, K, d)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, d)
-        if cache is None:
-            out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale,
-                                   self.dropout if self.training else 0.0).transpose(1, 2)  # (B, T, H, d)
-        else:
-            out = attend_kv(self.layer_idx, q, k, v, cache, self.scale)  # (B, T, H, d)
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class SwiGLU(nn.Module):

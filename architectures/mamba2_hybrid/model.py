@@ -12,7 +12,8 @@ Unlike the zoo's other families, a block here holds ONE mixer, not a mixer and a
 so the family builds its layers itself (`make_layer`) instead of the two-sublayer `DecoderLayer`,
 and names them as the checkpoints do: `backbone.embeddings`, `backbone.layers.{i}.norm`,
 `backbone.layers.{i}.mixer`, `backbone.norm_f`, `lm_head`. A pure Mamba-2 is the pattern "MMM...".
-The attention layer is Llama 3's grouped-query attention, imported, without RoPE: Nemotron-H's
+The attention layer is the zoo's shared grouped-query attention
+(architectures/common/attention_layer.py), without RoPE: Nemotron-H's
 attention has no position encoding (the Mamba-2 layers before it carry order), so it is given
 the identity rotation cos = 1, sin = 0. The MoE layer routes with DeepSeek-V3's router, imported,
 to the zoo's stacked experts (architectures/common/moe.py), here non-gated: W_down act(W_up x).
@@ -30,7 +31,7 @@ from architectures.common.cache import CacheSpec
 from architectures.common.decoder import CausalLM, RMSNorm, run_layers
 from architectures.common.moe import StackedExperts
 from architectures.deepseek_v3.moe import Router
-from architectures.llama3.model import Attention
+from architectures.common.attention_layer import GroupedQueryAttention
 from architectures.mamba2_hybrid.config import Mamba2HybridConfig
 from architectures.mamba2_hybrid.mixer import Mamba2Mixer
 
@@ -142,7 +143,7 @@ class Mamba2Hybrid(CausalLM):
 
     def make_layer(self, cfg: Mamba2HybridConfig, layer_idx: int) -> nn.Module:
         kind = cfg.layer_kind(layer_idx)
-        mixer = {"mamba": lambda: Mamba2Mixer(cfg, layer_idx), "attention": lambda: Attention(cfg, layer_idx),
+        mixer = {"mamba": lambda: Mamba2Mixer(cfg, layer_idx), "attention": lambda: GroupedQueryAttention(cfg, layer_idx),
                  "mlp": lambda: MLP(cfg, cfg.intermediate_size), "moe": lambda: MoE(cfg)}[kind]()
         return HybridBlock(cfg, mixer, kind)
 

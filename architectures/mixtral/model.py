@@ -5,7 +5,8 @@ Paper: "Mixtral of Experts" (2024, arXiv:2401.04088); the top-k router comes fro
 arXiv:1701.06538). Reference implementation it is tested against: transformers'
 `MixtralForCausalLM` (tests/architectures/mixtral/test_matches_transformers.py).
 
-Attention and RoPE are Llama 3's, imported; the decoder stack is the zoo's shared one
+Attention is the zoo's shared grouped-query attention (architectures/common/attention_layer.py)
+and RoPE is Llama 3's, imported; the decoder stack is the zoo's shared one
 (architectures/common/decoder.py); the stacked experts and their grouped dispatch are the zoo's
 shared ones (architectures/common/moe.py). This file adds only what makes the MoE layer Mixtral's,
 the softmax top-k router and the logits its auxiliary losses read; `Mixtral.make_ffn` makes that
@@ -26,7 +27,8 @@ from torch import nn
 
 from architectures.common.decoder import CausalLM
 from architectures.common.moe import StackedExperts
-from architectures.llama3.model import Attention, RotaryEmbedding
+from architectures.common.attention_layer import GroupedQueryAttention
+from architectures.llama3.model import RotaryEmbedding
 from architectures.mixtral.config import MixtralConfig
 
 
@@ -107,7 +109,7 @@ class Mixtral(CausalLM):
     config_class = MixtralConfig
 
     def make_mixer(self, cfg: MixtralConfig, layer_idx: int) -> nn.Module:
-        return Attention(cfg, layer_idx)
+        return GroupedQueryAttention(cfg, layer_idx)
 
     def make_ffn(self, cfg: MixtralConfig, layer_idx: int) -> nn.Module:
         return SparseMoE(cfg, layer_idx)

@@ -56,6 +56,9 @@ class Row:
     seq_len: int = 100  # tokens per row of the logits test
     new_tokens: int = 40  # greedy tokens generated
     layers_prefix: str = "model.layers"  # the checkpoint's name of layer i is f"{layers_prefix}.{i}."
+    # config.json fields besides num_hidden_layers that say how many layers there are (Gemma's
+    # layer_types): resize_layers(config, n) -> those fields for n layers, the layers' pattern kept
+    resize_layers: Callable[[dict, int], dict] = lambda config, n: {}
 
     @property
     def package(self):
@@ -249,12 +252,71 @@ MAMBA2_VARIANTS = {
 }
 
 
+# ---- Gemma 2 and Gemma 3 -----------------------------------------------------------------------
+
+def gemma_reference(path, kind="gemma3", layers=6, window=8, pattern=None, attn_softcap=None, final_softcap=None,
+                    rope_scaling=None, tie=True, init=0.02, seed=0, **save_kwargs):
+    """A tiny Gemma2ForCausalLM or Gemma3ForCausalLM. The 100-token rows are longer than every window, so
+    the windows cut; with the caps, init 0.1 makes scores and logits large enough for small caps to bite.
+    The eager attention is the oracle: it applies Gemma 2's soft-cap where SDPA cannot."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                  query_pre_attn_scalar=16, sliding_window=window, initializer_range=init, tie_word_embeddings=tie,
+                  attn_logit_softcapping=attn_softcap, final_logit_softcapping=final_softcap,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation="eager")
+    if pattern is not None:
+        common["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                 for i in range(layers)]
+    if kind == "gemma2":
+        ref = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common))
+    else:
+        rope = {"rope_scaling": dict(rope_scaling)} if rope_scaling else {}
+        ref = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**common, **rope))
+    ref.eval()
+    perturb_norms(ref)
+    ref.save_pretrained(path, **save_kwargs)
+    return ref
+
+
+def gemma_ours():
+    from architectures.gemma import Gemma, GemmaConfig
+
+    torch.manual_seed(0)
+    return Gemma(GemmaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                             sliding_window=5, sliding_window_pattern=3, query_pre_attn_scalar=8,
+                             final_logit_softcapping=2.0, rope_theta=1e6, rope_local_base_freq=1e4,
+                             rope_scaling={"rope_type": "linear", "factor": 4.0},
+                             initializer_range=0.1)).eval()
+
+
+# Gemma 3 (QK-norm, two RoPE bases) and Gemma 2 (alternating layers, soft-caps): windows of 4 to 32
+# tokens, layer patterns 5:1, 2:1 and 1:1, soft-caps on and off, linear RoPE scaling, tied and untied.
+GEMMA_VARIANTS = {
+    "gemma3-window8-5to1": dict(),
+    "gemma3-window4-2to1-finalcap-linearrope": dict(window=4, pattern=3, final_softcap=3.0, init=0.1,
+                                                    rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    "gemma3-window32-1to1-untied": dict(window=32, layers=4, pattern=2, tie=False),
+    "gemma2-window8-softcaps": dict(kind="gemma2", layers=4, attn_softcap=2.0, final_softcap=3.0, init=0.1),
+    "gemma2-window16-nocaps": dict(kind="gemma2", layers=4, window=16),
+}
+
+
+def gemma_layer_types(config: dict, n: int) -> dict:
+    """n layer types continuing the checkpoint's own pattern."""
+    types = config["layer_types"]
+    return {"layer_types": [types[i % len(types)] for i in range(n)]}
+
+
 ROWS = [
     Row("llama3", llama_reference, LLAMA_VARIANTS, ("gqa1-rope-untied", "gqa4-llama3rope-untied"), llama_ours),
     Row("mixtral", mixtral_reference, MIXTRAL_VARIANTS, ("4experts-top1", "8experts-top2"), mixtral_ours),
     Row("deepseek_v3", deepseek_reference, DEEPSEEK_VARIANTS, ("qlora-yarn-2shared-4groups-nodense",), deepseek_ours),
     Row("mamba2_hybrid", mamba2_reference, MAMBA2_VARIANTS,
         ("mamba2-2groups-chunk16-tied", "nemotronh-M*-EM-2groups-chunk8"), mamba2_ours, new_tokens=30, layers_prefix="backbone.layers"),
+    Row("gemma", gemma_reference, GEMMA_VARIANTS, ("gemma3-window8-5to1", "gemma2-window8-softcaps"), gemma_ours,
+        resize_layers=gemma_layer_types),
 ]
 
 LOGITS_CASES = [(row, v) for row in ROWS for v in row.variants]
@@ -384,10 +446,11 @@ def test_config_with_a_layer_more_or_less_than_the_weights_names_the_tensors(tmp
     ref = row.reference(tmp_path)
     L = ref.config.num_hidden_layers
     layers = re.escape(row.layers_prefix)
-    edit_config(tmp_path, num_hidden_layers=L + 1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edit_config(tmp_path, num_hidden_layers=L + 1, **row.resize_layers(config, L + 1))
     with pytest.raises(ValueError, match=rf"missing.*'{layers}\.{L}\."):
         row.package.from_pretrained(tmp_path)
-    edit_config(tmp_path, num_hidden_layers=L - 1)
+    edit_config(tmp_path, num_hidden_layers=L - 1, **row.resize_layers(config, L - 1))
     with pytest.raises(ValueError, match=rf"unexpected tensors \[.*'{layers}\.{L - 1}\."):
         row.package.from_pretrained(tmp_path)
 

@@ -181,7 +181,11 @@ def test_every_family_quantizes_and_round_trips(family, tmp_path):
         # The tiny presets are deeper (4 to 8 layers) than the Llama above and errors compound through
         # the layers, hence 3x its bounds; the worst measured is mamba2_hybrid's (int8 0.014, fp8 0.058,
         # int4 and nf4 0.22), whose 8 layers include Mamba-2 projections wider than the attention's.
-        assert relative_error(out, reference) <= 3 * LOGIT_RTOL[fmt], fmt
+        # Gemma's post-norms rescale each branch's output to unit RMS, so at random init the branches'
+        # (quantized) outputs dominate the residual stream: measured int8 0.026, fp8 0.11, int4 0.36,
+        # nf4 0.39, hence 5x for it.
+        bound = (5 if family == "gemma" else 3) * LOGIT_RTOL[fmt]
+        assert relative_error(out, reference) <= bound, fmt
         # 3-D expert weights are not nn.Linear: they stay as they were.
         for name, p in q.named_parameters():
             if "experts." in name and p.dim() == 3:

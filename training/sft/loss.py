@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from architectures.common.loss import IGNORE_INDEX, linear_cross_entropy, output_head
+from architectures.common.loss import IGNORE_INDEX, linear_cross_entropy, output_head, output_softcap
 from training.sft.batch import PackedRows
 from training.loss_protocol import NUM_TOKENS
 
@@ -28,7 +28,8 @@ def sft_loss(model, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, dic
     labels = batch["labels"]  # (n, T), -100 where nothing is trained
     if chunk_size:
         hidden = forward_packed(model, batch, hidden_only=True)  # (n, T, D)
-        loss = linear_cross_entropy(hidden, output_head(model).weight, labels, chunk_size, reduction="sum")
+        loss = linear_cross_entropy(hidden, output_head(model).weight, labels, chunk_size, reduction="sum",
+                                    softcap=output_softcap(model))
     else:
         logits = forward_packed(model, batch)  # (n, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")

@@ -61,3 +61,23 @@ def test_lm_loss_with_chunks_equals_plain_lm_loss(model):
 def test_chunk_size_below_one_is_refused():
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), chunk_size=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunked_loss_with_a_logit_softcap_equals_plain_loss_of_capped_logits(chunk):
+    """Final-logit soft-capping (Gemma 2): the chunked loss caps each chunk's logits and chains its
+    gradient through 1 - tanh^2; logits of order 10 against a cap of 3, so the cap bites."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 9, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (3 * torch.randn(40, 16, generator=g, dtype=torch.float64)).requires_grad_()
+    y = torch.randint(0, 40, (2, 9), generator=g)
+    y[1, :2] = -100
+    z = F.linear(h, w)
+    ref = F.cross_entropy((3.0 * torch.tanh(z / 3.0)).flatten(0, -2), y.flatten())
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    got = linear_cross_entropy(h, w, y, chunk_size=chunk, softcap=3.0)
+    ch, cw = torch.autograd.grad(got, (h, w))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ch, gh, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cw, gw, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(got, F.cross_entropy(z.flatten(0, -2), y.flatten()))  # the cap changed the loss

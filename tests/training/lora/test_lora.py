@@ -260,6 +260,7 @@ def test_llama_3_2_1b_with_rank_8_on_attention_trains_0_138_percent():
 
 def family_models():
     from architectures.deepseek_v3 import DeepseekV3, DeepseekV3Config
+    from architectures.gemma import Gemma, GemmaConfig
     from architectures.mamba2_hybrid import Mamba2Hybrid, Mamba2HybridConfig
     from architectures.mixtral import Mixtral, MixtralConfig
 
@@ -279,6 +280,9 @@ def family_models():
             ssm_state_size=8, n_groups=2, chunk_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
             intermediate_size=48, n_routed_experts=4, moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
             **small)), ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
+        "gemma": (lambda: Gemma(GemmaConfig(intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                                            num_key_value_heads=2, head_dim=8, sliding_window=4, sliding_window_pattern=3,
+                                            final_logit_softcapping=5.0, **small)), ATTN_MLP),
     }
 
 
