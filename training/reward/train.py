@@ -1,6 +1,7 @@
 """A reward model: a scalar head on an SFT model, fitted to preference pairs with the Bradley-Terry loss.
 
-    python -m training.reward.train --preset tiny --base runs/sft-tiny     # 2-core CPU, a few minutes
+    python -m training.reward.train --preset tiny --base runs/sft-tiny --pairs-from runs/sft-weak-500
+    # 2-core CPU, about 9 minutes; 97.4% held-out pairwise accuracy (notes/ppo.md)
 
 The trunk starts from an SFT checkpoint (default: runs/sft-PRESET, made first if missing) and a
 new head, hidden size -> 1 (`ScalarModel`, training/reward/model.py). The pairs come from the
@@ -49,8 +50,8 @@ class RewardConfig:
 
     base: str = ""  # the SFT checkpoint the trunk starts from ("": runs/sft-PRESET, made first if missing)
     pairs_from: str = ""  # the checkpoint whose sampled replies make the pairs ("": the base); the policy PPO will train
-    samples: int = 4  # replies sampled per question (temperature 1) for the checker-ranked pairs
-    pairs_per_question: int = 2  # checker-ranked pairs kept per question
+    samples: int = 8  # replies sampled per question (temperature 1) for the checker-ranked pairs
+    pairs_per_question: int = 4  # checker-ranked pairs kept per question
     dpo_pairs: bool = True  # also train on DPO's pairs (right answer over the model's own mistake or a near miss)
     likelihood: bool = False  # add the trunk's log-likelihood of the reply to the score, with a learned weight
 
@@ -66,7 +67,7 @@ class RewardDataConfig:
 RECIPES = {
     "tiny": Recipe(
         model=RewardConfig(),
-        train=TrainConfig(max_steps=400, batch_size=32, block_size=64, lr=5e-4, min_lr=5e-5, warmup_steps=20,
+        train=TrainConfig(max_steps=1200, batch_size=32, block_size=64, lr=5e-4, min_lr=5e-5, warmup_steps=20,
                           weight_decay=0.0, eval_interval=100, eval_batches=4, log_interval=10),
         data=RewardDataConfig(),
     ),
@@ -180,7 +181,8 @@ def main(argv=None) -> dict:
             f"({len(pairs)} pairs)")
     summary = {"base": str(base), "preset": args.preset, "steps": cfg.max_steps, "train_pairs": len(train_pairs),
                "accuracy_before": before, "accuracy_after": after,
-               "likelihood_weight": None if model.likelihood_weight is None else float(model.likelihood_weight.detach()), "held_out_pairs": {k: len(v) for k, v in held.items()}}
+               "likelihood_weight": None if model.likelihood_weight is None else float(model.likelihood_weight.detach()),
+               "held_out_pairs": {k: len(v) for k, v in held.items()}}
     return write_summary(args.out, summary, t_start, device, "reward model (trunk, head, marker), metrics.jsonl")
 
 
