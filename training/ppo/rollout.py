@@ -37,13 +37,15 @@ class PolicyAndValue(nn.Module):
         self.policy, self.value = policy, value
 
 
-def full_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (N, W), last (N,)): prompt + reply, right-padded, and the index of each one's last token."""
+def full_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """(ids (N, W), last (N,), first (N,)): prompt + reply, right-padded, the index of each one's last
+    token and of its reply's first."""
     width = max(len(p) + len(c) for p, c in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for i, (p, c) in enumerate(rows):
         ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-    return ids.to(device), torch.tensor([len(p) + len(c) - 1 for p, c in rows], device=device)
+    return (ids.to(device), torch.tensor([len(p) + len(c) - 1 for p, c in rows], device=device),
+            torch.tensor([len(p) for p, _ in rows], device=device))
 
 
 class PPORollouts:
@@ -94,8 +96,8 @@ class PPORollouts:
         with self.reference.model(policy) as reference:
             ref_logps = token_logps(reference, ids, targets, self.temperature)
         old_values = value(ids) * mask
-        full, last = full_sequences(rows, self.fmt.tokenizer.pad_id or 0, device)
-        scores = self.reward_model.score(full, last)
+        full, last, first = full_sequences(rows, self.fmt.tokenizer.pad_id or 0, device)
+        scores = self.reward_model.score(full, last, first)
         ended = torch.tensor([bool(c) and c[-1] in self.fmt.stop_ids for _, c in rows], device=device)
         scores = torch.where(ended, scores, scores - self.missing_eos_penalty)
         rewards, kl = kl_penalised_rewards(scores, old_logps, ref_logps, mask, self.kl_coef)

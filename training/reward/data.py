@@ -12,7 +12,8 @@ checker (`arithmetic_reward`: 1 for the exact answer, + a small term for a bare 
 
 Held-out pairs are made the same way from the test split's questions. A batch holds both replies
 of each pair as whole rendered conversations, padded, and the index of each one's last token
-(its end-of-turn), where `ScalarModel.score` reads the reward.
+(its end-of-turn), where `ScalarModel.score` reads the reward, and of each one's first reply token
+(the same for both: they share the prompt), where its log-likelihood term starts.
 """
 
 from __future__ import annotations
@@ -47,29 +48,33 @@ def ranked_pairs(model, fmt: ChatFormat, examples: list, samples: int, pairs_per
     return pairs
 
 
-def encode_pair_sides(pairs: list[Pair], fmt: ChatFormat, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """(chosen ids, rejected ids) of each pair: the whole rendered conversation, end-of-turn included."""
+def encode_pair_sides(pairs: list[Pair], fmt: ChatFormat, max_len: int) -> list[tuple[list[int], list[int], int]]:
+    """(chosen ids, rejected ids, first) of each pair: the whole rendered conversations, end-of-turn
+    included, and the index of their first reply token."""
     out = []
     for i, p in enumerate(pairs):
         check_pair(p, f"pair {i}")
-        sides = tuple(fmt.render(conv, f"pair {i}")[0] for conv in p.conversations())
-        if max(map(len, sides)) > max_len:
-            raise ValueError(f"pair {i} renders to {max(map(len, sides))} tokens, more than the {max_len} the reward "
-                             f"model reads (--block-size); raise --block-size or shorten the replies")
-        out.append(sides)
+        (chosen, mask), (rejected, _) = (fmt.render(conv, f"pair {i}") for conv in p.conversations())
+        if max(len(chosen), len(rejected)) > max_len:
+            raise ValueError(f"pair {i} renders to {max(len(chosen), len(rejected))} tokens, more than the {max_len} "
+                             f"the reward model reads (--block-size); raise --block-size or shorten the replies")
+        out.append((chosen, rejected, mask.index(True)))
     return out
 
 
-def collate_sides(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """chosen_ids / rejected_ids (n, W), right-padded, and chosen_last / rejected_last (n,)."""
-    rows = [c for c, _ in pairs] + [r for _, r in pairs]
+def collate_sides(pairs: list[tuple[list[int], list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """chosen_ids / rejected_ids (n, W), right-padded; chosen_last / rejected_last (n,), each reply's
+    last token; chosen_first / rejected_first (n,), its first."""
+    rows = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row)
     last = torch.tensor([len(row) - 1 for row in rows])
+    first = torch.tensor([f for _, _, f in pairs] * 2)
     n = len(pairs)
-    return {"chosen_ids": ids[:n], "rejected_ids": ids[n:], "chosen_last": last[:n], "rejected_last": last[n:]}
+    return {"chosen_ids": ids[:n], "rejected_ids": ids[n:], "chosen_last": last[:n], "rejected_last": last[n:],
+            "chosen_first": first[:n], "rejected_first": first[n:]}
 
 
 class SideBatches:

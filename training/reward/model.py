@@ -6,6 +6,13 @@
 the end-of-turn, where the trunk has seen the prompt and the whole reply (`ScalarModel.score`);
 PPO's value model reads it at every position of the reply.
 
+With `likelihood=True` the score also has a term that a linear head on the hidden states cannot
+compute: the trunk's own log-likelihood of the reply, sum_t log p_trunk(y_t | x, y_<t), times a
+learned weight (`likelihood_weight`, starting at 0, trained by the same Bradley-Terry loss). Whether
+an answer is right is a comparison of each answer token with what the trunk predicted one position
+earlier; the language-model head makes exactly that comparison, while a linear unit reading one
+position's hidden state would need the trunk to learn it anew (notes/ppo.md measures both).
+
 On disk a reward model is a zoo checkpoint directory (config.json, model.safetensors,
 tokenizer.json: the trunk, loadable by itself) plus its head: `reward_head.safetensors` (the
 head's weight and bias) and `reward_head.json`, the marker `load_scalar_model` checks, which says
@@ -32,7 +39,7 @@ FORMAT = "llm-zoo scalar head"
 class ScalarModel(nn.Module):
     """trunk (a zoo CausalLM) -> final hidden states (B, T, D) -> head -> (B, T)."""
 
-    def __init__(self, trunk: nn.Module):
+    def __init__(self, trunk: nn.Module, likelihood: bool = False):
         super().__init__()
         self.trunk = trunk
         width = trunk.config.hidden_size
@@ -41,6 +48,8 @@ class ScalarModel(nn.Module):
         # N(0, 1 / sqrt(D + 1)), bias 0, so the first scores are of order 1.
         nn.init.normal_(self.head.weight, std=1 / (width + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
+        # The weight of the trunk's log-likelihood of the reply in the score; None: no such term.
+        self.likelihood_weight = nn.Parameter(torch.zeros(())) if likelihood else None
 
     @property
     def config(self):
@@ -50,9 +59,19 @@ class ScalarModel(nn.Module):
         hidden = self.trunk(ids, hidden_only=True)  # (B, T, D)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
 
-    def score(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """The reward of each row (B,): the head at index last[b] (the reply's last token) of row b."""
-        return self(ids)[torch.arange(ids.shape[0], device=ids.device), last]
+    def score(self, ids: torch.Tensor, last: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+        """The reward of each row (B,): the head at index last[b] (the reply's last token) of row b,
+        plus, with a likelihood term, likelihood_weight x the trunk's log-likelihood of the reply's
+        tokens first[b] .. last[b]."""
+        hidden = self.trunk(ids, hidden_only=True)  # (B, T, D)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        scores = self.head(hidden[rows, last].to(self.head.weight.dtype)).squeeze(-1).float()  # (B,)
+        if self.likelihood_weight is None:
+            return scores
+        if first is None:
+            raise ValueError("this reward model scores the trunk's log-likelihood of the reply, so score() needs "
+                             "first, the index of each reply's first token")
+        return scores + self.likelihood_weight.float() * reply_log_likelihood(self.trunk, hidden, ids, first, last)
 
     @torch.no_grad()
     def normalise(self, scores: torch.Tensor) -> None:
@@ -62,6 +81,21 @@ class ScalarModel(nn.Module):
         mean, std = scores.float().mean(), scores.float().std().clamp_min(1e-6)
         self.head.bias.sub_(mean).div_(std)
         self.head.weight.div_(std)
+        if self.likelihood_weight is not None:
+            self.likelihood_weight.div_(std)
+
+
+def reply_log_likelihood(trunk: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, first: torch.Tensor,
+                         last: torch.Tensor) -> torch.Tensor:
+    """(B,) sum over t in [first[b], last[b]] of log p(ids[b, t] | ids[b, :t]), from the trunk's final
+    hidden states (B, T, D) through its own language-model head (the prediction at t - 1 of token t)."""
+    if bool((first < 1).any()) or bool((first > last).any()):
+        raise ValueError("each reply must start after position 0 and end at or after its start (first <= last)")
+    logps = torch.log_softmax(trunk.compute_logits(hidden[:, :-1]).float(), -1)  # (B, T - 1, V)
+    logps = logps.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T - 1): log p of token t at index t - 1
+    t = torch.arange(1, ids.shape[1], device=ids.device)[None]  # (1, T - 1)
+    inside = (t >= first[:, None]) & (t <= last[:, None])
+    return (logps * inside).sum(1)
 
 
 def save_scalar_model(model: ScalarModel, directory: str | Path, tokenizer=None,
@@ -77,11 +111,15 @@ def save_scalar_model(model: ScalarModel, directory: str | Path, tokenizer=None,
         head_state = {k[len("head."):]: v for k, v in state_dict.items() if k.startswith("head.")}
     registry.family(registry.family_of(model.trunk)).save_pretrained(model.trunk, directory, trunk_state)
     head = head_state or {k: v.detach() for k, v in model.head.state_dict().items()}
+    if model.likelihood_weight is not None:
+        head["likelihood_weight"] = (state_dict or {}).get("likelihood_weight", model.likelihood_weight).reshape(1)
     head = {k: v.detach().float().cpu().contiguous() for k, v in head.items()}
     atomic_write(directory / HEAD_WEIGHTS, lambda tmp: save_file(head, str(tmp)))
     atomic_write_json(directory / HEAD_MARKER, {"format": FORMAT, "role": role,
                                                 "hidden_size": model.head.in_features,
-                                                "reads": "the reply's last token (its end-of-turn)"})
+                                                "reads": "the reply's last token (its end-of-turn)" +
+                                                (" plus the trunk's log-likelihood of the reply"
+                                                 if model.likelihood_weight is not None else "")})
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer.json")
 
@@ -110,8 +148,11 @@ def load_scalar_model(directory: str | Path, flag: str = "--reward-model", devic
         raise ValueError(f"{flag} {directory}: {HEAD_MARKER} is not a zoo reward head's marker, or "
                          f"{HEAD_WEIGHTS} is missing; retrain it with python -m training.reward.train")
     trunk = registry.from_pretrained(directory, device=device)
-    model = ScalarModel(trunk)
     head = load_file(str(directory / HEAD_WEIGHTS))
+    likelihood = head.pop("likelihood_weight", None)
+    model = ScalarModel(trunk, likelihood=likelihood is not None)
+    if likelihood is not None:
+        model.likelihood_weight.data.copy_(likelihood.reshape(()))
     if head["weight"].shape != model.head.weight.shape:
         raise ValueError(f"{flag} {directory}: the head reads {head['weight'].shape[1]} features but the trunk's "
                          f"hidden size is {model.head.in_features}; the two files are from different models")

@@ -1,6 +1,7 @@
 """A reward model: a scalar head on an SFT model, fitted to preference pairs with the Bradley-Terry loss.
 
-    python -m training.reward.train --preset tiny --base runs/sft-tiny     # 2-core CPU, a few minutes
+    python -m training.reward.train --preset tiny --base runs/sft-tiny --pairs-from runs/sft-weak-500
+    # 2-core CPU, about 9 minutes; 97.4% held-out pairwise accuracy (notes/ppo.md)
 
 The trunk starts from an SFT checkpoint (default: runs/sft-PRESET, made first if missing) and a
 new head, hidden size -> 1 (`ScalarModel`, training/reward/model.py). The pairs come from the
@@ -49,9 +50,10 @@ class RewardConfig:
 
     base: str = ""  # the SFT checkpoint the trunk starts from ("": runs/sft-PRESET, made first if missing)
     pairs_from: str = ""  # the checkpoint whose sampled replies make the pairs ("": the base); the policy PPO will train
-    samples: int = 4  # replies sampled per question (temperature 1) for the checker-ranked pairs
-    pairs_per_question: int = 2  # checker-ranked pairs kept per question
+    samples: int = 8  # replies sampled per question (temperature 1) for the checker-ranked pairs
+    pairs_per_question: int = 4  # checker-ranked pairs kept per question
     dpo_pairs: bool = True  # also train on DPO's pairs (right answer over the model's own mistake or a near miss)
+    likelihood: bool = False  # add the trunk's log-likelihood of the reply to the score, with a learned weight
 
 
 @dataclass
@@ -65,7 +67,7 @@ class RewardDataConfig:
 RECIPES = {
     "tiny": Recipe(
         model=RewardConfig(),
-        train=TrainConfig(max_steps=400, batch_size=32, block_size=64, lr=5e-4, min_lr=5e-5, warmup_steps=20,
+        train=TrainConfig(max_steps=1200, batch_size=32, block_size=64, lr=5e-4, min_lr=5e-5, warmup_steps=20,
                           weight_decay=0.0, eval_interval=100, eval_batches=4, log_interval=10),
         data=RewardDataConfig(),
     ),
@@ -81,8 +83,7 @@ RECIPES = {
 def reward_step(model: ScalarModel, batch: dict) -> tuple[torch.Tensor, dict]:
     """The loop's loss: both replies of each pair through the model in one pass, scored at their last token."""
     n = batch["chosen_ids"].shape[0]
-    scores = model.score(torch.cat([batch["chosen_ids"], batch["rejected_ids"]]),
-                         torch.cat([batch["chosen_last"], batch["rejected_last"]]))
+    scores = model.score(*(torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("ids", "last", "first")))
     return bradley_terry_loss(scores[:n], scores[n:])
 
 
@@ -108,8 +109,7 @@ def reply_scores(model: ScalarModel, pairs: list, pad_id: int, batch_size: int =
     out = []
     for i in range(0, len(pairs), batch_size):
         b = {k: v.to(device) for k, v in collate_sides(pairs[i:i + batch_size], pad_id).items()}
-        out.append(model.score(torch.cat([b["chosen_ids"], b["rejected_ids"]]),
-                               torch.cat([b["chosen_last"], b["rejected_last"]])).cpu())
+        out.append(model.score(*(torch.cat([b[f"chosen_{k}"], b[f"rejected_{k}"]]) for k in ("ids", "last", "first"))).cpu())
     return torch.cat(out)
 
 
@@ -161,9 +161,10 @@ def main(argv=None) -> dict:
     train_pairs, held = make_pairs(sampler, fmt, method, data_cfg, cfg.block_size)
     del sampler
     torch.manual_seed(cfg.seed)
-    model = ScalarModel(trunk).to(device)
+    model = ScalarModel(trunk, likelihood=method.likelihood).to(device)
     before = {k: pair_accuracy(model, v, pad) for k, v in held.items()}
-    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters from {base} and a new head; "
+    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters from {base} and a new head"
+        f"{' with a likelihood term' if method.likelihood else ''}; "
         f"{cfg.max_steps} steps into {args.out}")
     hook = family_on_step(trunk)
     train(model, with_aux_loss(reward_step, trunk), SideBatches(train_pairs, held["ranked"], pad), cfg, args.out,
@@ -173,11 +174,15 @@ def main(argv=None) -> dict:
     after = {k: pair_accuracy(model, v, pad) for k, v in held.items()}
     model.normalise(reply_scores(model, train_pairs, pad))
     save_scalar_model(model, args.out, tokenizer)
+    if method.likelihood:
+        say(f"likelihood weight after training: {float(model.likelihood_weight.detach()):.3f} (after normalising the scores)")
     for kind, pairs in held.items():
         say(f"held-out pairwise accuracy, {kind} pairs: {before[kind]:.1%} (new head) -> {after[kind]:.1%} "
             f"({len(pairs)} pairs)")
     summary = {"base": str(base), "preset": args.preset, "steps": cfg.max_steps, "train_pairs": len(train_pairs),
-               "accuracy_before": before, "accuracy_after": after, "held_out_pairs": {k: len(v) for k, v in held.items()}}
+               "accuracy_before": before, "accuracy_after": after,
+               "likelihood_weight": None if model.likelihood_weight is None else float(model.likelihood_weight.detach()),
+               "held_out_pairs": {k: len(v) for k, v in held.items()}}
     return write_summary(args.out, summary, t_start, device, "reward model (trunk, head, marker), metrics.jsonl")
 
 

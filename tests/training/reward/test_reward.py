@@ -83,10 +83,58 @@ def test_ranked_pairs_put_the_higher_checker_score_first(monkeypatch):
     assert len(ranked_pairs(None, None, examples, samples=3, pairs_per_question=1)) == 1
 
 
-def test_collate_sides_marks_each_replys_last_token():
-    batch = collate_sides([([1, 2, 3], [1, 2]), ([4, 5], [6, 7, 8, 9])], pad_id=0)
+def test_collate_sides_marks_each_replys_first_and_last_token():
+    batch = collate_sides([([1, 2, 3], [1, 2], 1), ([4, 5], [6, 7, 8, 9], 1)], pad_id=0)
     assert batch["chosen_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0]]
     assert batch["chosen_last"].tolist() == [2, 1] and batch["rejected_last"].tolist() == [1, 3]
+    assert batch["chosen_first"].tolist() == [1, 1] == batch["rejected_first"].tolist()
+
+
+def test_encode_pair_sides_puts_first_at_the_replys_first_token(chat_base):
+    from training.chat import chat_format
+    from training.dpo.data import Pair
+    from training.reward.data import encode_pair_sides
+    from training.tokenizer import Tokenizer
+
+    fmt = chat_format(Tokenizer.from_file(chat_base))
+    prompt = ({"role": "user", "content": "What is 40 + 2?"},)
+    [(chosen, rejected, first)] = encode_pair_sides([Pair(prompt, "42", "7")], fmt, 64)
+    assert chosen[:first] == rejected[:first] == fmt.prompt(list(prompt))
+    assert chosen[first:] == fmt.render(Pair(prompt, "42", "7").conversations()[0], "x")[0][first:] != rejected[first:]
+
+
+def test_the_likelihood_term_is_the_trunks_log_likelihood_of_the_reply(chat_base, tmp_path):
+    from architectures import registry
+
+    torch.manual_seed(2)
+    model = ScalarModel(registry.from_pretrained(chat_base), likelihood=True).eval()
+    assert float(model.likelihood_weight.detach()) == 0.0  # starts as the plain head
+    with torch.no_grad():
+        model.likelihood_weight.fill_(0.7)
+    ids = torch.randint(0, 50, (3, 7))
+    first, last = torch.tensor([2, 4, 1]), torch.tensor([5, 4, 6])
+    slow = []  # the reply's log-likelihood, one prefix and one token at a time
+    for b in range(3):
+        total = 0.0
+        for t in range(int(first[b]), int(last[b]) + 1):
+            total += float(torch.log_softmax(model.trunk(ids[b:b + 1, :t])[0, -1].float(), -1)[ids[b, t]])
+        slow.append(total)
+    head = model(ids)[torch.arange(3), last]
+    torch.testing.assert_close(model.score(ids, last, first), head + 0.7 * torch.tensor(slow), atol=1e-4, rtol=1e-5)
+    padded = ids.clone()
+    padded[0, 6:] = 0  # after row 0's last token: unseen
+    torch.testing.assert_close(model.score(padded, last, first)[0], model.score(ids, last, first)[0])
+    with pytest.raises(ValueError, match="needs first"):
+        model.score(ids, last)
+    with torch.no_grad():
+        model.normalise(model.score(ids, last, first))
+        scores = model.score(ids, last, first)
+    assert float(scores.mean()) == pytest.approx(0.0, abs=1e-4) and float(scores.std()) == pytest.approx(1.0, abs=1e-4)
+    save_scalar_model(model, tmp_path / "rm")
+    assert "log-likelihood" in json.loads((tmp_path / "rm" / HEAD_MARKER).read_text())["reads"]
+    loaded = load_scalar_model(tmp_path / "rm").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.score(ids, last, first), scores)
 
 
 TINY = ["--max-steps", "2", "--batch-size", "4", "--eval-interval", "2", "--eval-batches", "1", "--log-interval", "1",
@@ -106,6 +154,18 @@ def test_reward_train_writes_a_reward_model_that_loads(chat_base, tmp_path, monk
     assert model(torch.randint(0, 50, (1, 4))).shape == (1, 4)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"accuracy"' in line]
     assert logged and {"accuracy", "margin"} <= set(logged[0])
+    assert summary["likelihood_weight"] is None
+
+
+@pytest.mark.slow
+def test_reward_train_with_the_likelihood_term_learns_its_weight(chat_base, tmp_path, monkeypatch):
+    from training.reward.train import main
+
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "rm"
+    summary = main(["--preset", "tiny", "--base", str(chat_base), "--out", str(out), "--likelihood"] + TINY)
+    assert summary["likelihood_weight"] != 0.0  # trained away from its start
+    assert float(load_scalar_model(out).likelihood_weight) == pytest.approx(summary["likelihood_weight"])
 
 
 def test_a_zero_sample_count_is_a_one_line_error(chat_base, tmp_path, command_error):
