@@ -3,7 +3,7 @@
 - Layers: `architectures/utils/` (the ground floor) < `architectures/` < `inference/` < `training/`
   < `fundamentals/`. A library module imports only its own layer or lower ones; the ground floor
   imports nothing of the zoo.
-- Scripts (a folder's `train.py`, `inference/generate.py`, the runnable modules of a `benchmarks/`
+- Scripts (a folder's `train.py`, `inference/generate.py`, `architectures/stable_diffusion/sample.py`, the runnable modules of a `benchmarks/`
   or `experiments/` folder) sit on top of every layer and may import any library module, but never
   another script: what two scripts share is a library (beside them, without a __main__ block, if
   only that folder's scripts use it).
@@ -48,7 +48,7 @@ def is_script(module: str) -> bool:
     """A folder's train.py, inference/generate.py, or a runnable module (one with a __main__ block) in a
     benchmarks/ or experiments/ folder; a module there without one is the library its scripts share."""
     parts = module.split(".")
-    if parts[-1] == "train" or module == "inference.generate":
+    if parts[-1] == "train" or module in ("inference.generate", "architectures.stable_diffusion.sample"):
         return True
     runnable = 'if __name__ == "__main__"' in MODULES[module].read_text()
     return runnable and ("benchmarks" in parts[:-1] or "experiments" in parts[:-1])

@@ -107,6 +107,24 @@ def save_weights(module: torch.nn.Module, file: Path, state: dict | None = None)
     atomic_write(file, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
 
 
+def vae_config_dict(vae: AutoencoderKL) -> dict:
+    n = len(vae.config.block_out_channels)
+    return to_dict(vae.config, _class_name="AutoencoderKL", _diffusers_version=DIFFUSERS_VERSION, act_fn="silu",
+                   down_block_types=[VAE_DOWN] * n, up_block_types=[VAE_UP] * n)
+
+
+def save_vae(vae: AutoencoderKL, path: str | Path, state_dict: dict | None = None) -> None:
+    """The VAE alone, as a pipeline's vae/ folder (what the train script's first stage checkpoints)."""
+    atomic_write_json(Path(path) / "config.json", vae_config_dict(vae))
+    save_weights(vae, Path(path) / DIFFUSERS_WEIGHTS, state_dict)
+
+
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> AutoencoderKL:
+    path = Path(path)
+    cfg = vae_from_dict(read_json(path / "config.json"), str(path / "config.json"))
+    return load_component(AutoencoderKL, cfg, path, DIFFUSERS_WEIGHTS, dtype, device)
+
+
 def save_pretrained(pipe: StableDiffusion, path: str | Path, state_dict: dict | None = None) -> None:
     """Write the pipeline in diffusers' layout (loadable by diffusers' StableDiffusionPipeline too).
     `state_dict`: the whole module's, as the training loop passes it (else the pipeline's own)."""
@@ -116,9 +134,7 @@ def save_pretrained(pipe: StableDiffusion, path: str | Path, state_dict: dict | 
     version = {"_diffusers_version": DIFFUSERS_VERSION}
     unet_cfg = to_dict(pipe.unet.config, _class_name="UNet2DConditionModel", **version, act_fn="silu",
                        mid_block_type="UNetMidBlock2DCrossAttn")
-    n = len(pipe.vae.config.block_out_channels)
-    vae_cfg = to_dict(pipe.vae.config, _class_name="AutoencoderKL", **version, act_fn="silu",
-                      down_block_types=[VAE_DOWN] * n, up_block_types=[VAE_UP] * n)
+    vae_cfg = vae_config_dict(pipe.vae)
     text_cfg = to_dict(pipe.text_encoder.config, architectures=["CLIPTextModel"], model_type="clip_text_model",
                        pad_token_id=pipe.tokenizer.pad_token_id, projection_dim=pipe.text_encoder.config.hidden_size)
     for name, cfg, weights in (("unet", unet_cfg, DIFFUSERS_WEIGHTS), ("vae", vae_cfg, DIFFUSERS_WEIGHTS),

@@ -1,10 +1,10 @@
 """AutoencoderKL: Stable Diffusion's VAE, which maps an image to a small latent and back.
 
-The encoder halves the resolution at every level but the last (3 levels: 32x32 -> 8x8), ends in
+The encoder halves the resolution at every level but the last (3 levels: 16x16 -> 4x4), ends in
 a bottleneck with self-attention, and outputs, per latent pixel, the mean and log-variance of a
 diagonal Gaussian q(z | x). The decoder mirrors it. Diffusion then runs on z * scaling_factor,
-a tensor 48x smaller than a 512x512 RGB image in SD 1.x (64x64x4), 4x smaller than a 32x32 grey
-digit here (8x8x4); see notes/stable-diffusion.md for why that is the point.
+a tensor 48x smaller than a 512x512 RGB image in SD 1.x (64x64x4), 4x smaller than a 16x16 grey
+digit here (4x4x4); see notes/stable-diffusion.md for why that is the point.
 
     vae.encode(images) -> (mean, logvar)     (B, C, H, W) -> 2 x (B, L, H/f, W/f)
     vae.decode(latents) -> images            (B, L, H/f, W/f) -> (B, C, H, W)
