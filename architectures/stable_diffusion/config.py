@@ -155,7 +155,9 @@ def components(cfg: SDConfig) -> tuple[UNetConfig, VAEConfig, TextConfig, Schedu
     text = TextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden,
                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
                       max_position_embeddings=cfg.context)
-    return unet, vae, text, SchedulerConfig(prediction_type=cfg.prediction_type)
+    # "trailing" spacing starts every sampler at the noisiest step, t = T - 1, and lets DDPM take all T steps
+    sched = SchedulerConfig(prediction_type=cfg.prediction_type, timestep_spacing="trailing", steps_offset=0)
+    return unet, vae, text, sched
 
 
 # ---------------------------------------------------------------------------- config.json files

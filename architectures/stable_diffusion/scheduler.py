@@ -80,7 +80,11 @@ class NoiseSchedule:
         if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
             raise ValueError(f"--steps must be a whole number from 1 to the {T} training steps, got {steps!r}")
         if c.timestep_spacing == "leading":  # 0, T/N, 2T/N, ... (+ steps_offset): never reaches t = T - 1
-            return (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + c.steps_offset
+            t = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + c.steps_offset
+            if t[0] >= T:
+                raise ValueError(f"--steps {steps} with 'leading' spacing and steps_offset={c.steps_offset} would start at "
+                                 f"step {t[0]}, past the schedule's last ({T - 1}); use fewer steps")
+            return t
         if c.timestep_spacing == "trailing":  # T - 1, T - 1 - T/N, ...: starts at the noisiest step
             return np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
         return np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)  # "linspace"
