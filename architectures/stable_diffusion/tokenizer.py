@@ -126,5 +126,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) ->
                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     model = json.loads(tok.to_str())["model"]
-    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-    return CLIPTokenizer(model["vocab"], [tuple(m) for m in merges], model_max_length)
+    merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
+    # The trainer numbers tokens of equal rank in no fixed order; number them again, deterministically:
+    # the special tokens, the single symbols sorted, then each merge's result in merge order.
+    merged = [a + b for a, b in merges]
+    singles = sorted(t for t in model["vocab"] if t not in (BOS, EOS) and t not in set(merged))
+    order = [BOS, EOS] + singles + [t for i, t in enumerate(merged) if t not in merged[:i]]
+    return CLIPTokenizer({t: i for i, t in enumerate(order)}, merges, model_max_length)
