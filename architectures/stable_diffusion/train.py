@@ -53,7 +53,7 @@ FAMILY, VAE_DIR = "stable_diffusion", "autoencoder"
 class DigitsConfig:
     dataset: str = "digits"  # the image set: "digits" (scikit-learn's handwritten digits, upsampled; offline)
     caption_dropout: float = 0.1  # fraction of training captions replaced by the empty prompt (guidance needs it)
-    vae_steps: int = 800  # optimizer steps of the VAE stage, before the U-Net's
+    vae_steps: int = 600  # optimizer steps of the VAE stage, before the U-Net's
     vae_batch_size: int = 32  # images per VAE step
     vae_lr: float = 2e-3  # peak learning rate of the VAE stage
     kl_weight: float = 1e-4  # weight of the VAE's KL term against its reconstruction error
@@ -64,7 +64,7 @@ class DigitsConfig:
 
 RECIPES = {
     "tiny": Recipe(model=model_preset("tiny"), data=DigitsConfig(), train=TrainConfig(
-        max_steps=2000, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.0,
+        max_steps=1500, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.0,
         eval_interval=500, eval_batches=4, log_interval=50)),
 }
 
