@@ -7,7 +7,8 @@ Sampling, as diffusers' StableDiffusionPipeline does it (tested to 1e-4 on its D
 1. the prompt and the empty prompt through the text encoder: (2B, context, D);
 2. z_T ~ N(0, I) * the sampler's initial sigma, (B, 4, h, w);
 3. for each of the sampler's steps: eps = unet([z, z], t, [empty, prompt]) in one batch of 2B,
-   eps = eps_empty + g (eps_prompt - eps_empty) (classifier-free guidance, when g > 1), one sampler step;
+   eps = eps_empty + g (eps_prompt - eps_empty) (classifier-free guidance; g = 1: the prompt's alone,
+   g = 0: the empty prompt's alone), one sampler step;
 4. the VAE decodes z / scaling_factor to pixels in [-1, 1], shown as [0, 1].
 """
 
@@ -92,7 +93,9 @@ def generate(pipe: StableDiffusion, prompts: list[str], steps: int, guidance: fl
     sampler_ = make_sampler(sampler, pipe.scheduler, steps, eta)
     device = next(pipe.unet.parameters()).device
     dtype = next(pipe.unet.parameters()).dtype
-    guided = guidance > 1.0  # g = 1 is the conditional model alone: no second batch needed
+    # g = 1 is the conditional model alone: no second batch. diffusers also runs the conditional model alone
+    # for any g below 1; here g < 1 moves towards the unconditional model, which g = 0 is.
+    guided = guidance != 1.0
     text = pipe.encode_prompts(([negative_prompt] * len(prompts) if guided else []) + prompts)  # (B or 2B, M, D)
     size = pipe.unet.config.sample_size
     if latents is None:

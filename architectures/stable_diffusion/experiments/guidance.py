@@ -101,7 +101,7 @@ def trajectory(pipe: StableDiffusion, shown: list[int], seed: int) -> tuple[torc
 
 def figures(pipe, digits, a, sweep, samplers, judge_acc, folder: Path, machine: str, t_sweep: float, t_samplers: float):
     folder.mkdir(parents=True, exist_ok=True)
-    footer = lambda seconds: f"{COMMAND} --checkpoint {a.checkpoint} | {machine} | {seconds:.0f} s"  # noqa: E731
+    footer = lambda seconds: f"{COMMAND} --checkpoint {a.checkpoint} | {machine} | {seconds:.1f} s"  # noqa: E731
     t0 = time.perf_counter()
     steps = [0, 50, 150, 300, 500, 750, 999]
     three = digits.val_images[digits.val_labels == 3][:1]
@@ -122,7 +122,9 @@ def main(argv=None) -> dict:
     a = parse(argv)
     t_start = time.perf_counter()
     device = resolve_device(a.device)
-    machine = f"{device_label(device)}, {os.cpu_count()} cores" if device.type == "cpu" else device_label(device)
+    # a shared machine says so: its load average when the experiment started
+    machine = (f"{device_label(device)}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+               if device.type == "cpu" else device_label(device))
     pipe = from_pretrained(a.checkpoint, device=device)
     digits = load_digits(pipe.vae.config.sample_size)
     out = Path(a.out)

@@ -62,7 +62,7 @@ def draw_noising(pixels: torch.Tensor, latents: torch.Tensor, steps: list[int], 
     """A digit noised in closed form at several t: in pixel space (top) and in latent space, decoded (bottom)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 1, figsize=(8, 3))
+    fig, ax = plt.subplots(1, 1, figsize=(8, 2.5))
     _show(ax, torch.cat([pixels, latents]), 2, "x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at t = "
           + ", ".join(map(str, steps)) + "\ntop: the image itself; bottom: its 4x4x4 latent, noised, then decoded")
     _save(fig, path, footer)
@@ -72,7 +72,7 @@ def draw_trajectory(latents: torch.Tensor, guesses: torch.Tensor, steps: list[in
     """A denoising run (DDIM): the latent z_t decoded (top) and the model's guess of x_0 decoded (bottom)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 1, figsize=(8, 3))
+    fig, ax = plt.subplots(1, 1, figsize=(8, 2.5))
     _show(ax, torch.cat([latents, guesses]), 2, "DDIM, 50 steps, 'the digit three', g = 3; shown at steps "
           + ", ".join(map(str, steps)) + "\ntop: z_t decoded; bottom: the predicted clean latent x_0 decoded")
     _save(fig, path, footer)

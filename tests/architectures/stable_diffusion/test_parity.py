@@ -163,3 +163,14 @@ def test_a_missing_weight_file_and_a_directory_without_model_index_are_refused(p
 def test_an_unsupported_unet_setting_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="class_embed_type='timestep' is not supported"):
         unet_from_dict({"class_embed_type": "timestep"}, "unet/config.json")
+
+
+def test_guidance_zero_is_the_unconditional_model_and_one_the_conditional(pipelines):
+    _, ours, _ = pipelines
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    run = lambda prompts, g: generate(ours, prompts, steps=3, guidance=g, latents=noise, output="latents")  # noqa: E731
+    torch.testing.assert_close(run(["a cat", "a dog"], 0.0), run(["", ""], 1.0), rtol=1e-5, atol=1e-5)
+    conditional = run(["a cat", "a dog"], 1.0)
+    assert not torch.allclose(conditional, run(["", ""], 1.0), atol=1e-3)  # the prompt does change the result
+    halfway = run(["a cat", "a dog"], 0.5)
+    assert not torch.allclose(halfway, conditional, atol=1e-4) and not torch.allclose(halfway, run(["", ""], 1.0), atol=1e-4)
