@@ -58,6 +58,8 @@ def parse(argv=None) -> argparse.Namespace:
         raise ValueError(f"--num must be >= 1, got {a.num}")
     if a.sampler not in SAMPLERS:
         raise ValueError(f"--sampler {a.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if a.eta != 0 and a.sampler != "ddim":
+        raise ValueError(f"--eta is DDIM's noise; --sampler {a.sampler} takes none (DDPM always adds its own, Euler none)")
     return a
 
 

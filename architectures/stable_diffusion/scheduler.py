@@ -35,6 +35,13 @@ def per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tor
     return out.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def draw_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, I) noise shaped like `like`, drawn where the generator lives (a CPU generator on a GPU run:
+    drawn on the CPU and copied, so a seed gives the same noise on every device, as diffusers does)."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
+
+
 class NoiseSchedule:
     def __init__(self, config: SchedulerConfig):
         self.config = c = config
@@ -114,8 +121,7 @@ class DDPMSampler:
         if t == 0:
             return mean
         variance = torch.clamp((1 - a_prev) / (1 - a_t) * beta_t, min=1e-20)
-        noise = torch.randn(model_output.shape, generator=generator, dtype=model_output.dtype, device=model_output.device)
-        return mean + variance ** 0.5 * noise
+        return mean + variance ** 0.5 * draw_noise(model_output, generator)
 
 
 class DDIMSampler:
@@ -143,8 +149,7 @@ class DDIMSampler:
         std = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         out = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
         if self.eta > 0:
-            out = out + std * torch.randn(model_output.shape, generator=generator, dtype=model_output.dtype,
-                                          device=model_output.device)
+            out = out + std * draw_noise(model_output, generator)
         return out
 
 

@@ -86,6 +86,7 @@ def test_the_sample_script_writes_a_grid(trained, tmp_path):
     (["--guidance", "nan"], ["--guidance must be a finite number"]),
     (["--prompt", "the digit seven drawn in a very careful and long way"], ["longer than the text encoder's context"]),
     (["--sampler", "plms"], ["--sampler 'plms' is not one of ddpm, ddim, euler"]),
+    (["--sampler", "euler", "--eta", "0.5"], ["--eta is DDIM's noise"]),
 ])
 def test_bad_sample_input_is_one_line(trained, capsys, tmp_path, argv, names):
     out, _ = trained
