@@ -146,7 +146,8 @@ def loader_hint(model_type: str | None) -> str:
     name = family_for_model_type(model_type)
     if name is not None:
         return f"load it with {FAMILIES[name].package}"
-    known = ", ".join(f"{t!r} ({f.package})" for f in FAMILIES.values() for t in f.model_types)
+    # config.json model_types are language models'; a diffusion family's model_types are pipeline class names
+    known = ", ".join(f"{t!r} ({f.package})" for f in FAMILIES.values() if f.kind == LM_KIND for t in f.model_types)
     return f"the zoo loads model_type {known}"
 
 
