@@ -26,7 +26,7 @@ def family_presets(family: str) -> list[str]:
 
 def presets_help() -> str:
     """Every family's presets, for an option's --help: 'llama3: tiny, shakespeare, ...; mixtral: ...'."""
-    return "; ".join(f"{name}: {', '.join(family_presets(name))}" for name in registry.FAMILIES)
+    return "; ".join(f"{name}: {', '.join(family_presets(name))}" for name in registry.language_models())
 
 
 def default_preset(family: str, preferred: str) -> str:

@@ -194,8 +194,8 @@ def _gib(n: int) -> str:
 @command_line
 def main(argv=None) -> dict:
     p = ArgumentParser(prog="python -m inference.memory", description=__doc__.split("\n")[0])
-    defaults = ", ".join(f"{f} {default_preset(f, DEFAULT_PRESET)}" for f in registry.FAMILIES)
-    p.add_argument("--family", default="llama3", help=f"architecture family ({', '.join(registry.FAMILIES)})")
+    defaults = ", ".join(f"{f} {default_preset(f, DEFAULT_PRESET)}" for f in registry.language_models())
+    p.add_argument("--family", default="llama3", help=f"architecture family ({', '.join(registry.language_models())})")
     p.add_argument("--preset", default=argparse.SUPPRESS,  # the default depends on --family: said in the help
                    help=f"the family's preset whose layers are counted (default: {defaults}). Presets: {presets_help()}")
     p.add_argument("--seq-len", type=int, default=8192, help="slots the naive cache reserves per sequence")
@@ -208,6 +208,7 @@ def main(argv=None) -> dict:
                         "Default: K/V stored in --dtype")
     a = p.parse_args(argv)
     check_at_least(("--seq-len", a.seq_len, 1), ("--batch", a.batch, 1), ("--block-size", a.block_size, 1))
+    registry.require_lm(a.family, "inference.memory (the KV memory of a language model)")
     a.preset = getattr(a, "preset", None) or default_preset(a.family, DEFAULT_PRESET)
     check_preset(a.family, a.preset)
     mean = a.mean_len if a.mean_len is not None else a.seq_len

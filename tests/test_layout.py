@@ -45,7 +45,8 @@ def layer(module: str) -> int:
     return max(i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + "."))
 
 
-ENTRY_SCRIPTS = ("inference.generate", "inference.serve", "inference.chat")  # the inference commands
+ENTRY_SCRIPTS = ("inference.generate", "inference.serve", "inference.chat",  # the inference commands
+                 "architectures.stable_diffusion.sample")  # a diffusion model's sampler
 
 
 def is_script(module: str) -> bool:

@@ -323,7 +323,7 @@ def run(family: str, argv=None, recipes: dict[str, Recipe] | None = None) -> dic
     """Train a registered family on one of its recipes (by default its pretraining recipes) with the
     family's whole contract from the registry: model class, loss, per-step hook, save/load, FLOPs.
     Returns (and writes to DIR/summary.json) the final figures."""
-    contract = registry.family(family)
+    contract = registry.require_lm(family, "the language-model training command line (training/cli.py)")
     args = parse(argv, recipes or pretraining_recipes(family), family)
     t_start = time.perf_counter()
     train_cfg = args.recipe.train

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from architectures import registry
+from architectures.common.checkpoint import read_config_json
 from architectures.utils.device import device_label
 from architectures.utils.files import atomic_write_json
 from architectures.utils.wrappers import unwrap
@@ -54,6 +55,8 @@ def pretrained_dir(given: str, flag: str, preset: str, why_tokenizer: str) -> Pa
     if given:
         path = Path(given)
         if not (path / "config.json").is_file():
+            if (path / "model_index.json").is_file():
+                read_config_json(path)  # a diffusion pipeline: refused as such, in one line
             raise FileNotFoundError(f"{flag} {path} has no config.json; pass a zoo or Hugging Face checkpoint directory")
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{flag} {path} has no tokenizer.json; {why_tokenizer}")

@@ -41,6 +41,10 @@ def read_config_json(path: str | Path) -> dict:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = path / "config.json"
+    if not cfg.is_file() and (path / "model_index.json").is_file():
+        raise ValueError(f"{path} is a diffusers pipeline (it has model_index.json, no config.json), not a causal "
+                         f"language model checkpoint; architectures.registry.from_pretrained(path, kind=None) loads it, "
+                         f"and its family's commands sample it")
     if not cfg.is_file():
         raise FileNotFoundError(
             f"{path} has no config.json; a Hugging Face-format checkpoint needs config.json "

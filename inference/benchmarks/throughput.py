@@ -176,7 +176,7 @@ def check_workload(args) -> None:
 def parse_args(argv) -> tuple:
     """(args, config overrides): the known options, and the --key value pairs left over for the preset."""
     p = ArgumentParser(prog="python -m inference.benchmarks.throughput", description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", default="llama3", help=f"architecture family ({', '.join(registry.FAMILIES)})")
+    p.add_argument("--family", default="llama3", help=f"architecture family ({', '.join(registry.language_models())})")
     p.add_argument("--preset", default=argparse.SUPPRESS,
                    help=f"the family's preset: the shape of the random model (default: {DEFAULT_PRESET} for llama3; "
                         f"give one for another family). Presets: {presets_help()}")
@@ -217,6 +217,7 @@ def parse_args(argv) -> tuple:
 
 def model_config(args, overrides: dict):
     """The preset's config with the command line's overrides (a value of the wrong type is the user's error)."""
+    registry.require_lm(args.family, "the engine benchmark")
     presets = family_presets(args.family)
     if not hasattr(args, "preset"):
         if DEFAULT_PRESET not in presets:

@@ -76,7 +76,7 @@ def test_quantized_kv_ends_with_a_failure_exit_when_a_part_fails(monkeypatch, ca
 
 # ---- inference.memory: every family's default preset -------------------------------------------------
 
-@pytest.mark.parametrize("family", list(registry.FAMILIES))
+@pytest.mark.parametrize("family", registry.language_models())
 def test_memory_runs_every_family_with_its_default_preset(family, capsys):
     from inference.command_checks import default_preset, family_presets
     from inference.memory import main as memory_main
@@ -111,6 +111,6 @@ def test_help_explains_every_option_and_lists_the_presets(module, monkeypatch, c
     assert [o for o, a in options.items() if len((a.help or "").split()) < 3] == [], "options without help"
     text = " ".join(capsys.readouterr().out.split())
     if "--preset" in options:
-        families = registry.FAMILIES if "--family" in options else ["llama3"]
+        families = registry.language_models() if "--family" in options else ["llama3"]
         missing = [p for f in families for p in family_presets(f) if p not in text]
         assert missing == [], f"--help should list the presets {missing}"

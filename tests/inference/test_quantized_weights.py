@@ -166,7 +166,7 @@ def test_load_in_bf16_keeps_the_codes_and_matches_the_model_cast_to_bf16(llama, 
     assert torch.equal(logits(loaded, ids), logits(q.to(torch.bfloat16), ids))
 
 
-@pytest.mark.parametrize("family", list(registry.FAMILIES))
+@pytest.mark.parametrize("family", registry.language_models())
 def test_every_family_quantizes_and_round_trips(family, tmp_path):
     cfg = registry.package(family).preset("tiny")
     torch.manual_seed(0)

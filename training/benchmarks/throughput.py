@@ -82,7 +82,7 @@ def gpt2_baseline():
 @command_line
 def main(argv=None) -> dict:
     p = ArgumentParser(prog="python -m training.benchmarks.throughput", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="llama3", choices=[*registry.FAMILIES, BASELINE],
+    p.add_argument("--arch", default="llama3", choices=[*registry.language_models(), BASELINE],
                    help=f"an architecture family, or {BASELINE}: the baseline, transformers' GPT-2 in the same loop")
     p.add_argument("--preset", default=None, help="a preset of --arch (default: gpt2-124m where it has one)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch, sequences per optimizer step")

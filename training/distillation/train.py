@@ -133,7 +133,8 @@ def check_method(cfg: DistillConfig, train_cfg: TrainConfig) -> None:
 def student_config(cfg: DistillConfig):
     """The new student's config: the family's preset with --student-config's fields; a field the
     preset derives (head_dim) is derived again from the new sizes. vocab_size is set later."""
-    package = registry.package(cfg.student_family)  # an unknown family is refused here, with the list
+    registry.require_lm(cfg.student_family, "--student-family")  # an unknown family is refused here, with the list
+    package = registry.package(cfg.student_family)
     base = package.preset(cfg.student_preset)
     overrides = {}
     for item in filter(None, (s.strip() for s in cfg.student_config.split(","))):

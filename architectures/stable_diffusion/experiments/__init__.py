@@ -1,0 +1,1 @@
+"""The guidance and sampler experiment of notes/stable-diffusion.md, with the digit classifier that judges it."""
