@@ -4,7 +4,7 @@
 the train script runs offline. They are upsampled bilinearly (to 16x16 by default) and mapped to [-1, 1];
 the last 10% (by a fixed shuffle) are held out, for validation and for the classifier's test.
 Each image is captioned by its class in one of a few phrasings ("seven", "the digit seven",
-"a handwritten 7", ...), so the conditioning goes through the tokenizer, the text encoder and
+"a handwritten seven", "a 7", ...), so the conditioning goes through the tokenizer, the text encoder and
 cross-attention exactly as a text prompt does in SD; an empty caption is the unconditional prompt.
 """
 
