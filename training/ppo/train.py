@@ -79,10 +79,10 @@ class PPODataConfig:
 
 
 RECIPES = {
-    "tiny": Recipe(
-        model=PPOConfig(),
-        train=TrainConfig(max_steps=256, batch_size=64, block_size=64, lr=1e-4, min_lr=1e-5, warmup_steps=5,
-                          weight_decay=0.0, grad_clip=1.0, eval_interval=256, eval_batches=1, log_interval=16),
+    "tiny": Recipe(  # notes/ppo.md: rollouts of 256 replies at temperature 0.5, 2 updates of all of them each
+        model=PPOConfig(epochs=2, minibatches=1, temperature=0.5, value_lr=1e-3),
+        train=TrainConfig(max_steps=600, batch_size=256, block_size=64, lr=1e-4, min_lr=1e-5, warmup_steps=5,
+                          weight_decay=0.0, grad_clip=1.0, eval_interval=600, eval_batches=1, log_interval=8),
         data=PPODataConfig(),
     ),
     "shakespeare": Recipe(
