@@ -104,7 +104,7 @@ def ppo_step(model: PolicyAndValue, batch: dict, *, clip_eps: float, clip_value:
     policy_weight = batch["policy_weight"][0] if "policy_weight" in batch else 1.0  # 0 in the value warm-up
     with torch.set_grad_enabled(torch.is_grad_enabled() and bool(policy_weight)):
         # In the warm-up the policy is left out of the graph: its gradients stay None, so AdamW keeps
-        # no state for it (zero gradients would count steps and enlarge its first real updates).
+        # no state for it (zero gradients would be counted in its bias correction, changing the first real updates).
         logits = model.policy(batch["input_ids"]).float() / temperature  # (B, T, V)
     logps = torch.gather(torch.log_softmax(logits, -1), -1, targets.clamp_min(0)[..., None])[..., 0] * mask
     values = model.value(batch["input_ids"])  # (B, T)
