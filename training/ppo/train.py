@@ -65,7 +65,7 @@ class PPOConfig:
     temperature: float = 1.0  # sampling temperature; the trained log-probs are softmax(logits / temperature)'s
     missing_eos_penalty: float = 1.0  # subtracted from the score of a reply cut off before its end-of-turn
     whiten_advantages: bool = True  # normalise the advantages over each rollout to mean 0, std 1
-    score_baseline: str = "none"  # subtracted from each reply's score: "none", or "greedy" (the reward model's score of the policy's greedy reply to the prompt)
+    score_baseline: str = "none"  # taken from each reply's score: "none", or "greedy" (the greedy reply's score)
     value_lr: float = 0.0  # the value model's peak learning rate (0: --lr, as the policy's); the same schedule
     value_warmup_steps: int = 0  # first steps that train the value model alone, the policy held at the SFT model
 
