@@ -37,8 +37,9 @@ from training.cli import checkpoint_saver, parse, say
 from training.grpo.rollout import arithmetic_reward
 from training.plots import Curve, plot_curves
 from training.posttrain import family_on_step, no_dropout, policy_and_reference, with_aux_loss, write_summary
+from training.optimizer import make_optimizer
 from training.ppo.loss import check_unit_interval, entropy, masked_mean, ppo_policy_loss, ppo_value_loss
-from training.ppo.rollout import PolicyAndValue, PPORollouts
+from training.ppo.rollout import BASELINES, PolicyAndValue, PPORollouts
 from training.recipes import Recipe
 from training.reward.model import load_scalar_model, save_scalar_model
 from training.sft.finetune import sft_checkpoint
@@ -64,6 +65,9 @@ class PPOConfig:
     temperature: float = 1.0  # sampling temperature; the trained log-probs are softmax(logits / temperature)'s
     missing_eos_penalty: float = 1.0  # subtracted from the score of a reply cut off before its end-of-turn
     whiten_advantages: bool = True  # normalise the advantages over each rollout to mean 0, std 1
+    score_baseline: str = "none"  # taken from each reply's score: "none", or "greedy" (the greedy reply's score)
+    value_lr: float = 0.0  # the value model's peak learning rate (0: --lr, as the policy's); the same schedule
+    value_warmup_steps: int = 0  # first steps that train the value model alone, the policy held at the SFT model
 
 
 @dataclass
@@ -75,10 +79,10 @@ class PPODataConfig:
 
 
 RECIPES = {
-    "tiny": Recipe(
-        model=PPOConfig(),
-        train=TrainConfig(max_steps=256, batch_size=64, block_size=64, lr=1e-4, min_lr=1e-5, warmup_steps=5,
-                          weight_decay=0.0, grad_clip=1.0, eval_interval=256, eval_batches=1, log_interval=16),
+    "tiny": Recipe(  # notes/ppo.md: rollouts of 256 replies at temperature 0.5, 2 updates of all of them each
+        model=PPOConfig(epochs=2, minibatches=1, temperature=0.5, value_lr=1e-3),
+        train=TrainConfig(max_steps=600, batch_size=256, block_size=64, lr=1e-4, min_lr=1e-5, warmup_steps=5,
+                          weight_decay=0.0, grad_clip=1.0, eval_interval=600, eval_batches=1, log_interval=8),
         data=PPODataConfig(),
     ),
     "shakespeare": Recipe(
@@ -97,7 +101,11 @@ def ppo_step(model: PolicyAndValue, batch: dict, *, clip_eps: float, clip_value:
     of these rows are logged beside them."""
     targets = batch["targets"]
     mask = targets != -100
-    logits = model.policy(batch["input_ids"]).float() / temperature  # (B, T, V)
+    policy_weight = batch["policy_weight"][0] if "policy_weight" in batch else 1.0  # 0 in the value warm-up
+    with torch.set_grad_enabled(torch.is_grad_enabled() and bool(policy_weight)):
+        # In the warm-up the policy is left out of the graph: its gradients stay None, so AdamW keeps
+        # no state for it (zero gradients would be counted in its bias correction, changing the first real updates).
+        logits = model.policy(batch["input_ids"]).float() / temperature  # (B, T, V)
     logps = torch.gather(torch.log_softmax(logits, -1), -1, targets.clamp_min(0)[..., None])[..., 0] * mask
     values = model.value(batch["input_ids"])  # (B, T)
     policy_loss, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps)
@@ -108,7 +116,9 @@ def ppo_step(model: PolicyAndValue, batch: dict, *, clip_eps: float, clip_value:
                        **{"return": batch["return"].mean()}, accuracy=batch["correct"].mean(),
                        length=batch["length"].mean(), explained_variance=batch["explained_variance"].mean(),
                        value_mean=masked_mean(values.detach(), mask))
-    return policy_loss + vf_coef * value_loss, metrics
+        if "greedy_correct" in batch:  # the policy's greedy answers to the rollout's prompts
+            metrics["greedy_accuracy"] = batch["greedy_correct"].mean()
+    return policy_weight * policy_loss + vf_coef * value_loss, metrics
 
 
 def check_method(method: PPOConfig, data_cfg: PPODataConfig) -> None:
@@ -123,6 +133,10 @@ def check_method(method: PPOConfig, data_cfg: PPODataConfig) -> None:
     check_in("--minibatches", method.minibatches, "[1, inf)")
     check_in("--temperature", method.temperature, "(0, inf)", "the policy samples its replies")
     check_in("--missing-eos-penalty", method.missing_eos_penalty, "(-inf, inf)")
+    if method.score_baseline not in BASELINES:
+        raise ValueError(f"--score-baseline must be one of {', '.join(BASELINES)}, got {method.score_baseline!r}")
+    check_in("--value-lr", method.value_lr, "[0, inf)", "0: the value model learns at --lr")
+    check_in("--value-warmup-steps", method.value_warmup_steps, "[0, inf)", "0: the policy trains from the first step")
     for flag, value in (("--train-prompts", data_cfg.train_prompts), ("--eval-examples", data_cfg.eval_examples),
                         ("--arithmetic-digits", data_cfg.arithmetic_digits),
                         ("--max-new-tokens", data_cfg.max_new_tokens)):
@@ -133,6 +147,25 @@ def check_method(method: PPOConfig, data_cfg: PPODataConfig) -> None:
     where = Path(method.reward_model)
     if not (where / HEAD_MARKER).is_file():  # refused now, in load_scalar_model's words, not after the SFT model loads
         load_scalar_model(where)
+
+
+def ppo_optimizer(value_lr: float):
+    """The loop's `make_optimizer`: AdamW as the default's, with the value model's groups at value_lr
+    (the warm-up and cosine schedule scale every group alike); value_lr 0 leaves one learning rate."""
+    def make(model: PolicyAndValue, cfg: TrainConfig, device) -> torch.optim.Optimizer:
+        optimizer = make_optimizer(model, cfg, device)
+        if not value_lr:
+            return optimizer
+        value_params = {id(p) for p in model.value.parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            for is_value in (False, True):
+                params = [p for p in group["params"] if (id(p) in value_params) == is_value]
+                if params:
+                    groups.append({"params": params, "weight_decay": group["weight_decay"],
+                                   "lr": value_lr if is_value else cfg.lr})
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    return make
 
 
 def policy_saver(tokenizer: Tokenizer):
@@ -185,7 +218,8 @@ def main(argv=None) -> dict:
                            minibatches=method.minibatches, temperature=method.temperature,
                            max_new_tokens=data_cfg.max_new_tokens, kl_coef=method.kl_coef, gamma=method.gamma,
                            lam=method.lam, missing_eos_penalty=method.missing_eos_penalty,
-                           whiten_advantages=method.whiten_advantages)
+                           whiten_advantages=method.whiten_advantages,
+                           value_warmup_steps=method.value_warmup_steps, score_baseline=method.score_baseline)
     before = tasks.exact_match(policy, fmt, examples["val"], data_cfg.max_new_tokens)
     say(f"model: {sum(p.numel() for p in policy.parameters()):,} policy parameters from {base}, reward and value "
         f"models from {method.reward_model}; PPO on rollouts of {cfg.batch_size * method.minibatches} replies, "
@@ -194,6 +228,7 @@ def main(argv=None) -> dict:
                              vf_coef=method.vf_coef, temperature=method.temperature)
     hook = family_on_step(policy)
     result = train(model, with_aux_loss(step, policy), rollouts, cfg, args.out, save_model=policy_saver(tokenizer),
+                   make_optimizer=ppo_optimizer(method.value_lr),
                    resume=args.resume, on_step=(lambda done, m: hook(done, m.policy)) if hook else None,
                    config_record={"method": dataclasses.asdict(method), "data": dataclasses.asdict(data_cfg),
                                   "base": str(base), "chat_format": fmt.name}, loss_label="train loss (ppo)")

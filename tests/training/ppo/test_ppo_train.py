@@ -51,9 +51,10 @@ def test_ppo_train_logs_what_ppo_is_judged_by(chat_base, reward_dir, tmp_path, m
 class Counting(PPORollouts):
     """A rollout is its row numbers, so that the minibatches can be traced back to it."""
 
-    def __init__(self, epochs, minibatches):
+    def __init__(self, epochs, minibatches, value_warmup_steps=0):
         super().__init__(None, None, None, None, {}, None, epochs=epochs, minibatches=minibatches, temperature=1.0,
-                         max_new_tokens=1, kl_coef=0.0, gamma=1.0, lam=1.0, missing_eos_penalty=0.0)
+                         max_new_tokens=1, kl_coef=0.0, gamma=1.0, lam=1.0, missing_eos_penalty=0.0,
+                         value_warmup_steps=value_warmup_steps)
         self.rollouts = 0
 
     def rollout(self, split, n, generator):
@@ -73,10 +74,51 @@ def test_each_rollout_serves_epochs_passes_of_minibatches():
             assert sorted(seen.tolist()) == list(range(1000 * (first // 6 + 1), 1000 * (first // 6 + 1) + 8))
 
 
+def test_the_value_warmup_leaves_the_policy_out_and_the_value_model_learns_at_its_own_rate():
+    from training.ppo.train import ppo_optimizer, ppo_step
+    from training.ppo.rollout import PolicyAndValue
+    from training.train_config import TrainConfig
+
+    sampler = Counting(epochs=1, minibatches=1, value_warmup_steps=3)
+    g = torch.Generator().manual_seed(0)
+    assert [float(sampler("train", 2, g)["policy_weight"][0]) for _ in range(5)] == [0, 0, 0, 1, 1]
+
+    class Tiny(torch.nn.Module):  # a (B, T) -> (B, T, V) policy, a (B, T) -> (B, T) value model
+        def __init__(self, out):
+            super().__init__()
+            self.emb, self.out = torch.nn.Embedding(5, 4), out
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return h[..., :3] if self.out == 3 else h.sum(-1)
+
+    torch.manual_seed(0)
+    model = PolicyAndValue(Tiny(3), Tiny(1))
+    batch = {"input_ids": torch.tensor([[1, 2, 3]]), "targets": torch.tensor([[-100, 1, 2]]),
+             "old_logps": torch.full((1, 3), -1.0), "old_values": torch.zeros(1, 3),
+             "advantages": torch.tensor([[0.0, 1.0, -1.0]]), "returns": torch.ones(1, 3),
+             "score": torch.ones(1), "kl_sum": torch.zeros(1), "return": torch.ones(1), "correct": torch.ones(1),
+             "length": torch.full((1,), 2.0), "explained_variance": torch.zeros(1)}
+    for weight, policy_learns in ((0.0, False), (1.0, True)):
+        model.zero_grad(set_to_none=True)
+        loss, _ = ppo_step(model, dict(batch, policy_weight=torch.full((1,), weight)), clip_eps=0.2, clip_value=0.2,
+                           vf_coef=0.1)
+        loss.backward()
+        assert (model.policy.emb.weight.grad is not None) == policy_learns  # None: AdamW keeps no state for it
+        assert model.value.emb.weight.grad is not None
+    cfg = TrainConfig(lr=1e-4, weight_decay=0.1)
+    optimizer = ppo_optimizer(1e-3)(model, cfg, torch.device("cpu"))
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert rates[id(model.value.emb.weight)] == 1e-3 and rates[id(model.policy.emb.weight)] == 1e-4
+    assert len(rates) == len(list(model.parameters()))
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--kl-coef", "-0.1"], "--kl-coef must be a finite number >= 0"),
     (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
     (["--lam", "-0.05"], "--lam must be in [0, 1]"),
+    (["--value-lr", "-0.001"], "--value-lr must be a finite number >= 0"),
+    (["--value-warmup-steps", "-1"], "--value-warmup-steps must be an integer >= 0"),
 ])
 def test_bad_numbers_are_one_line_errors(chat_base, reward_dir, tmp_path, command_error, flags, message):
     from training.ppo.train import main
