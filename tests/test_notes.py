@@ -70,6 +70,8 @@ def check(token: str, names: set[str]) -> str | None:
         path = token.split("::")[0].split(":")[0].rstrip("/")
         if path.startswith(("http", "~", "../", "/", "$", "<")) or "*" in path or "<" in path:
             return None
+        if path.startswith("runs/"):
+            return None  # what a command wrote (every --out defaults under runs/, which git ignores)
         if "/" not in path:
             return None if any(REPO.rglob(path)) else f"file {path} not found anywhere in the repo"
         return None if (REPO / path).exists() else f"path {path} does not exist"
