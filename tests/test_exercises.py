@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTES = REPO / "notes"
 COURSE = ("fundamentals", "tokenizer", "attention", "llama3", "training-loop", "long-context", "mixtral",
           "deepseek-v3", "mamba2", "quantization", "lora", "distillation", "kv-cache", "sft",
-          "paged-attention", "serving", "dpo", "gemma", "stable-diffusion")
+          "paged-attention", "serving", "dpo", "gemma", "stable-diffusion", "grpo", "ppo")
 WITH_EXERCISES = sorted(p.stem for p in NOTES.glob("*.md") if "\n## Exercises\n" in p.read_text())
 ALL_DOCS = sorted(NOTES.rglob("*.md"))
 NODE_ID = re.compile(r"`(tests/[\w/.-]+\.py)::([\w]+)(?:::(\w+))?(?:\[[^\]`]*\])?`")
