@@ -25,22 +25,17 @@ FILE_SUFFIXES = (".json", ".safetensors", ".png", ".jsonl", ".txt", ".pt", ".bin
 
 
 def defined_names() -> set[str]:
+    """Every name the code defines (`defined_in`), plus argument names, imported names and the words of its
+    strings (config fields and dict keys a note may quote)."""
     names: set[str] = set()
     for d in CODE_DIRS:
         for f in (REPO / d).rglob("*.py"):
             if f.resolve() == Path(__file__).resolve():
                 continue  # this file's own strings name things that must NOT exist
             names.add(f.stem)
+            names |= defined_in(f)
             for node in ast.walk(ast.parse(f.read_text())):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    names.add(node.name)
-                elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-                    names.add(node.id)
-                elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
-                    names.add(node.attr)
-                elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                    names.add(node.target.id)
-                elif isinstance(node, ast.arg):
+                if isinstance(node, ast.arg):
                     names.add(node.arg)
                 elif isinstance(node, (ast.Import, ast.ImportFrom)):
                     names.update((a.asname or a.name).split(".")[-1] for a in node.names)

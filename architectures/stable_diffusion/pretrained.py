@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from architectures.common.checkpoint import load_state_dict_strict
-from architectures.stable_diffusion import tokenizer as clip_tokenizer
+from architectures.stable_diffusion.tokenizer import from_pretrained as tokenizer_from_pretrained
 from architectures.stable_diffusion.config import (
     VAE_DOWN, VAE_UP, scheduler_from_dict, text_from_dict, to_dict, unet_from_dict, vae_from_dict)
 from architectures.stable_diffusion.pipeline import StableDiffusion
@@ -99,7 +99,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     vae = load_component(AutoencoderKL, configs["vae"], path / "vae", DIFFUSERS_WEIGHTS, dtype, device)
     text = load_component(CLIPTextModel, configs["text_encoder"], path / "text_encoder", TRANSFORMERS_WEIGHTS, dtype,
                           device)
-    return StableDiffusion(unet, vae, text, clip_tokenizer.from_pretrained(path / "tokenizer"), configs["scheduler"]).eval()
+    return StableDiffusion(unet, vae, text, tokenizer_from_pretrained(path / "tokenizer"), configs["scheduler"]).eval()
 
 
 def save_weights(module: torch.nn.Module, file: Path, state: dict | None = None) -> None:

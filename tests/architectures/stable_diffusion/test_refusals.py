@@ -12,6 +12,7 @@ import torch
 
 from architectures import registry
 from architectures.stable_diffusion import StableDiffusion, preset, save_pretrained
+from tests.architectures.stable_diffusion.errors import one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +23,6 @@ def pipeline_dir(tmp_path_factory):
     torch.manual_seed(0)
     save_pretrained(StableDiffusion.from_config(cfg), path)
     return path
-
-
-def one_line_error(capsys, main, argv, *names):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for name in names:
-        assert name in lines[0], (name, lines[0])
 
 
 def test_the_registry_refuses_a_pipeline_where_a_language_model_is_expected_and_loads_it_otherwise(pipeline_dir):

@@ -16,6 +16,7 @@ from architectures.stable_diffusion.digits import NAMES, caption, load_digits
 from architectures.stable_diffusion.train import main as train_main
 from architectures.stable_diffusion.sample import main as sample_main
 from architectures.utils.files import read_jsonl
+from tests.architectures.stable_diffusion.errors import one_line_error
 
 # A run of a few seconds: a smaller VAE and U-Net than the preset's, a few steps of each stage.
 TINY = ["--vae-steps", "4", "--vae-batch-size", "8", "--max-steps", "6", "--batch-size", "8", "--eval-interval", "3",
@@ -28,17 +29,6 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("sd") / "run"
     summary = train_main([*TINY, "--out", str(out)])
     return out, summary
-
-
-def one_line_error(capsys, main, argv, *names):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for name in names:
-        assert name in lines[0], (name, lines[0])
 
 
 @pytest.mark.slow
