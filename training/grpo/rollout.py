@@ -16,6 +16,7 @@ term for a reply that is a bare integer (the shape of an answer, right or wrong)
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,15 @@ from training.grpo.loss import check_rewards, group_advantages
 from architectures.common.loss import IGNORE_INDEX
 
 INTEGER = re.compile(r"-?\d+")
+
+
+@dataclass
+class RLDataConfig:
+    """The data options of the RL methods that sample answers to the built-in arithmetic task (GRPO, PPO)."""
+    train_prompts: int = 5000  # built-in arithmetic questions to sample prompts from
+    eval_examples: int = 200  # held-out questions scored greedily before and after
+    arithmetic_digits: int = 2  # as the SFT run's
+    max_new_tokens: int = 6  # longest sampled answer
 
 
 def arithmetic_reward(replies: list[str], answers: list[str], format_weight: float = 0.1) -> torch.Tensor:

@@ -35,7 +35,7 @@ from training.cli import parse, say
 from training.recipes import Recipe
 from architectures.utils.device import resolve_device
 from training.grpo.loss import grpo_loss
-from training.grpo.rollout import Rollouts, arithmetic_reward, token_logps
+from training.grpo.rollout import RLDataConfig, Rollouts, arithmetic_reward, token_logps
 from training.plots import Curve, plot_curves
 from training.posttrain import (family_on_step, method_saver, no_dropout, policy_and_reference, with_aux_loss,
                                 write_summary)
@@ -58,14 +58,6 @@ class GRPOConfig:
     format_reward: float = 0.1  # reward for a reply that is a bare integer, right or wrong
     lora: bool = False  # train LoRA adapters only; the reference is the same model with adapters off
     lora_r: int = 16  # adapter rank with --lora
-
-
-@dataclass
-class RLDataConfig:
-    train_prompts: int = 5000  # built-in arithmetic questions to sample prompts from
-    eval_examples: int = 200  # held-out questions scored greedily before and after
-    arithmetic_digits: int = 2  # as the SFT run's
-    max_new_tokens: int = 6  # longest sampled answer
 
 
 RECIPES = {

@@ -34,7 +34,7 @@ from training import tasks
 from training.chat import chat_format
 from training.checks import check_in
 from training.cli import checkpoint_saver, parse, say
-from training.grpo.rollout import arithmetic_reward
+from training.grpo.rollout import RLDataConfig, arithmetic_reward
 from training.plots import Curve, plot_curves
 from training.posttrain import family_on_step, no_dropout, policy_and_reference, with_aux_loss, write_summary
 from training.optimizer import make_optimizer
@@ -70,26 +70,18 @@ class PPOConfig:
     value_warmup_steps: int = 0  # first steps that train the value model alone, the policy held at the SFT model
 
 
-@dataclass
-class PPODataConfig:
-    train_prompts: int = 5000  # built-in arithmetic questions to sample prompts from
-    eval_examples: int = 200  # held-out questions scored greedily before and after
-    arithmetic_digits: int = 2  # as the SFT run's
-    max_new_tokens: int = 6  # longest sampled answer
-
-
 RECIPES = {
     "tiny": Recipe(  # notes/ppo.md: rollouts of 256 replies at temperature 0.5, 2 updates of all of them each
         model=PPOConfig(epochs=2, minibatches=1, temperature=0.5, value_lr=1e-3),
         train=TrainConfig(max_steps=600, batch_size=256, block_size=64, lr=1e-4, min_lr=1e-5, warmup_steps=5,
                           weight_decay=0.0, grad_clip=1.0, eval_interval=600, eval_batches=1, log_interval=8),
-        data=PPODataConfig(),
+        data=RLDataConfig(),
     ),
     "shakespeare": Recipe(
         model=PPOConfig(reward_model="runs/reward-shakespeare"),
         train=TrainConfig(max_steps=400, batch_size=128, block_size=128, lr=1e-5, min_lr=1e-6, warmup_steps=10,
                           weight_decay=0.0, eval_interval=400, eval_batches=1, log_interval=16),
-        data=PPODataConfig(train_prompts=50000, eval_examples=500, arithmetic_digits=3),
+        data=RLDataConfig(train_prompts=50000, eval_examples=500, arithmetic_digits=3),
     ),
 }
 
@@ -121,7 +113,7 @@ def ppo_step(model: PolicyAndValue, batch: dict, *, clip_eps: float, clip_value:
     return policy_weight * policy_loss + vf_coef * value_loss, metrics
 
 
-def check_method(method: PPOConfig, data_cfg: PPODataConfig) -> None:
+def check_method(method: PPOConfig, data_cfg: RLDataConfig) -> None:
     """Every option that can be refused before a model is loaded, the reward model's marker included."""
     check_in("--kl-coef", method.kl_coef, "[0, inf)", "0: no KL penalty in the reward")
     check_unit_interval("--gamma", method.gamma)
